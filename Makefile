@@ -1,0 +1,28 @@
+# Two entry points for a fresh machine: `make demo` and `make test`.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test install clean
+
+$(STAMP): requirements.txt pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -r requirements.txt
+	$(PY) -m pip install --quiet --no-deps -e .
+	touch $(STAMP)
+
+install: $(STAMP)
+
+# A small REIR (resnet18, 8 branches, 2 meta classes, 64 px, random init) on the embedded digits, on the CPU.
+demo: $(STAMP)
+	$(PY) train.py --data_name digits --weights none --model_type resnet18 --ensemble_size 8 \
+		--meta_class_size 2 --image_size 64 --batch_size 32 --num_epochs 4 --num_workers 2 \
+		--seed 0 --device cpu --output_dir demo_output
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+clean:
+	rm -rf $(VENV) demo_output

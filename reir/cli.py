@@ -1,0 +1,53 @@
+"""The ``reir`` command: one entry point for every tool.
+
+Each subcommand lives in its own module with a ``main(argv) -> int``; this file only
+dispatches, so adding a tool is one line in ``COMMANDS``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+from .cliutil import ArgumentParser, positive_int, reports_errors
+
+# name -> (module with main(argv), one-line help)
+COMMANDS = {
+    "train": ("reir.train", "train a REIR model (same flags as train.py)"),
+    "params": ("reir.cli", "print the trainable parameter count of a configuration"),
+}
+
+
+@reports_errors
+def params_main(argv: list[str] | None = None) -> int:
+    from .model import MODEL_TYPES, SHARE_TYPES, ModelConfig, count_parameters
+
+    parser = ArgumentParser(prog="reir params", description="Count trainable parameters (no download).")
+    parser.add_argument("--model_type", default="resnet18", choices=MODEL_TYPES)
+    parser.add_argument("--meta_class_size", default=12, type=positive_int)
+    parser.add_argument("--ensemble_size", default=48, type=positive_int)
+    parser.add_argument("--share_type", default="layer1", choices=SHARE_TYPES)
+    args = parser.parse_args(argv)
+    count = count_parameters(ModelConfig(args.model_type, args.share_type, args.ensemble_size, args.meta_class_size))
+    print(f"{count:,}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
+        lines = [f"  {name:<10} {text}" for name, (_, text) in COMMANDS.items()]
+        print("usage: reir <command> [flags]   (reir <command> --help for its flags)\n\ncommands:\n"
+              + "\n".join(lines), file=sys.stdout if not argv or argv[0] in ("-h", "--help") else sys.stderr)
+        if argv and argv[0] not in ("-h", "--help"):
+            print(f"reir: error: unknown command {argv[0]!r}", file=sys.stderr)
+            return 2
+        return 0
+    module_name = COMMANDS[argv[0]][0]
+    if argv[0] == "params":
+        return params_main(argv[1:])
+    return importlib.import_module(module_name).main(argv[1:])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

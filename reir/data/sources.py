@@ -1,0 +1,25 @@
+"""Where a training run's split list comes from, by ``--data_name``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..errors import ReirError
+from .digits import prepare_digits
+from .registry import BENCHMARKS, dataset_info
+from .splits import SplitList, load_split_list, split_list_path
+
+
+def load_dataset(data_name: str, data_path: str | Path, crop_type: str) -> SplitList:
+    if crop_type == "cropped" and not dataset_info(data_name).croppable:
+        raise ReirError(f"--crop_type cropped only applies to car, cub and custom, not {data_name}; "
+                        "use --crop_type uncropped", 2)
+    if data_name == "digits":
+        return prepare_digits(data_path)
+    if data_name in BENCHMARKS:
+        path = split_list_path(data_path, data_name, crop_type)
+        if not path.is_file():
+            raise ReirError(f"{path} not found: prepare the dataset first with "
+                            f"`python data_utils.py --data_path {data_path} --data_name {data_name}`")
+        return load_split_list(path)
+    raise ReirError(f"unknown data_name {data_name!r}", 2)

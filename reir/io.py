@@ -1,0 +1,135 @@
+"""Atomic, pickle-free file I/O.
+
+Every file REIR writes goes through :func:`atomic_write`: a temporary file in the
+destination folder, fsync, then rename, so a crash never leaves a truncated file
+under the final name and a failed run never replaces an earlier good one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, safe_open, save
+
+from .errors import ReirError
+
+METADATA_KEY = "reir"
+
+
+def ensure_dir(path: str | os.PathLike) -> Path:
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ReirError(f"cannot create folder {path}: {exc.strerror}; choose a writable --output_dir") from None
+    return path
+
+
+@contextlib.contextmanager
+def atomic_open(path: str | os.PathLike, mode: str = "wb") -> Iterator[Any]:
+    """Open a temporary sibling of ``path``; on success fsync and rename it into place."""
+    path = Path(path)
+    folder = ensure_dir(path.parent)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
+    except OSError as exc:
+        raise ReirError(f"cannot write in {folder}: {exc.strerror}; choose a writable folder") from None
+    try:
+        with os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": "utf-8", "newline": ""})) as handle:
+            yield handle
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except OSError as exc:
+        _remove_quietly(tmp)
+        raise ReirError(f"cannot write {path}: {exc.strerror}; free space or choose another folder") from None
+    except BaseException:
+        _remove_quietly(tmp)
+        raise
+    _fsync_dir(folder)
+
+
+def atomic_write(path: str | os.PathLike, data: bytes | str) -> Path:
+    with atomic_open(path, "wb") as handle:
+        handle.write(data.encode("utf-8") if isinstance(data, str) else data)
+    return Path(path)
+
+
+def atomic_write_with(path: str | os.PathLike, writer: Callable[[str], None]) -> Path:
+    """For libraries that only write to a filename (PIL, matplotlib): write to a temp name, then rename."""
+    path = Path(path)
+    folder = ensure_dir(path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix, dir=folder)
+    os.close(fd)
+    try:
+        writer(tmp)
+        with open(tmp, "rb+") as handle:
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except OSError as exc:
+        _remove_quietly(tmp)
+        raise ReirError(f"cannot write {path}: {exc.strerror}; free space or choose another folder") from None
+    except BaseException:
+        _remove_quietly(tmp)
+        raise
+    _fsync_dir(folder)
+    return path
+
+
+def write_json(path: str | os.PathLike, obj: Any) -> Path:
+    return atomic_write(path, json.dumps(obj, indent=1, sort_keys=False) + "\n")
+
+
+def read_json(path: str | os.PathLike, what: str = "file") -> Any:
+    path = Path(path)
+    if not path.is_file():
+        raise ReirError(f"{what} {path} does not exist; check the path")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ReirError(f"{what} {path} is not valid JSON ({exc}); regenerate it") from None
+
+
+def save_tensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor], metadata: Any) -> Path:
+    """safetensors file whose JSON metadata travels inside the same file."""
+    blob = save({k: v.detach().contiguous().cpu() for k, v in tensors.items()},
+                metadata={METADATA_KEY: json.dumps(metadata)})
+    return atomic_write(path, blob)
+
+
+def load_tensors(path: str | os.PathLike, what: str = "file") -> tuple[dict[str, torch.Tensor], Any]:
+    """Load a file written by :func:`save_tensors`; anything else (a pickle included) is refused."""
+    path = Path(path)
+    if not path.is_file():
+        raise ReirError(f"{what} {path} does not exist; check the path")
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            raw = (handle.metadata() or {}).get(METADATA_KEY)
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise ReirError(f"{what} {path} is not a REIR safetensors file ({str(exc).splitlines()[0]}); "
+                        "only safetensors files written by REIR are loaded") from None
+    if raw is None:
+        raise ReirError(f"{what} {path} has no REIR metadata; only files written by REIR are loaded")
+    return tensors, json.loads(raw)
+
+
+def _remove_quietly(path: str) -> None:
+    with contextlib.suppress(OSError):
+        os.unlink(path)
+
+
+def _fsync_dir(folder: Path) -> None:
+    with contextlib.suppress(OSError):
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)

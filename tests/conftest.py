@@ -1,0 +1,38 @@
+"""Shared fixtures: the embedded digits dataset prepared once, and a tiny training configuration."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+os.environ.setdefault("OMP_NUM_THREADS", "2")
+
+
+@pytest.fixture(scope="session")
+def digits_root(tmp_path_factory) -> Path:
+    """A data folder with digits written once for the whole test session."""
+    from reir.data.digits import prepare_digits
+
+    root = tmp_path_factory.mktemp("data")
+    prepare_digits(root)
+    return root
+
+
+def tiny_args(data_path: Path, output_dir: Path, *extra: str) -> list[str]:
+    """A REIR small enough to train an epoch on digits in seconds on a CPU."""
+    return ["--data_name", "digits", "--data_path", str(data_path), "--output_dir", str(output_dir),
+            "--weights", "none", "--ensemble_size", "3", "--meta_class_size", "2", "--image_size", "32",
+            "--batch_size", "64", "--num_epochs", "1", "--num_workers", "0", "--seed", "0", "--device", "cpu",
+            *extra]
+
+
+def run_script(script: str, *args: str, cwd: Path | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
+    """Run a root script or ``-m reir`` as a user would, capturing output."""
+    command = [sys.executable, *(["-m", "reir"] if script == "reir" else [str(REPO / script)]), *args]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    return subprocess.run(command, cwd=cwd or REPO, env=env, capture_output=True, text=True, timeout=timeout)
