@@ -230,7 +230,8 @@ def main(argv: list[str] | None = None) -> int:
             features["train"] = embed(model, train_eval, device, "Embed train")
             info = {"data_name": args.data_name, "crop_type": args.crop_type, "mean": split_list.mean,
                     "std": split_list.std, "image_size": args.image_size, "epoch": epoch, "metrics": metrics,
-                    "classes": train_set.classes, "meta_labels": meta_labels.cpu().tolist()}
+                    "classes": train_set.classes, "meta_labels": meta_labels.cpu().tolist(),
+                    "model_file": str(output / "epochs" / f"{name}_model.safetensors")}
             splits = {split: {"paths": split_list.absolute(split), "labels": split_list.splits[split].labels}
                       for split in features}
             save_tensors(output / "epochs" / f"{name}_model.safetensors", model.state_dict(),
