@@ -134,7 +134,7 @@ def embed(model: REIRNet, loader: DataLoader, device: torch.device, desc: str) -
     model.eval()
     chunks = [embedding_from_logits(model(images.to(device, non_blocking=True))).cpu()
               for images, _ in tqdm(loader, desc=desc, dynamic_ncols=True, file=sys.stdout, leave=False,
-                                   mininterval=PROGRESS_INTERVAL)]
+                                   disable=not sys.stdout.isatty())]
     return torch.cat(chunks)
 
 
