@@ -85,3 +85,32 @@ def test_random_branch_weights_scale_the_shared_features(monkeypatch):
     shared = model.stem(images)
     for index, features in seen:
         assert torch.allclose(features, shared * fixed[:, index].view(-1, 1, 1, 1), atol=1e-6)
+
+
+def test_offline_imagenet_weights_error_names_file_and_fix(monkeypatch, tmp_path):
+    import urllib.error
+
+    import torchvision.models._api as api
+
+    from reir.errors import ReirError
+
+    def refuse(*args, **kwargs):
+        raise urllib.error.URLError("no network")
+
+    monkeypatch.setattr(api, "load_state_dict_from_url", refuse)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    with pytest.raises(ReirError) as info:
+        create_model(ModelConfig("resnet34", "layer1", 2, 3), weights="imagenet")
+    message = str(info.value)
+    assert "resnet34-b627a593.pth" in message and str(tmp_path) in message and "--weights none" in message
+
+
+def test_weights_from_a_state_dict_file(tmp_path):
+    from torchvision.models import resnet18
+
+    source = resnet18()
+    path = tmp_path / "backbone.pth"
+    torch.save(source.state_dict(), path)
+    model = create_model(ModelConfig("resnet18", "layer1", 2, 3), weights=str(path))
+    assert torch.equal(model.stem[0].weight, source.conv1.weight)
+    assert torch.equal(model.branches[1][0][0].conv1.weight, source.layer2[0].conv1.weight)
