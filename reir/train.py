@@ -28,6 +28,7 @@ from .io import atomic_write, ensure_dir, save_tensors
 from .labels import LABEL_TYPES, assign_meta_labels, check_sizes, ids_path, load_ids, save_ids
 from .metrics import retrieval_recalls
 from .model import MODEL_TYPES, SHARE_TYPES, ModelConfig, REIRNet, create_model, embedding_from_logits
+from .plot import plot_statistics
 
 IMAGES_PER_CLASS = 300
 # Redraw progress bars often on a terminal, rarely in a log file.
@@ -237,6 +238,7 @@ def main(argv: list[str] | None = None) -> int:
             save_tensors(output / "epochs" / f"{name}_model.safetensors", model.state_dict(),
                          {"format": "reir-model/1", "config": run_config, "model": asdict(config), "info": info})
             Database(features, splits, run_config, info).save(output / "results" / f"{name}{DATABASE_SUFFIX}")
+    plot_statistics(output / "statistics" / f"{name}_results.csv")
     print(f"Best R@{args.recalls[0]}: {100 * best_recall:.2f}%. Outputs: {output / 'statistics' / (name + '_results.csv')}, "
           f"{output / 'epochs' / (name + '_model.safetensors')}, {output / 'results' / (name + DATABASE_SUFFIX)}")
     return 0
