@@ -159,11 +159,11 @@ def test_error_paths_are_one_line_and_write_nothing(toy, capsys, tmp_path_factor
 
 @pytest.fixture(scope="module")
 def trained(digits_root, tmp_path_factory):
-    """A real tiny database, trained for one epoch through train.py."""
+    """A real tiny database, trained for one epoch through train.py (16 px, branches = classifiers: fast)."""
     from reir.train import main as train_main
 
     output = tmp_path_factory.mktemp("trained")
-    assert train_main(tiny_args(digits_root, output)) == 0
+    assert train_main(tiny_args(digits_root, output, "--image_size", "16", "--share_type", "layer4")) == 0
     return output
 
 
@@ -173,7 +173,7 @@ def test_training_writes_the_statistics_plot(trained):
 
 
 def test_end_to_end_in_database_and_outside_image(trained, tmp_path):
-    name = "digits_uncropped_fixed_unrandom_layer1_resnet18_3_2_data_base.pth"  # the original's naming
+    name = "digits_uncropped_fixed_unrandom_layer4_resnet18_3_2_data_base.pth"  # the original's naming
     db = load_database(next((trained / "results").glob("*_data_base.safetensors")))
     query = db.paths("test")[10]
     result = run_script("inference.py", "--query_img_name", query, "--data_base", name,
