@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from . import distributed, parallel
 from .cliutil import ArgumentParser, csv_ints, gpu_id_list, non_negative_int, positive_int, reports_errors
 from .data import DATA_NAMES
 from .data.images import CappedClassSampler, ImageList, build_transform
@@ -63,6 +64,7 @@ def get_args_parser(add_help: bool = True) -> ArgumentParser:
     extra.add_argument("--output_dir", default=".", help="statistics/, epochs/ and results/ go here")
     extra.add_argument("--num_workers", default=4, type=non_negative_int, help="data loader processes")
     extra.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available)")
+    parallel.add_arguments(parser)
     return parser
 
 
@@ -105,8 +107,10 @@ def make_loader(dataset, batch_size: int, num_workers: int, device: torch.device
 
 
 def train_one_epoch(model: REIRNet, loader: DataLoader, optimizer, meta_labels: torch.Tensor,
-                    device: torch.device, epoch: int, num_epochs: int) -> tuple[float, float]:
+                    device: torch.device, epoch: int, num_epochs: int,
+                    precision: parallel.Precision | None = None) -> tuple[float, float]:
     """One pass; returns mean loss and meta-class accuracy over all branches."""
+    precision = precision or parallel.precision_for("off", device)
     model.train()
     total_loss, total_correct, total_seen = 0.0, 0, 0
     bar = tqdm(loader, desc=f"Train {epoch}/{num_epochs}", dynamic_ncols=True, file=sys.stdout,
@@ -114,11 +118,10 @@ def train_one_epoch(model: REIRNet, loader: DataLoader, optimizer, meta_labels: 
     for images, targets in bar:
         images, targets = images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
         meta_targets = meta_labels[:, targets].T  # [batch, ensemble]
-        logits = model(images)  # [batch, ensemble, meta]
-        loss = F.cross_entropy(logits.flatten(0, 1), meta_targets.flatten())
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        with precision.autocast():
+            logits = model(images)  # [batch, ensemble, meta]
+            loss = F.cross_entropy(logits.flatten(0, 1).float(), meta_targets.flatten())
+        precision.step(loss, optimizer)
         total_loss += loss.item() * len(images)
         total_correct += (logits.argmax(-1) == meta_targets).sum().item()
         total_seen += len(images)
@@ -184,24 +187,42 @@ def meta_labels_for(args, classes: list[str]) -> tuple[np.ndarray, int]:
 @reports_errors
 def main(argv: list[str] | None = None) -> int:
     args = get_args_parser().parse_args(argv)
+    context, device = distributed.setup(args.device)
+    try:
+        code = _train(args, context, device or resolve_device(args.device, args.gpu_ids))
+        distributed.barrier(context)  # the other ranks wait for rank 0's last evaluation and saving
+        return code
+    finally:
+        distributed.cleanup(context)
+
+
+def _train(args, context: distributed.Context, device: torch.device) -> int:
     if args.seed is None:
         args.seed = int(np.random.SeedSequence().entropy % 2**31)
+    args.seed = distributed.broadcast(args.seed, context)
     seed_everything(args.seed)
-    device = resolve_device(args.device, args.gpu_ids)
     output = Path(args.output_dir)
     name = save_name(args)
 
     split_list = load_dataset(args.data_name, args.data_path, args.crop_type)
     train_set = ImageList(split_list, "train", build_transform(args.image_size, split_list.mean, split_list.std, True))
-    meta_labels = torch.as_tensor(meta_labels_for(args, train_set.classes)[0], device=device)
+    codes = meta_labels_for(args, train_set.classes)[0] if context.is_main else None
+    meta_labels = torch.as_tensor(distributed.broadcast(codes, context), device=device)
     eval_transform = build_transform(args.image_size, split_list.mean, split_list.std, False)
     eval_loaders = {split: make_loader(ImageList(split_list, split, eval_transform), args.batch_size,
                                        args.num_workers, device) for split in split_list.eval_splits}
     sampler = CappedClassSampler(train_set.targets, IMAGES_PER_CLASS, seed=args.seed)
+    if context.enabled:
+        sampler = distributed.RankSampler(sampler, args.batch_size, context)
     train_loader = make_loader(train_set, args.batch_size, args.num_workers, device, sampler)
 
     config = ModelConfig(args.model_type, args.share_type, args.ensemble_size, args.meta_class_size, args.with_random)
-    model = create_model(config, weights=args.weights).to(device)
+    model = create_model(config, weights=args.weights)
+    devices = [device] if context.enabled else parallel.shard_devices(device, args.gpu_ids)
+    parallel.prepare_model(model, devices, args.branch_batching, args.channels_last)
+    train_model = distributed.wrap(model, context, device)
+    train_model = torch.compile(train_model) if args.compile else train_model
+    precision = parallel.precision_for(args.amp, device)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
     milestones = [int(args.num_epochs * 0.5), int(args.num_epochs * 0.7)]
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=milestones, gamma=0.1)
@@ -209,15 +230,21 @@ def main(argv: list[str] | None = None) -> int:
         ensure_dir(output / folder)
     run_config = {**vars(args), "save_name": name, "num_train_classes": len(train_set.classes)}
     print(f"{name}: {len(train_set)} train images in {len(train_set.classes)} classes, "
-          f"{sum(p.numel() for p in model.parameters()):,} parameters, device {device}")
+          f"{sum(p.numel() for p in model.parameters()):,} parameters, "
+          + parallel.describe(model, args.amp, context.world_size))
 
     rows, best_recall = [], -1.0
     for epoch in range(1, args.num_epochs + 1):
         sampler.set_epoch(epoch)
-        train_loss, train_accuracy = train_one_epoch(model, train_loader, optimizer, meta_labels, device,
-                                                     epoch, args.num_epochs)
+        train_loss, train_accuracy = train_one_epoch(train_model, train_loader, optimizer, meta_labels, device,
+                                                     epoch, args.num_epochs, precision)
+        train_loss = distributed.mean_over_ranks(train_loss, len(sampler), context, device)
+        train_accuracy = distributed.mean_over_ranks(train_accuracy, len(sampler), context, device)
         scheduler.step()
-        metrics, features = evaluate(model, eval_loaders, args.recalls, device)
+        if not context.is_main:
+            continue
+        with precision.autocast():
+            metrics, features = evaluate(model, eval_loaders, args.recalls, device)
         rows.append({"epoch": epoch, "train_loss": train_loss, "train_accuracy": train_accuracy,
                      **{f"test_{k}": v for k, v in metrics.items()}})
         write_statistics(output / "statistics" / f"{name}_results.csv", rows)
@@ -227,7 +254,8 @@ def main(argv: list[str] | None = None) -> int:
             best_recall = metrics[f"recall@{args.recalls[0]}"]
             train_eval = make_loader(ImageList(split_list, "train", eval_transform, train_set.classes),
                                      args.batch_size, args.num_workers, device)
-            features["train"] = embed(model, train_eval, device, "Embed train")
+            with precision.autocast():
+                features["train"] = embed(model, train_eval, device, "Embed train")
             info = {"data_name": args.data_name, "crop_type": args.crop_type, "mean": split_list.mean,
                     "std": split_list.std, "image_size": args.image_size, "epoch": epoch, "metrics": metrics,
                     "classes": train_set.classes, "meta_labels": meta_labels.cpu().tolist(),
