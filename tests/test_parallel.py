@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
 from reir.model import ModelConfig, create_model
-from reir.parallel import describe, precision_for, prepare_model, split_evenly
+from reir.parallel import DEFAULT_BATCHING, describe, precision_for, prepare_model, split_evenly
 from reir.train import main as train_main, train_one_epoch
 from tests.conftest import tiny_args
 
@@ -78,9 +78,11 @@ def test_grouped_branches_match_the_loop(model_type, share_type):
     _assert_same_training(reference, grouped, torch.randn(4, 3, 16, 16, dtype=torch.float64))
 
 
-def test_auto_batching_picks_the_loop_on_the_cpu():
+def test_auto_batching_follows_the_measured_table():
     model = _model(ensemble=2)
     prepare_model(model, [CPU], "auto")
+    assert model.branch_batching == DEFAULT_BATCHING["cpu"]
+    prepare_model(model, [CPU], "loop")
     assert model.branch_batching == "loop"
 
 
