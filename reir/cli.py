@@ -14,6 +14,7 @@ from .cliutil import ArgumentParser, positive_int, reports_errors
 # name -> (module with main(argv), one-line help)
 COMMANDS = {
     "train": ("reir.train", "train a REIR model (same flags as train.py)"),
+    "prepare": ("reir.data.prepare", "prepare datasets into split lists (same flags as data_utils.py)"),
     "params": ("reir.cli", "print the trainable parameter count of a configuration"),
 }
 

@@ -191,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
     output = Path(args.output_dir)
     name = save_name(args)
 
-    split_list = load_dataset(args.data_name, args.data_path, args.crop_type)
+    split_list = load_dataset(args.data_name, args.data_path, args.crop_type, args.image_size)
     train_set = ImageList(split_list, "train", build_transform(args.image_size, split_list.mean, split_list.std, True))
     meta_labels = torch.as_tensor(meta_labels_for(args, train_set.classes)[0], device=device)
     eval_transform = build_transform(args.image_size, split_list.mean, split_list.std, False)
