@@ -119,6 +119,7 @@ def build_split_list(records: list[Record], *, data_name: str, crop_type: str, t
     ``mean``/``std`` ``None``: measured on the training split as stored. Crops and resized copies go
     to a new generation folder beside ``target``; otherwise the list points at the originals.
     """
+    check_splits({r.split for r in records}, target)
     folder = ensure_dir(target.parent)
     crop = crop_type == "cropped"
     write = crop or resize > 0
@@ -167,7 +168,7 @@ def build_split_list(records: list[Record], *, data_name: str, crop_type: str, t
             split = splits.setdefault(record.split, Split([], []))
             split.paths.append(path)
             split.labels.append(record.label)
-        check_splits(splits, target)
+        check_splits([name for name, split in splits.items() if len(split)], target)
         if mean is None:
             mean = np.mean(means, axis=0)
             std = np.sqrt(np.maximum(np.mean(squares, axis=0) - mean ** 2, 0.0))
@@ -191,13 +192,15 @@ def _run(tasks: list[tuple], workers: int | None, desc: str) -> list[tuple]:
         return list(tqdm(pool.map(process_image, tasks, chunksize=32), **bar))
 
 
-def check_splits(splits: dict[str, Split], target: Path) -> None:
-    if not splits.get("train"):
-        raise ReirError(f"no training images left for {target}; check the annotation files and images")
-    if "test" in splits and ("query" in splits or "gallery" in splits):
+def check_splits(names, target: Path) -> None:
+    """Training needs a train split; evaluation a test split, or query and gallery, not both."""
+    names = set(names)
+    if "train" not in names:
+        raise ReirError(f"no training images for {target}; check the annotation files and images")
+    if "test" in names and ("query" in names or "gallery" in names):
         raise ReirError(f"{target}: give either a test split or query + gallery splits, not both")
-    if "test" not in splits and not ("query" in splits and "gallery" in splits):
-        missing = "gallery" if "query" in splits else "query" if "gallery" in splits else "test"
+    if "test" not in names and not {"query", "gallery"} <= names:
+        missing = "gallery" if "query" in names else "query" if "gallery" in names else "test"
         raise ReirError(f"no {missing} images for {target}: evaluation needs a test split or query + gallery")
 
 
