@@ -132,7 +132,7 @@ def test_data_utils_prepares_every_benchmark_present(tmp_path):
 def test_one_training_epoch_on_each_prepared_benchmark(official, tmp_path, data_name, crop_type):
     root, _ = official
     assert train_main(tiny_args(root, tmp_path, *FAST, "--data_name", data_name, "--crop_type", crop_type)) == 0
-    stem = f"{data_name}_{crop_type}_fixed_unrandom_layer1_resnet18_3_2"
+    stem = f"{data_name}_{crop_type}_fixed_unrandom_layer4_resnet18_3_2"
     rows = list(csv.DictReader((tmp_path / "statistics" / f"{stem}_results.csv").open()))
     assert len(rows) == 1 and 0.0 <= float(rows[0]["test_recall@1"]) <= 1.0
     assert (tmp_path / "results" / f"{stem}_data_base.safetensors").is_file()
@@ -197,7 +197,7 @@ def test_truncated_image_fails_or_is_skipped(tmp_path, capsys):
     make_sop(tmp_path)
     victim = sorted((tmp_path / "sop" / "bicycle_final").iterdir())[4]
     victim.write_bytes(victim.read_bytes()[:200])
-    one_line_error(capsys, prepare_main(["--data_path", str(tmp_path), "--data_name", "sop"]), 1,
+    one_line_error(capsys, prepare_main(["--data_path", str(tmp_path), "--data_name", "sop", "--workers", "2"]), 1,
                    str(victim), "cannot be read", "--skip_bad")
     assert not split_list_path(tmp_path, "sop", "uncropped").exists()
     assert not list((tmp_path / "sop").glob("uncropped_*")), "the failed generation is cleaned up"

@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from reir.data import custom
-from reir.data.custom import load_custom, prepare_custom
+from reir.data.custom import load_custom
 from reir.data.images import load_rgb
 from reir.data.prepare import main as prepare_main
 from reir.data.registry import IMAGENET_MEAN, IMAGENET_STD

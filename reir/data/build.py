@@ -9,11 +9,13 @@ therefore always leaves the previous preparation usable.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import secrets
 import shutil
 import sys
+from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -144,30 +146,30 @@ def build_split_list(records: list[Record], *, data_name: str, crop_type: str, t
             names.append(name)
         tasks = [(str(r.source), str(generation / n) if n else None, r.box if crop else None, resize,
                   mean is None and r.split == "train") for r, n in zip(records, names)]
-        results = _run(tasks, workers, f"{data_name} {crop_type}")
         splits: dict[str, Split] = {}
         skipped, clamped, means, squares = [], 0, [], []
-        for record, name, outcome in zip(records, names, results):
-            if outcome[0] != "ok":
-                message = f"image {record.source} ({record.where}) {outcome[1]}"
-                if not skip_bad:
-                    hint = ("fix the box" if outcome[0] == "box" else "restore or replace it")
-                    raise ReirError(f"{message}; {hint}, or prepare with --skip_bad to leave it out")
-                skipped.append(message)
-                continue
-            clamped += outcome[1]
-            if outcome[2] is not None:
-                means.append(outcome[2])
-                squares.append(outcome[3])
-            if name is not None:
-                path = f"{generation.name}/{name}"
-            elif absolute_paths:
-                path = str(record.source.resolve())
-            else:
-                path = os.path.relpath(record.source, folder).replace(os.sep, "/")
-            split = splits.setdefault(record.split, Split([], []))
-            split.paths.append(path)
-            split.labels.append(record.label)
+        with contextlib.closing(_run(tasks, workers, f"{data_name} {crop_type}")) as results:
+            for record, name, outcome in zip(records, names, results):
+                if outcome[0] != "ok":
+                    message = f"image {record.source} ({record.where}) {outcome[1]}"
+                    if not skip_bad:
+                        hint = ("fix the box" if outcome[0] == "box" else "restore or replace it")
+                        raise ReirError(f"{message}; {hint}, or prepare with --skip_bad to leave it out")
+                    skipped.append(message)
+                    continue
+                clamped += outcome[1]
+                if outcome[2] is not None:
+                    means.append(outcome[2])
+                    squares.append(outcome[3])
+                if name is not None:
+                    path = f"{generation.name}/{name}"
+                elif absolute_paths:
+                    path = str(record.source.resolve())
+                else:
+                    path = os.path.relpath(record.source, folder).replace(os.sep, "/")
+                split = splits.setdefault(record.split, Split([], []))
+                split.paths.append(path)
+                split.labels.append(record.label)
         check_splits([name for name, split in splits.items() if len(split)], target)
         if mean is None:
             mean = np.mean(means, axis=0)
@@ -182,14 +184,19 @@ def build_split_list(records: list[Record], *, data_name: str, crop_type: str, t
     return Result(load_split_list(target), skipped, clamped)
 
 
-def _run(tasks: list[tuple], workers: int | None, desc: str) -> list[tuple]:
+def _run(tasks: list[tuple], workers: int | None, desc: str):
+    """Results in task order, lazily: a bad image stops the run without waiting for the rest."""
     if workers is None:
         workers = min(8, os.cpu_count() or 1) if len(tasks) >= POOL_THRESHOLD else 0
     bar = dict(total=len(tasks), desc=f"Prepare {desc}", file=sys.stdout, disable=not sys.stdout.isatty())
     if workers <= 1:
-        return [process_image(task) for task in tqdm(tasks, **bar)]
-    with ProcessPoolExecutor(max_workers=workers) as pool:
-        return list(tqdm(pool.map(process_image, tasks, chunksize=32), **bar))
+        yield from (process_image(task) for task in tqdm(tasks, **bar))
+        return
+    pool = ProcessPoolExecutor(max_workers=workers)
+    try:
+        yield from tqdm(pool.map(process_image, tasks, chunksize=32), **bar)
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def check_splits(names, target: Path) -> None:
@@ -234,9 +241,7 @@ def unanswerable(split_list: SplitList, label: str) -> list[str]:
             return [f"{label}: {len(lonely)} query images in {len(set(lonely))} classes have no gallery image "
                     "of their class; they cannot be answered and count as misses"]
         return []
-    labels = split_list.splits["test"].labels
-    values, counts = np.unique(np.asarray(labels, dtype=object).astype(str), return_counts=True)
-    single = int((counts < 2).sum())
+    single = sum(1 for count in Counter(split_list.splits["test"].labels).values() if count < 2)
     if single:
         return [f"{label}: {single} test classes have fewer than 2 images; their {single} queries cannot be "
                 "answered and count as misses"]
