@@ -36,3 +36,18 @@ def run_script(script: str, *args: str, cwd: Path | None = None, timeout: float 
     command = [sys.executable, *(["-m", "reir"] if script == "reir" else [str(REPO / script)]), *args]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     return subprocess.run(command, cwd=cwd or REPO, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="session")
+def small_digits_root(digits_root, tmp_path_factory) -> Path:
+    """Digits cut to 8 images per class, for tests that run many short trainings."""
+    from reir.data.splits import Split, load_split_list, save_split_list, split_list_path
+
+    full = load_split_list(split_list_path(digits_root, "digits", "uncropped"))
+    root = tmp_path_factory.mktemp("small_data")
+    splits = {}
+    for name, split in full.splits.items():
+        kept = [i for i, label in enumerate(split.labels) if split.labels[:i].count(label) < 8]
+        splits[name] = Split([str(full.root / split.paths[i]) for i in kept], [split.labels[i] for i in kept])
+    save_split_list(split_list_path(root, "digits", "uncropped"), "digits", "uncropped", full.mean, full.std, splits)
+    return root
