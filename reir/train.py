@@ -208,6 +208,10 @@ def train(args, stop: StopRequest) -> int:
 
     split_list = load_dataset(args.data_name, args.data_path, args.crop_type)
     train_set = ImageList(split_list, "train", build_transform(args.image_size, split_list.mean, split_list.std, True))
+    check_sizes(len(train_set.classes), args.ensemble_size, args.meta_class_size, args.label_type)
+    # The model before the ids: bad --weights must fail before the ids file is written.
+    config = ModelConfig(args.model_type, args.share_type, args.ensemble_size, args.meta_class_size, args.with_random)
+    model = create_model(config, weights=args.weights).to(device)
     codes = resumed.meta_labels(train_set.classes) if resumed else meta_labels_for(args, train_set.classes)[0]
     meta_labels = torch.as_tensor(codes, device=device)
     eval_transform = build_transform(args.image_size, split_list.mean, split_list.std, False)
@@ -217,8 +221,6 @@ def train(args, stop: StopRequest) -> int:
                                 args.seed, args.batch_size)
     train_loader = make_loader(SeededItems(train_set), args.batch_size, args.num_workers, device, sampler)
 
-    config = ModelConfig(args.model_type, args.share_type, args.ensemble_size, args.meta_class_size, args.with_random)
-    model = create_model(config, weights=args.weights).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
     milestones = [int(args.num_epochs * 0.5), int(args.num_epochs * 0.7)]
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=milestones, gamma=0.1)

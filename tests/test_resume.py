@@ -5,13 +5,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
+import signal
 from pathlib import Path
 
 import pytest
 import torch
 
-from reir.checkpoint import pack, unpack
+from reir.checkpoint import EpochProgress, StopRequest, TrainingStopped, pack, unpack
 from reir.io import load_tensors
 from conftest import run_script, tiny_args
 
@@ -63,41 +63,47 @@ def uninterrupted(small_digits_root, tmp_path_factory):
     return outputs(folder)
 
 
-def test_kills_with_no_workers_resume_to_the_same_files(small_digits_root, tmp_path, uninterrupted):
+def test_killed_anywhere_resumed_with_any_worker_count_gives_the_same_files(small_digits_root, tmp_path,
+                                                                             uninterrupted):
+    """One run interrupted five times; the worker count changes between resumes (0 and 2)."""
     data = small_digits_root
-    # 40 train images, batches of 10: 4 steps an epoch. SIGTERM in epoch 2 after its 2nd step.
-    stopped = run(tmp_path, data, 0, "train_step:6:TERM")
-    assert stopped.returncode == 143, stopped.stderr
+    # 40 train images in batches of 10: 4 steps an epoch. SIGKILL mid-epoch 2 (2 workers).
+    assert run(tmp_path, data, 2, "train_step:6").returncode == -9
+    # Resumes at the end of epoch 1; SIGTERM after step 2 of epoch 2 saves a mid-epoch checkpoint.
+    stopped = run(tmp_path, data, 0, "train_step:2:TERM", resume=True)
+    assert "1 epochs done" in stopped.stdout and stopped.returncode == 143, stopped.stderr
     message = stopped.stderr.strip().splitlines()[-1]
     assert message.startswith("error: stopped by SIGTERM in epoch 2 after step 2;") and "--resume auto" in message
     assert "Traceback" not in stopped.stderr
-    # SIGKILL while evaluating epoch 2, then while saving its files; each resume starts from that checkpoint.
-    for kill_at in ("eval_batch:2", "save:2"):
-        killed = run(tmp_path, data, 0, kill_at, resume=True)
+    # SIGKILL while evaluating (2 workers), then while saving (no workers): each resumes mid-epoch 2.
+    for workers, kill_at in ((2, "eval_batch:2"), (0, "save:2")):
+        killed = run(tmp_path, data, workers, kill_at, resume=True)
         assert killed.returncode == -9, killed.stderr
-        assert "epochs done, 2 steps into the next" in killed.stdout
+        assert "1 epochs done, 2 steps into the next" in killed.stdout
     assert leftovers(tmp_path), "the kill while saving should have left a temporary file"
-    finished = run(tmp_path, data, 0, resume=True)
+    finished = run(tmp_path, data, 2, resume=True)
     assert finished.returncode == 0, finished.stderr
     assert outputs(tmp_path) == uninterrupted
     assert leftovers(tmp_path) == []
 
 
-def test_kills_with_two_workers_resume_to_the_same_files(small_digits_root, tmp_path, uninterrupted):
-    data = small_digits_root
-    # Killed in epoch 1 before any checkpoint: --resume auto starts afresh.
-    assert run(tmp_path, data, 2, "train_step:2").returncode == -9
-    assert not (tmp_path / "out" / "checkpoints").exists() or not any((tmp_path / "out" / "checkpoints").iterdir())
-    stopped = run(tmp_path, data, 2, "train_step:3:INT", resume=True)
-    assert "No checkpoint at" in stopped.stdout
-    assert stopped.returncode == 130 and "stopped by SIGINT in epoch 1 after step 3" in stopped.stderr
-    # SIGKILL mid-epoch 2: resumes from the end of epoch 1, replaying epoch 2.
-    killed = run(tmp_path, data, 2, "train_step:3", resume=True)
-    assert killed.returncode == -9 and "0 epochs done, 3 steps into the next" in killed.stdout
-    finished = run(tmp_path, data, 2, resume=True)
-    assert finished.returncode == 0, finished.stderr
-    assert "1 epochs done" in finished.stdout
-    assert outputs(tmp_path) == uninterrupted
+def test_a_signal_before_training_stops_at_once_and_during_training_after_the_step():
+    stop = StopRequest()
+    with stop.installed():
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+        progress = EpochProgress()
+        stop.arm(progress)
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert stop.signum == signal.SIGTERM
+        with pytest.raises(TrainingStopped):
+            progress.after_step(1.0, 1, 1)
+        assert progress.step == 1
+        with pytest.raises(KeyboardInterrupt):  # a second signal: stop now
+            os.kill(os.getpid(), signal.SIGINT)
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+    error = stop.error(Path("x.safetensors"), "after epoch 1")
+    assert error.exit_code == 143 and "resume with" in str(error)
 
 
 def test_optimizer_and_scheduler_states_survive_the_json_round_trip():
