@@ -142,7 +142,7 @@ def embed(model: REIRNet, loader: DataLoader, device: torch.device, desc: str) -
     model.eval()
     chunks = []
     for images, _ in tqdm(loader, desc=desc, dynamic_ncols=True, file=sys.stdout, leave=False,
-                          mininterval=PROGRESS_INTERVAL):
+                          disable=not sys.stdout.isatty()):
         chunks.append(embedding_from_logits(model(images.to(device, non_blocking=True))).cpu())
         killpoints.reached("eval_batch")
     return torch.cat(chunks)
