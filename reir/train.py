@@ -18,6 +18,9 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from . import killpoints
+from .checkpoint import (EpochProgress, ReplayableSampler, SeededItems, StopRequest, TrainingState, TrainingStopped,
+                         checkpoint_for_resume, checkpoint_path, loader_options, save_checkpoint)
 from .cliutil import ArgumentParser, csv_ints, gpu_id_list, non_negative_int, positive_int, reports_errors
 from .data import DATA_NAMES
 from .data.images import CappedClassSampler, ImageList, build_transform
@@ -63,6 +66,8 @@ def get_args_parser(add_help: bool = True) -> ArgumentParser:
     extra.add_argument("--output_dir", default=".", help="statistics/, epochs/ and results/ go here")
     extra.add_argument("--num_workers", default=4, type=non_negative_int, help="data loader processes")
     extra.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available)")
+    extra.add_argument("--resume", default=None, metavar="PATH|auto",
+                       help="continue from a checkpoint; auto: this save name's, if any (docs/RELIABILITY.md)")
     return parser
 
 
@@ -101,14 +106,16 @@ def seed_everything(seed: int) -> None:
 
 def make_loader(dataset, batch_size: int, num_workers: int, device: torch.device, sampler=None) -> DataLoader:
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, shuffle=False, num_workers=num_workers,
-                      pin_memory=device.type == "cuda", persistent_workers=False)
+                      pin_memory=device.type == "cuda", persistent_workers=False, **loader_options())
 
 
 def train_one_epoch(model: REIRNet, loader: DataLoader, optimizer, meta_labels: torch.Tensor,
-                    device: torch.device, epoch: int, num_epochs: int) -> tuple[float, float]:
-    """One pass; returns mean loss and meta-class accuracy over all branches."""
+                    device: torch.device, epoch: int, num_epochs: int,
+                    progress: EpochProgress | None = None) -> tuple[float, float]:
+    """One pass (or its rest, after ``progress``); returns mean loss and meta-class accuracy over all branches."""
     model.train()
-    total_loss, total_correct, total_seen = 0.0, 0, 0
+    progress = progress or EpochProgress()
+    total_loss, total_correct, total_seen = progress.totals()
     bar = tqdm(loader, desc=f"Train {epoch}/{num_epochs}", dynamic_ncols=True, file=sys.stdout,
                 mininterval=PROGRESS_INTERVAL)
     for images, targets in bar:
@@ -122,6 +129,7 @@ def train_one_epoch(model: REIRNet, loader: DataLoader, optimizer, meta_labels: 
         total_loss += loss.item() * len(images)
         total_correct += (logits.argmax(-1) == meta_targets).sum().item()
         total_seen += len(images)
+        progress.after_step(total_loss, total_correct, total_seen)
         bar.set_postfix_str(f"loss {total_loss / total_seen:.4f} acc "
                             f"{100 * total_correct / (total_seen * meta_targets.shape[1]):.2f}%")
     bar.close()
@@ -132,9 +140,11 @@ def train_one_epoch(model: REIRNet, loader: DataLoader, optimizer, meta_labels: 
 def embed(model: REIRNet, loader: DataLoader, device: torch.device, desc: str) -> torch.Tensor:
     """Embeddings ``[N, ensemble, meta]``, every branch L2-normalised."""
     model.eval()
-    chunks = [embedding_from_logits(model(images.to(device, non_blocking=True))).cpu()
-              for images, _ in tqdm(loader, desc=desc, dynamic_ncols=True, file=sys.stdout, leave=False,
-                                   disable=not sys.stdout.isatty())]
+    chunks = []
+    for images, _ in tqdm(loader, desc=desc, dynamic_ncols=True, file=sys.stdout, leave=False,
+                          disable=not sys.stdout.isatty()):
+        chunks.append(embedding_from_logits(model(images.to(device, non_blocking=True))).cpu())
+        killpoints.reached("eval_batch")
     return torch.cat(chunks)
 
 
@@ -183,39 +193,57 @@ def meta_labels_for(args, classes: list[str]) -> tuple[np.ndarray, int]:
 
 @reports_errors
 def main(argv: list[str] | None = None) -> int:
-    args = get_args_parser().parse_args(argv)
+    with StopRequest().installed() as stop:
+        return train(get_args_parser().parse_args(argv), stop)
+
+
+def train(args, stop: StopRequest) -> int:
+    name = save_name(args)
+    resumed = checkpoint_for_resume(args, name)
     if args.seed is None:
         args.seed = int(np.random.SeedSequence().entropy % 2**31)
     seed_everything(args.seed)
     device = resolve_device(args.device, args.gpu_ids)
     output = Path(args.output_dir)
-    name = save_name(args)
 
     split_list = load_dataset(args.data_name, args.data_path, args.crop_type, args.image_size)
     train_set = ImageList(split_list, "train", build_transform(args.image_size, split_list.mean, split_list.std, True))
-    meta_labels = torch.as_tensor(meta_labels_for(args, train_set.classes)[0], device=device)
+    check_sizes(len(train_set.classes), args.ensemble_size, args.meta_class_size, args.label_type)
+    # The model before the ids: bad --weights must fail before the ids file is written.
+    config = ModelConfig(args.model_type, args.share_type, args.ensemble_size, args.meta_class_size, args.with_random)
+    model = create_model(config, weights=args.weights).to(device)
+    codes = resumed.meta_labels(train_set.classes) if resumed else meta_labels_for(args, train_set.classes)[0]
+    meta_labels = torch.as_tensor(codes, device=device)
     eval_transform = build_transform(args.image_size, split_list.mean, split_list.std, False)
     eval_loaders = {split: make_loader(ImageList(split_list, split, eval_transform), args.batch_size,
                                        args.num_workers, device) for split in split_list.eval_splits}
-    sampler = CappedClassSampler(train_set.targets, IMAGES_PER_CLASS, seed=args.seed)
-    train_loader = make_loader(train_set, args.batch_size, args.num_workers, device, sampler)
+    sampler = ReplayableSampler(CappedClassSampler(train_set.targets, IMAGES_PER_CLASS, seed=args.seed),
+                                args.seed, args.batch_size)
+    train_loader = make_loader(SeededItems(train_set), args.batch_size, args.num_workers, device, sampler)
 
-    config = ModelConfig(args.model_type, args.share_type, args.ensemble_size, args.meta_class_size, args.with_random)
-    model = create_model(config, weights=args.weights).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
     milestones = [int(args.num_epochs * 0.5), int(args.num_epochs * 0.7)]
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=milestones, gamma=0.1)
     for folder in ("statistics", "epochs", "results"):
         ensure_dir(output / folder)
     run_config = {**vars(args), "save_name": name, "num_train_classes": len(train_set.classes)}
+    run_config.pop("resume")  # a resumed run writes the same files as an uninterrupted one
     print(f"{name}: {len(train_set)} train images in {len(train_set.classes)} classes, "
           f"{sum(p.numel() for p in model.parameters()):,} parameters, device {device}")
 
-    rows, best_recall = [], -1.0
-    for epoch in range(1, args.num_epochs + 1):
+    state = resumed.restore(model, optimizer, scheduler) if resumed else TrainingState()
+    sampler.resume_at(state.epoch + 1, state.progress.step)
+    ckpt = checkpoint_path(output, name)
+    rows, best_recall = state.rows, state.best_recall
+    stop.arm(state.progress)
+    for epoch in range(state.epoch + 1, args.num_epochs + 1):
         sampler.set_epoch(epoch)
-        train_loss, train_accuracy = train_one_epoch(model, train_loader, optimizer, meta_labels, device,
-                                                     epoch, args.num_epochs)
+        try:
+            train_loss, train_accuracy = train_one_epoch(model, train_loader, optimizer, meta_labels, device,
+                                                         epoch, args.num_epochs, state.progress)
+        except TrainingStopped:
+            save_checkpoint(ckpt, model, optimizer, scheduler, state, meta_labels, train_set.classes, run_config)
+            raise stop.error(ckpt, f"in epoch {epoch} after step {state.progress.step}") from None
         scheduler.step()
         metrics, features = evaluate(model, eval_loaders, args.recalls, device)
         rows.append({"epoch": epoch, "train_loss": train_loss, "train_accuracy": train_accuracy,
@@ -237,6 +265,10 @@ def main(argv: list[str] | None = None) -> int:
             save_tensors(output / "epochs" / f"{name}_model.safetensors", model.state_dict(),
                          {"format": "reir-model/1", "config": run_config, "model": asdict(config), "info": info})
             Database(features, splits, run_config, info).save(output / "results" / f"{name}{DATABASE_SUFFIX}")
+        state.epoch_done(epoch, best_recall)
+        save_checkpoint(ckpt, model, optimizer, scheduler, state, meta_labels, train_set.classes, run_config)
+        if stop.signum is not None and epoch < args.num_epochs:
+            raise stop.error(ckpt, f"after epoch {epoch}")
     print(f"Best R@{args.recalls[0]}: {100 * best_recall:.2f}%. Outputs: {output / 'statistics' / (name + '_results.csv')}, "
           f"{output / 'epochs' / (name + '_model.safetensors')}, {output / 'results' / (name + DATABASE_SUFFIX)}")
     return 0
