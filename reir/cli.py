@@ -14,6 +14,7 @@ from .cliutil import ArgumentParser, positive_int, reports_errors
 # name -> (module with main(argv), one-line help)
 COMMANDS = {
     "train": ("reir.train", "train a REIR model (same flags as train.py)"),
+    "eval": ("reir.evaluate", "print Recall@K, precision@1, R-precision, MAP@R and NMI of a database"),
     "params": ("reir.cli", "print the trainable parameter count of a configuration"),
 }
 
