@@ -63,6 +63,7 @@ def retrieval_metrics(query_features: torch.Tensor, query_labels: torch.Tensor, 
         hits, rows_r = hits[valid], rows_r[valid].double()
         if not len(hits):
             continue
+        hits = hits[:, :int(rows_r.max())]  # MAP@R and R-precision look no further than R
         ranks = torch.arange(1, hits.shape[1] + 1, dtype=torch.float64)
         relevant = hits & (ranks[None] <= rows_r[:, None])  # a hit within the first R
         precision += hits[:, 0].sum().item()

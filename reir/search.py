@@ -163,7 +163,7 @@ def _resolve_ties(scores, indices, k, full_rows):
     if len(tied):
         block = full_rows(tied)
         for row, values in zip(tied.tolist(), block):
-            cut = scores[row, k - 1]
+            cut = values.topk(k).values[-1]  # from the recomputed row: FAISS may round differently
             above = (values > cut).nonzero().flatten()
             level = (values == cut).nonzero().flatten()[: k - len(above)]
             chosen = torch.cat([above, level])
