@@ -15,6 +15,7 @@ from .cliutil import ArgumentParser, positive_int, reports_errors
 COMMANDS = {
     "train": ("reir.train", "train a REIR model (same flags as train.py)"),
     "prepare": ("reir.data.prepare", "prepare datasets into split lists (same flags as data_utils.py)"),
+    "eval": ("reir.evaluate", "print Recall@K, precision@1, R-precision, MAP@R and NMI of a database"),
     "params": ("reir.cli", "print the trainable parameter count of a configuration"),
 }
 

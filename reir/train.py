@@ -29,7 +29,7 @@ from .database import SUFFIX as DATABASE_SUFFIX, Database
 from .errors import ReirError
 from .io import atomic_write, ensure_dir, save_tensors
 from .labels import LABEL_TYPES, assign_meta_labels, check_sizes, ids_path, load_ids, save_ids
-from .metrics import retrieval_recalls
+from .metrics import evaluate_embeddings, format_metrics
 from .model import MODEL_TYPES, SHARE_TYPES, ModelConfig, REIRNet, create_model, embedding_from_logits
 
 IMAGES_PER_CLASS = 300
@@ -68,6 +68,8 @@ def get_args_parser(add_help: bool = True) -> ArgumentParser:
     extra.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available)")
     extra.add_argument("--resume", default=None, metavar="PATH|auto",
                        help="continue from a checkpoint; auto: this save name's, if any (docs/RELIABILITY.md)")
+    extra.add_argument("--nmi_every", default=1, type=non_negative_int,
+                       help="compute NMI (k-means) every N epochs and at the last; 0 = never (slow on SOP on CPU)")
     return parser
 
 
@@ -149,16 +151,17 @@ def embed(model: REIRNet, loader: DataLoader, device: torch.device, desc: str) -
 
 
 def evaluate(model: REIRNet, loaders: dict[str, DataLoader], recalls: list[int],
-             device: torch.device) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
-    """Recall@K on the evaluation splits: test against itself, or query against gallery."""
+             device: torch.device, with_nmi: bool = True) -> tuple[dict[str, float | None], dict[str, torch.Tensor]]:
+    """Every metric on the evaluation splits: test against itself, or query against gallery."""
     features = {name: embed(model, loader, device, f"Embed {name}") for name, loader in loaders.items()}
     if "query" in features:
         query_labels, gallery_labels = _shared_label_ids(loaders["query"].dataset, loaders["gallery"].dataset)
-        values = retrieval_recalls(features["query"], query_labels, recalls, features["gallery"], gallery_labels)
+        values = evaluate_embeddings(features["query"], query_labels, recalls, features["gallery"], gallery_labels,
+                                     with_nmi=with_nmi, device=device)
     else:
         (test_labels,) = _shared_label_ids(loaders["test"].dataset)
-        values = retrieval_recalls(features["test"], test_labels, recalls)
-    return {f"recall@{k}": v for k, v in values.items()}, features
+        values = evaluate_embeddings(features["test"], test_labels, recalls, with_nmi=with_nmi, device=device)
+    return values, features
 
 
 def _shared_label_ids(*datasets: ImageList) -> list[torch.Tensor]:
@@ -245,12 +248,13 @@ def train(args, stop: StopRequest) -> int:
             save_checkpoint(ckpt, model, optimizer, scheduler, state, meta_labels, train_set.classes, run_config)
             raise stop.error(ckpt, f"in epoch {epoch} after step {state.progress.step}") from None
         scheduler.step()
-        metrics, features = evaluate(model, eval_loaders, args.recalls, device)
+        with_nmi = args.nmi_every > 0 and (epoch % args.nmi_every == 0 or epoch == args.num_epochs)
+        metrics, features = evaluate(model, eval_loaders, args.recalls, device, with_nmi)
         rows.append({"epoch": epoch, "train_loss": train_loss, "train_accuracy": train_accuracy,
                      **{f"test_{k}": v for k, v in metrics.items()}})
         write_statistics(output / "statistics" / f"{name}_results.csv", rows)
         print(f"Epoch {epoch}/{args.num_epochs}: loss {train_loss:.4f} acc {100 * train_accuracy:.2f}% | "
-              + " ".join(f"R@{k} {100 * metrics[f'recall@{k}']:.2f}%" for k in args.recalls))
+              + format_metrics(metrics))
         if metrics[f"recall@{args.recalls[0]}"] > best_recall:
             best_recall = metrics[f"recall@{args.recalls[0]}"]
             train_eval = make_loader(ImageList(split_list, "train", eval_transform, train_set.classes),
