@@ -9,6 +9,7 @@ import shutil
 import pytest
 import torch
 
+from reir import cli
 from reir.cliutil import reports_errors
 from reir.database import load_database
 from reir.train import main as train_main, save_name, get_args_parser
@@ -63,6 +64,8 @@ def test_a_pickle_under_a_database_name_is_refused(tmp_path, capsys, torch_forma
         code = reports_errors(lambda: load_database(tmp_path / "results" / name))()
         line = assert_refused(code, capsys.readouterr().err, marker)
         assert "only safetensors files written by REIR are loaded" in line
+        code = cli.main(["eval", "--data_base", str(tmp_path / "results" / name)])
+        assert "only safetensors files" in assert_refused(code, capsys.readouterr().err, marker)
 
 
 def test_a_pickle_under_the_checkpoint_name_is_refused_by_resume_auto(small_digits_root, tmp_path):

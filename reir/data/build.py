@@ -130,7 +130,7 @@ def build_split_list(records: list[Record], *, data_name: str, crop_type: str, t
         tag = f"{resize}px" if resize else "full"
         generation = folder / f"{crop_type}_{tag}.{secrets.token_hex(4)}"
         generation.mkdir()
-        (generation / GENERATION_MARKER).write_text(f"images of {target.name}\n")
+        atomic_write(generation / GENERATION_MARKER, f"images of {target.name}\n")
     try:
         names, used = [], {}
         for record in records:
