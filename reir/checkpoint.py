@@ -318,6 +318,10 @@ class ReplayableSampler(Sampler):
         pairs = zip((int(s) >> 1 for s in seeds), self.sampler)
         return itertools.islice(pairs, skip, None)
 
+    def indices(self) -> list:
+        """The epoch's ``(seed, index)`` pairs, for samplers that split them (DDP ranks)."""
+        return list(iter(self))
+
     def __len__(self) -> int:
         return len(self.sampler) - self._skip()
 

@@ -21,6 +21,7 @@ from tqdm import tqdm
 from . import killpoints
 from .checkpoint import (EpochProgress, ReplayableSampler, SeededItems, StopRequest, TrainingState, TrainingStopped,
                          checkpoint_for_resume, checkpoint_path, loader_options, save_checkpoint)
+from . import distributed, parallel
 from .cliutil import ArgumentParser, csv_ints, gpu_id_list, non_negative_int, positive_int, reports_errors
 from .data import DATA_NAMES
 from .data.images import CappedClassSampler, ImageList, build_transform
@@ -70,6 +71,7 @@ def get_args_parser(add_help: bool = True) -> ArgumentParser:
                        help="continue from a checkpoint; auto: this save name's, if any (docs/RELIABILITY.md)")
     extra.add_argument("--nmi_every", default=1, type=non_negative_int,
                        help="compute NMI (k-means) every N epochs and at the last; 0 = never (slow on SOP on CPU)")
+    parallel.add_arguments(parser)
     return parser
 
 
@@ -113,8 +115,10 @@ def make_loader(dataset, batch_size: int, num_workers: int, device: torch.device
 
 def train_one_epoch(model: REIRNet, loader: DataLoader, optimizer, meta_labels: torch.Tensor,
                     device: torch.device, epoch: int, num_epochs: int,
-                    progress: EpochProgress | None = None) -> tuple[float, float]:
+                    progress: EpochProgress | None = None,
+                    precision: parallel.Precision | None = None) -> tuple[float, float]:
     """One pass (or its rest, after ``progress``); returns mean loss and meta-class accuracy over all branches."""
+    precision = precision or parallel.precision_for("off", device)
     model.train()
     progress = progress or EpochProgress()
     total_loss, total_correct, total_seen = progress.totals()
@@ -123,11 +127,10 @@ def train_one_epoch(model: REIRNet, loader: DataLoader, optimizer, meta_labels: 
     for images, targets in bar:
         images, targets = images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
         meta_targets = meta_labels[:, targets].T  # [batch, ensemble]
-        logits = model(images)  # [batch, ensemble, meta]
-        loss = F.cross_entropy(logits.flatten(0, 1), meta_targets.flatten())
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        with precision.autocast():
+            logits = model(images)  # [batch, ensemble, meta]
+            loss = F.cross_entropy(logits.flatten(0, 1).float(), meta_targets.flatten())
+        precision.step(loss, optimizer)
         total_loss += loss.item() * len(images)
         total_correct += (logits.argmax(-1) == meta_targets).sum().item()
         total_seen += len(images)
@@ -196,17 +199,24 @@ def meta_labels_for(args, classes: list[str]) -> tuple[np.ndarray, int]:
 
 @reports_errors
 def main(argv: list[str] | None = None) -> int:
-    with StopRequest().installed() as stop:
-        return train(get_args_parser().parse_args(argv), stop)
+    args = get_args_parser().parse_args(argv)
+    context, device = distributed.setup(args.device)
+    try:
+        with StopRequest().installed() as stop:
+            code = train(args, stop, context, device or resolve_device(args.device, args.gpu_ids))
+        distributed.barrier(context)  # the other ranks wait for rank 0's last evaluation and saving
+        return code
+    finally:
+        distributed.cleanup(context)
 
 
-def train(args, stop: StopRequest) -> int:
+def train(args, stop: StopRequest, context: distributed.Context, device: torch.device) -> int:
     name = save_name(args)
     resumed = checkpoint_for_resume(args, name)
     if args.seed is None:
         args.seed = int(np.random.SeedSequence().entropy % 2**31)
+    args.seed = distributed.broadcast(args.seed, context)
     seed_everything(args.seed)
-    device = resolve_device(args.device, args.gpu_ids)
     output = Path(args.output_dir)
 
     split_list = load_dataset(args.data_name, args.data_path, args.crop_type, args.image_size)
@@ -214,14 +224,25 @@ def train(args, stop: StopRequest) -> int:
     check_sizes(len(train_set.classes), args.ensemble_size, args.meta_class_size, args.label_type)
     # The model before the ids: bad --weights must fail before the ids file is written.
     config = ModelConfig(args.model_type, args.share_type, args.ensemble_size, args.meta_class_size, args.with_random)
-    model = create_model(config, weights=args.weights).to(device)
-    codes = resumed.meta_labels(train_set.classes) if resumed else meta_labels_for(args, train_set.classes)[0]
-    meta_labels = torch.as_tensor(codes, device=device)
+    model = create_model(config, weights=args.weights)
+    devices = [device] if context.enabled else parallel.shard_devices(device, args.gpu_ids)
+    parallel.prepare_model(model, devices, args.branch_batching, args.channels_last)
+    train_model = distributed.wrap(model, context, device)
+    train_model = torch.compile(train_model) if args.compile else train_model
+    precision = parallel.precision_for(args.amp, device)
+    if resumed:
+        codes = resumed.meta_labels(train_set.classes)
+    else:
+        codes = meta_labels_for(args, train_set.classes)[0] if context.is_main else None
+    meta_labels = torch.as_tensor(distributed.broadcast(codes, context), device=device)
     eval_transform = build_transform(args.image_size, split_list.mean, split_list.std, False)
     eval_loaders = {split: make_loader(ImageList(split_list, split, eval_transform), args.batch_size,
                                        args.num_workers, device) for split in split_list.eval_splits}
-    sampler = ReplayableSampler(CappedClassSampler(train_set.targets, IMAGES_PER_CLASS, seed=args.seed),
-                                args.seed, args.batch_size)
+    # Per-image seeds follow the global order, so every rank of a DDP run flips the same images
+    # a single process would; a resume skips whole global batches.
+    replay = ReplayableSampler(CappedClassSampler(train_set.targets, IMAGES_PER_CLASS, seed=args.seed),
+                               args.seed, args.batch_size * context.world_size)
+    sampler = distributed.RankSampler(replay, args.batch_size, context) if context.enabled else replay
     train_loader = make_loader(SeededItems(train_set), args.batch_size, args.num_workers, device, sampler)
 
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
@@ -232,24 +253,31 @@ def train(args, stop: StopRequest) -> int:
     run_config = {**vars(args), "save_name": name, "num_train_classes": len(train_set.classes)}
     run_config.pop("resume")  # a resumed run writes the same files as an uninterrupted one
     print(f"{name}: {len(train_set)} train images in {len(train_set.classes)} classes, "
-          f"{sum(p.numel() for p in model.parameters()):,} parameters, device {device}")
+          f"{sum(p.numel() for p in model.parameters()):,} parameters, "
+          + parallel.describe(model, args.amp, context.world_size))
 
     state = resumed.restore(model, optimizer, scheduler) if resumed else TrainingState()
-    sampler.resume_at(state.epoch + 1, state.progress.step)
+    replay.resume_at(state.epoch + 1, state.progress.step)
     ckpt = checkpoint_path(output, name)
     rows, best_recall = state.rows, state.best_recall
     stop.arm(state.progress)
     for epoch in range(state.epoch + 1, args.num_epochs + 1):
         sampler.set_epoch(epoch)
         try:
-            train_loss, train_accuracy = train_one_epoch(model, train_loader, optimizer, meta_labels, device,
-                                                         epoch, args.num_epochs, state.progress)
+            train_loss, train_accuracy = train_one_epoch(train_model, train_loader, optimizer, meta_labels, device,
+                                                         epoch, args.num_epochs, state.progress, precision)
         except TrainingStopped:
-            save_checkpoint(ckpt, model, optimizer, scheduler, state, meta_labels, train_set.classes, run_config)
+            if context.is_main:
+                save_checkpoint(ckpt, model, optimizer, scheduler, state, meta_labels, train_set.classes, run_config)
             raise stop.error(ckpt, f"in epoch {epoch} after step {state.progress.step}") from None
+        train_loss = distributed.mean_over_ranks(train_loss, len(sampler), context, device)
+        train_accuracy = distributed.mean_over_ranks(train_accuracy, len(sampler), context, device)
         scheduler.step()
+        if not context.is_main:
+            continue
         with_nmi = args.nmi_every > 0 and (epoch % args.nmi_every == 0 or epoch == args.num_epochs)
-        metrics, features = evaluate(model, eval_loaders, args.recalls, device, with_nmi)
+        with precision.autocast():
+            metrics, features = evaluate(model, eval_loaders, args.recalls, device, with_nmi)
         rows.append({"epoch": epoch, "train_loss": train_loss, "train_accuracy": train_accuracy,
                      **{f"test_{k}": v for k, v in metrics.items()}})
         write_statistics(output / "statistics" / f"{name}_results.csv", rows)
@@ -259,7 +287,8 @@ def train(args, stop: StopRequest) -> int:
             best_recall = metrics[f"recall@{args.recalls[0]}"]
             train_eval = make_loader(ImageList(split_list, "train", eval_transform, train_set.classes),
                                      args.batch_size, args.num_workers, device)
-            features["train"] = embed(model, train_eval, device, "Embed train")
+            with precision.autocast():
+                features["train"] = embed(model, train_eval, device, "Embed train")
             info = {"data_name": args.data_name, "crop_type": args.crop_type, "mean": split_list.mean,
                     "std": split_list.std, "image_size": args.image_size, "epoch": epoch, "metrics": metrics,
                     "classes": train_set.classes, "meta_labels": meta_labels.cpu().tolist(),
