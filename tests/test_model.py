@@ -1,0 +1,116 @@
+"""The network: parameter table, shapes, sharing, random branch weights."""
+
+import pytest
+import torch
+
+from reir.model import ModelConfig, count_parameters, create_model, embedding_from_logits
+
+# The original's table (REIR.md): defaults share_type layer1, ensemble 48.
+TABLE = {
+    "resnet18": (529_365_376, 541_677_376, 533_797_696),
+    "resnet34": (1_011_079_808, 1_023_391_808, 1_015_512_128),
+    "resnet50": (1_118_974_592, 1_168_150_592, 1_136_677_952),
+    "resnext50_32x4d": (1_094_093_696, 1_143_269_696, 1_111_797_056),
+}
+
+
+@pytest.mark.parametrize("model_type", list(TABLE))
+def test_parameter_table(model_type):
+    counts = tuple(count_parameters(ModelConfig(model_type=model_type, meta_class_size=m)) for m in (12, 512, 192))
+    assert counts == TABLE[model_type]
+
+
+def test_parameter_count_follows_independent_formula():
+    """stem + E * (rest + classifier), counted from a plain torchvision ResNet."""
+    from torchvision.models import resnet18
+
+    net = resnet18()
+    size = lambda *mods: sum(p.numel() for m in mods for p in m.parameters())  # noqa: E731
+    for share, stem_mods, rest_mods in [
+        ("none", [], [net.conv1, net.bn1, net.layer1, net.layer2, net.layer3, net.layer4]),
+        ("layer2", [net.conv1, net.bn1, net.layer1, net.layer2], [net.layer3, net.layer4]),
+        ("layer4", [net.conv1, net.bn1, net.layer1, net.layer2, net.layer3, net.layer4], []),
+    ]:
+        expected = size(*stem_mods) + 5 * (size(*rest_mods) + 512 * 7 + 7)
+        assert count_parameters(ModelConfig("resnet18", share, 5, 7)) == expected
+
+
+@pytest.mark.parametrize("share_type", ["none", "maxpool", "layer1", "layer3", "layer4"])
+def test_forward_shape_and_branch_independence(share_type):
+    torch.manual_seed(0)
+    model = create_model(ModelConfig("resnet18", share_type, 3, 4), weights="none").eval()
+    images = torch.randn(2, 3, 32, 32)
+    logits = model(images)
+    assert logits.shape == (2, 3, 4)
+    # Branches start from the same backbone weights but have their own classifiers and parameters.
+    assert not torch.allclose(logits[:, 0], logits[:, 1])
+    params = [set(id(p) for p in b.parameters()) for b in model.branches]
+    assert not params[0] & params[1]
+
+
+def test_embedding_is_unit_norm_per_branch():
+    logits = torch.randn(5, 3, 4) * 10
+    embedding = embedding_from_logits(logits)
+    assert torch.allclose(embedding.norm(dim=-1), torch.ones(5, 3), atol=1e-6)
+
+
+def test_random_branch_weights_only_in_training():
+    torch.manual_seed(0)
+    model = create_model(ModelConfig("resnet18", "layer1", 4, 3, with_random=True), weights="none")
+    images = torch.randn(3, 3, 32, 32)
+    weights = model.branch_weights(3, images.device, images.dtype)
+    assert weights.shape == (3, 4)
+    assert torch.allclose(weights.sum(1), torch.ones(3))
+    assert (weights > 0).all() and not torch.allclose(weights[0], weights[1])
+    model.eval()
+    assert model.branch_weights(3, images.device, images.dtype) is None
+    # In eval the output is deterministic; in train mode with_random changes it between calls.
+    assert torch.equal(model(images), model(images))
+    plain = create_model(ModelConfig("resnet18", "layer1", 4, 3, with_random=False), weights="none")
+    plain.train()
+    assert plain.branch_weights(3, images.device, images.dtype) is None
+
+
+def test_random_branch_weights_scale_the_shared_features(monkeypatch):
+    """The branch input is the shared map times softmax(U(0,1)) of that sample and branch."""
+    torch.manual_seed(0)
+    model = create_model(ModelConfig("resnet18", "layer1", 2, 3, with_random=True), weights="none").train()
+    fixed = torch.tensor([[0.25, 0.75], [0.6, 0.4]])
+    monkeypatch.setattr(model, "branch_weights", lambda *a: fixed)
+    seen = []
+    for index, branch in enumerate(model.branches):
+        branch.register_forward_pre_hook(lambda m, inp, index=index: seen.append((index, inp[0].clone())))
+    images = torch.randn(2, 3, 32, 32)
+    model(images)
+    shared = model.stem(images)
+    for index, features in seen:
+        assert torch.allclose(features, shared * fixed[:, index].view(-1, 1, 1, 1), atol=1e-6)
+
+
+def test_offline_imagenet_weights_error_names_file_and_fix(monkeypatch, tmp_path):
+    import urllib.error
+
+    import torchvision.models._api as api
+
+    from reir.errors import ReirError
+
+    def refuse(*args, **kwargs):
+        raise urllib.error.URLError("no network")
+
+    monkeypatch.setattr(api, "load_state_dict_from_url", refuse)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    with pytest.raises(ReirError) as info:
+        create_model(ModelConfig("resnet34", "layer1", 2, 3), weights="imagenet")
+    message = str(info.value)
+    assert "resnet34-b627a593.pth" in message and str(tmp_path) in message and "--weights none" in message
+
+
+def test_weights_from_a_state_dict_file(tmp_path):
+    from torchvision.models import resnet18
+
+    source = resnet18()
+    path = tmp_path / "backbone.pth"
+    torch.save(source.state_dict(), path)
+    model = create_model(ModelConfig("resnet18", "layer1", 2, 3), weights=str(path))
+    assert torch.equal(model.stem[0].weight, source.conv1.weight)
+    assert torch.equal(model.branches[1][0][0].conv1.weight, source.layer2[0].conv1.weight)
