@@ -132,7 +132,7 @@ def test_train_one_epoch_runs_under_bf16():
     meta_labels = torch.tensor([[0, 1, 1], [1, 0, 1]])
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
     loss, accuracy = train_one_epoch(model, DataLoader(data, batch_size=4), optimizer, meta_labels, CPU, 1, 1,
-                                     precision_for("bf16", CPU))
+                                     precision=precision_for("bf16", CPU))
     assert 0 < loss < 10 and 0 <= accuracy <= 1
     assert all(p.dtype == torch.float32 for p in model.parameters())
     assert all(not torch.equal(a, b) for a, b in zip(before, model.parameters()) if a.ndim > 1)
