@@ -11,12 +11,15 @@ import sys
 
 from .cliutil import ArgumentParser, positive_int, reports_errors
 
-# name -> (module with main(argv), one-line help)
+# name -> (module with main(argv), or module:function, one-line help)
 COMMANDS = {
     "train": ("reir.train", "train a REIR model (same flags as train.py)"),
     "prepare": ("reir.data.prepare", "prepare datasets into split lists (same flags as data_utils.py)"),
     "eval": ("reir.evaluate", "print Recall@K, precision@1, R-precision, MAP@R and NMI of a database"),
     "params": ("reir.cli", "print the trainable parameter count of a configuration"),
+    "search": ("reir.inference:search_main", "retrieve the nearest images of one query (as inference.py)"),
+    "ablation": ("reir.ablation:ablation_main", "compare two databases query by query (as ablation.py)"),
+    "plot": ("reir.plot", "plot loss, accuracy and Recall@K of a statistics CSV"),
 }
 
 
@@ -46,10 +49,10 @@ def main(argv: list[str] | None = None) -> int:
         print("usage: reir <command> [flags]   (reir <command> --help for its flags)\n\ncommands:\n"
               + "\n".join(lines))
         return 0
-    module_name = COMMANDS[argv[0]][0]
+    module_name, _, function = COMMANDS[argv[0]][0].partition(":")
     if argv[0] == "params":
         return params_main(argv[1:])
-    return importlib.import_module(module_name).main(argv[1:])
+    return getattr(importlib.import_module(module_name), function or "main")(argv[1:])
 
 
 if __name__ == "__main__":

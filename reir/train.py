@@ -32,6 +32,7 @@ from .io import atomic_write, ensure_dir, save_tensors
 from .labels import LABEL_TYPES, assign_meta_labels, check_sizes, ids_path, load_ids, save_ids
 from .metrics import evaluate_embeddings, format_metrics
 from .model import MODEL_TYPES, SHARE_TYPES, ModelConfig, REIRNet, create_model, embedding_from_logits
+from .plot import plot_statistics
 
 IMAGES_PER_CLASS = 300
 # Redraw progress bars often on a terminal, rarely in a log file.
@@ -302,6 +303,9 @@ def train(args, stop: StopRequest, context: distributed.Context, device: torch.d
         save_checkpoint(ckpt, model, optimizer, scheduler, state, meta_labels, train_set.classes, run_config)
         if stop.signum is not None and epoch < args.num_epochs:
             raise stop.error(ckpt, f"after epoch {epoch}")
+    if not context.is_main:
+        return 0
+    plot_statistics(output / "statistics" / f"{name}_results.csv")
     print(f"Best R@{args.recalls[0]}: {100 * best_recall:.2f}%. Outputs: {output / 'statistics' / (name + '_results.csv')}, "
           f"{output / 'epochs' / (name + '_model.safetensors')}, {output / 'results' / (name + DATABASE_SUFFIX)}")
     return 0

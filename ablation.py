@@ -1,0 +1,8 @@
+"""Compare two databases query by query; see ``python ablation.py --help``."""
+
+import sys
+
+from reir.ablation import main
+
+if __name__ == "__main__":
+    sys.exit(main())

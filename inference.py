@@ -1,0 +1,8 @@
+"""Retrieve the nearest images of one query; see ``python inference.py --help``."""
+
+import sys
+
+from reir.inference import main
+
+if __name__ == "__main__":
+    sys.exit(main())

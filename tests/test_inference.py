@@ -1,0 +1,200 @@
+"""inference.py / reir search: rankings, exclusion of the query, the grid, files, errors, end to end."""
+
+import json
+import shutil
+
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from reir import viz
+from reir.database import load_database
+from reir.inference import main, rank
+from conftest import run_script, tiny_args
+from handmade import make_database
+
+TEST_LABELS = ["a", "b", "c", "a", "b", "c", "a", "b", "c", "a"]
+TRAIN_LABELS = ["x", "y", "x", "y", "x", "y"]
+
+
+def invoke(argv, capsys):
+    """Run inference in-process as a user would: exit code, stdout, stderr."""
+    try:
+        code = main(argv)
+    except SystemExit as exc:  # argparse usage errors
+        code = exc.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def random_features(n, seed):
+    generator = torch.Generator().manual_seed(seed)
+    return F.normalize(torch.randn(n, 3, 4, generator=generator), dim=-1)
+
+
+def brute_force(query, gallery, exclude=None):
+    """Mean over branches of the per-branch cosine, fully sorted."""
+    similarity = torch.einsum("ec,nec->n", query, gallery) / query.shape[0]
+    if exclude is not None:
+        similarity[exclude] = -float("inf")
+    order = similarity.argsort(descending=True)
+    return order.tolist(), similarity[order].tolist()
+
+
+@pytest.fixture
+def toy(tmp_path):
+    features = {"test": random_features(len(TEST_LABELS), 1), "train": random_features(len(TRAIN_LABELS), 2)}
+    path = make_database(tmp_path, "toy", {"test": (features["test"], TEST_LABELS),
+                                           "train": (features["train"], TRAIN_LABELS)})
+    return tmp_path, path, load_database(path)
+
+
+def border_colour(image, row, column, title=False):
+    x, y = viz.cell_origin(row, column, title)
+    return image.getpixel((x + viz.BORDER // 2, y + viz.BORDER // 2))
+
+
+def test_rank_matches_brute_force_and_never_returns_the_excluded_row():
+    gallery = random_features(50, 3)
+    for exclude in (None, 0, 17, 49):
+        scores, indices = rank(gallery[17:18], gallery, 10, exclude)
+        order, expected = brute_force(gallery[17], gallery, exclude)
+        assert indices == order[:10]
+        assert scores == pytest.approx(expected[:10], abs=1e-5)
+        assert exclude not in indices
+    assert rank(gallery[:1], gallery, 100, 0)[1] == brute_force(gallery[0], gallery, 0)[0][:49]
+
+
+def test_query_in_database_excludes_itself_draws_grid_and_writes_files(toy, capsys):
+    root, path, db = toy
+    query = db.paths("test")[3]
+    code, out, err = invoke(["--query_img_name", query, "--data_base", str(path), "--output_dir", str(root),
+                             "--retrieval_num", "4"], capsys)
+    assert code == 0, err
+    folder = root / "results" / "test_003"
+    report = json.loads((folder / "results.json").read_text())
+    order, expected = brute_force(db.features["test"][3], db.features["test"], exclude=3)
+    assert [r["path"] for r in report["results"]] == [db.paths("test")[i] for i in order[:4]]
+    assert [r["score"] for r in report["results"]] == pytest.approx(expected[:4], abs=1e-5)
+    assert query not in [r["path"] for r in report["results"]]
+    assert report["query"] == {"path": query, "label": "a", "in_database": True, "split": "test"}
+    assert [r["correct"] for r in report["results"]] == [TEST_LABELS[i] == "a" for i in order[:4]]
+    marks = [line.rsplit(None, 1)[1] for line in out.splitlines()[1:5]]
+    assert marks == ["correct" if r["correct"] else "wrong" for r in report["results"]]
+
+    grid = Image.open(folder / "grid.png")
+    assert grid.size == viz.grid_size(1, 5)
+    assert border_colour(grid, 0, 0) == viz.BLUE
+    for column, result in enumerate(report["results"], start=1):
+        assert border_colour(grid, 0, column) == (viz.GREEN if result["correct"] else viz.RED)
+    assert (folder / "query_img.jpg").is_file()
+    for r in report["results"]:
+        assert (folder / f"retrieval_img_{r['rank']}_{r['score']:.4f}_{r['correct']}.jpg").is_file()
+
+
+def test_original_name_train_split_and_json_on_stdout(toy, capsys):
+    root, _, db = toy
+    code, out, err = invoke(["--query_img_name", db.paths("test")[0], "--data_base", "toy_data_base.pth",
+                             "--output_dir", str(root), "--data_type", "train", "--retrieval_num", "20", "--json"],
+                            capsys)
+    assert code == 0, err
+    report = json.loads(out)
+    order, expected = brute_force(db.features["test"][0], db.features["train"])
+    assert [r["path"] for r in report["results"]] == [db.paths("train")[i] for i in order]  # K clipped to 6
+    assert report["split"] == "train" and report["json"] is None
+    assert not any(r["correct"] for r in report["results"])  # train classes differ from test classes
+    assert not (root / "results" / "test_000" / "results.json").exists()
+    assert Image.open(root / "results" / "test_000" / "grid.png").size == viz.grid_size(1, 7)
+
+
+def test_rerun_replaces_per_image_files_and_long_lists_wrap(toy, capsys):
+    root, path, db = toy
+    base = ["--query_img_name", db.paths("test")[5], "--data_base", str(path), "--output_dir", str(root)]
+    assert invoke(base + ["--retrieval_num", "9"], capsys)[0] == 0
+    folder = root / "results" / "test_005"
+    assert len(list(folder.glob("retrieval_img_*.jpg"))) == 9
+    assert Image.open(folder / "grid.png").size == viz.grid_size(2, 9)  # query + 9 results in rows of 9
+    assert invoke(base + ["--retrieval_num", "2"], capsys)[0] == 0
+    assert len(list(folder.glob("retrieval_img_*.jpg"))) == 2
+
+
+def test_missing_file_with_a_database_image_name_uses_that_image(toy, capsys, monkeypatch):
+    root, path, db = toy
+    monkeypatch.chdir(root)
+    code, out, err = invoke(["--query_img_name", "data/car/uncropped/test_007.png", "--data_base", str(path),
+                             "--json"], capsys)
+    assert code == 0, err
+    assert json.loads(out)["query"]["path"] == db.paths("test")[7]
+
+
+def test_error_paths_are_one_line_and_write_nothing(toy, capsys, tmp_path_factory):
+    root, path, db = toy
+    outside = tmp_path_factory.mktemp("elsewhere") / "photo.png"
+    Image.new("RGB", (5, 5)).save(outside)
+    pickle_db = root / "evil_data_base.pth"
+    torch.save({"test_features": torch.zeros(2)}, pickle_db)
+    only_test = make_database(root / "only_test", "t", {"test": ([0, 90], ["a", "b"])})
+    moved = make_database(root / "moved", "m", {"test": ([0, 90], ["a", "b"])},
+                          info={"model_file": str(root / "gone" / "m_model.safetensors"), "image_size": 32})
+    cases = [
+        (["--data_base", "missing.pth"], 1, "not found"),
+        (["--data_base", str(pickle_db)], 1, "not a REIR safetensors file"),
+        (["--data_base", str(path), "--query_img_name", "nowhere/zzz.png"], 1, "neither an image file"),
+        (["--data_base", str(path), "--query_img_name", str(outside)], 1, "records no model file"),
+        (["--data_base", str(moved), "--query_img_name", str(outside)], 1, "m_model.safetensors of database"),
+        (["--data_base", str(path), "--retrieval_num", "0"], 2, "must be >= 1"),
+        (["--data_base", str(path), "--data_type", "val"], 2, "invalid choice"),
+        (["--data_base", str(only_test), "--query_img_name", str(root / "only_test/images/test/test_000.png"),
+          "--data_type", "train"], 1, "has no train split"),
+    ]
+    before = sorted(p for p in root.rglob("*"))
+    for argv, expected_code, message in cases:
+        code, out, err = invoke(argv + ["--output_dir", str(root)], capsys)
+        assert code == expected_code, (argv, err)
+        assert len(err.strip().splitlines()) == 1 and message in err, (argv, err)
+        assert "Traceback" not in err
+    assert sorted(p for p in root.rglob("*")) == before
+
+
+@pytest.fixture(scope="module")
+def trained(digits_root, tmp_path_factory):
+    """A real tiny database, trained for one epoch through train.py."""
+    from reir.train import main as train_main
+
+    output = tmp_path_factory.mktemp("trained")
+    assert train_main(tiny_args(digits_root, output)) == 0
+    return output
+
+
+def test_training_writes_the_statistics_plot(trained):
+    plots = list((trained / "statistics").glob("*_results.png"))
+    assert len(plots) == 1 and Image.open(plots[0]).format == "PNG"
+
+
+def test_end_to_end_in_database_and_outside_image(trained, tmp_path):
+    name = "digits_uncropped_fixed_unrandom_layer1_resnet18_3_2_data_base.pth"  # the original's naming
+    db = load_database(next((trained / "results").glob("*_data_base.safetensors")))
+    query = db.paths("test")[10]
+    result = run_script("inference.py", "--query_img_name", query, "--data_base", name,
+                        "--output_dir", str(trained), "--retrieval_num", "5")
+    assert result.returncode == 0, result.stderr
+    stem = query.rsplit("/", 1)[1].rsplit(".", 1)[0]
+    folder = trained / "results" / stem
+    inside = json.loads((folder / "results.json").read_text())
+    assert Image.open(folder / "grid.png").size == viz.grid_size(1, 6)
+
+    copy = tmp_path / "my_digit.png"
+    shutil.copyfile(query, copy)  # same pixels, a path the database does not know
+    result = run_script("reir", "search", "--query_img_name", str(copy), "--data_base", name,
+                        "--output_dir", str(trained), "--retrieval_num", "6", "--json",
+                        "--query_label", inside["query"]["label"])
+    assert result.returncode == 0, result.stderr
+    outside = json.loads(result.stdout)
+    assert outside["query"]["in_database"] is False
+    assert outside["results"][0]["path"] == query and outside["results"][0]["score"] > 0.999
+    # The recomputed embedding ranks the rest like the stored one (order may differ only within ties).
+    assert [r["score"] for r in outside["results"][1:]] == pytest.approx(
+        [r["score"] for r in inside["results"]], abs=1e-4)
+    assert all(r["correct"] == (r["label"] == inside["query"]["label"]) for r in outside["results"])
+    assert (trained / "results" / "my_digit" / "grid.png").is_file()

@@ -1,0 +1,46 @@
+"""reir plot: the figure holds the CSV's numbers; bad CSVs are refused in one line."""
+
+import pytest
+from PIL import Image
+
+from reir.errors import ReirError
+from reir.plot import build_figure, main, read_statistics
+from conftest import run_script
+
+CSV = ("epoch,train_loss,train_accuracy,test_recall@1,test_recall@10,test_recall@2\n"
+       "1,0.9,0.5,0.25,0.5,0.375\n"
+       "2,0.4,0.75,0.5,0.875,0.625\n")
+
+
+def test_figure_plots_every_column_per_epoch(tmp_path):
+    path = tmp_path / "run_results.csv"
+    path.write_text(CSV)
+    figure = build_figure(read_statistics(path), "run")
+    loss, accuracy, recall = figure.axes
+    assert list(loss.lines[0].get_xdata()) == [1, 2] and list(loss.lines[0].get_ydata()) == [0.9, 0.4]
+    assert list(accuracy.lines[0].get_ydata()) == [50.0, 75.0]
+    assert [line.get_label() for line in recall.lines] == ["R@1", "R@2", "R@10"]  # numeric order
+    assert list(recall.lines[2].get_ydata()) == [50.0, 87.5]
+
+
+def test_reir_plot_writes_a_png_and_refuses_bad_input(tmp_path, capsys):
+    good = tmp_path / "run_results.csv"
+    good.write_text(CSV)
+    result = run_script("reir", "plot", str(good))
+    assert result.returncode == 0, result.stderr
+    image = Image.open(tmp_path / "run_results.png")
+    assert image.format == "PNG" and image.size == (1500, 400)
+
+    bad_value = tmp_path / "bad.csv"
+    bad_value.write_text("epoch,train_loss\n1,0.5\n2,oops\n")
+    empty = tmp_path / "empty.csv"
+    empty.write_text("")
+    for path, message in ((tmp_path / "missing.csv", "does not exist"), (bad_value, "line 3: train_loss"),
+                          (empty, "no epoch rows")):
+        with pytest.raises(ReirError) as raised:
+            read_statistics(path)
+        assert message in str(raised.value)
+    assert main([str(bad_value), "--output", str(tmp_path / "bad.png")]) == 1
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "oops" in err
+    assert not (tmp_path / "bad.png").exists()
