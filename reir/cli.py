@@ -14,6 +14,8 @@ from .cliutil import ArgumentParser, positive_int, reports_errors
 # name -> (module with main(argv), or module:function, one-line help)
 COMMANDS = {
     "train": ("reir.train", "train a REIR model (same flags as train.py)"),
+    "prepare": ("reir.data.prepare", "prepare datasets into split lists (same flags as data_utils.py)"),
+    "eval": ("reir.evaluate", "print Recall@K, precision@1, R-precision, MAP@R and NMI of a database"),
     "params": ("reir.cli", "print the trainable parameter count of a configuration"),
     "search": ("reir.inference:search_main", "retrieve the nearest images of one query (as inference.py)"),
     "ablation": ("reir.ablation:ablation_main", "compare two databases query by query (as ablation.py)"),
@@ -38,13 +40,14 @@ def params_main(argv: list[str] | None = None) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
+    if argv and argv[0] not in ("-h", "--help") and argv[0] not in COMMANDS:
+        print(f"reir: error: unknown command {argv[0]!r}; choose one of {', '.join(COMMANDS)} "
+              "(see reir --help)", file=sys.stderr)
+        return 2
+    if not argv or argv[0] in ("-h", "--help"):
         lines = [f"  {name:<10} {text}" for name, (_, text) in COMMANDS.items()]
         print("usage: reir <command> [flags]   (reir <command> --help for its flags)\n\ncommands:\n"
-              + "\n".join(lines), file=sys.stdout if not argv or argv[0] in ("-h", "--help") else sys.stderr)
-        if argv and argv[0] not in ("-h", "--help"):
-            print(f"reir: error: unknown command {argv[0]!r}", file=sys.stderr)
-            return 2
+              + "\n".join(lines))
         return 0
     module_name, _, function = COMMANDS[argv[0]][0].partition(":")
     if argv[0] == "params":

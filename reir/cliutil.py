@@ -58,6 +58,14 @@ def non_negative_int(text: str) -> int:
     return value
 
 
+def one_line(exc: ReirError) -> str:
+    """The message; for an error re-raised from a DataLoader worker, the original one without its traceback."""
+    lines = str(exc).strip().splitlines()
+    if len(lines) > 1 and "Traceback" in str(exc):
+        return lines[-1].split(": ", 1)[-1]
+    return lines[0] if lines else type(exc).__name__
+
+
 def reports_errors(main: Callable[..., int | None]) -> Callable[..., int]:
     """Wrap a ``main``: a :class:`ReirError` becomes one stderr line and its exit code."""
 
@@ -66,7 +74,7 @@ def reports_errors(main: Callable[..., int | None]) -> Callable[..., int]:
         try:
             return main(*args, **kwargs) or 0
         except ReirError as exc:
-            print(f"error: {exc}", file=sys.stderr)
+            print(f"error: {one_line(exc)}", file=sys.stderr)
             return exc.exit_code
         except KeyboardInterrupt:
             print("error: interrupted", file=sys.stderr)

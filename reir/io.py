@@ -18,9 +18,14 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open, save
 
+from . import killpoints
 from .errors import ReirError
 
 METADATA_KEY = "reir"
+# mkstemp creates files only the owner can read; finished files get the usual permissions.
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
+FILE_MODE = 0o666 & ~_UMASK
 
 
 def ensure_dir(path: str | os.PathLike) -> Path:
@@ -43,9 +48,11 @@ def atomic_open(path: str | os.PathLike, mode: str = "wb") -> Iterator[Any]:
         raise ReirError(f"cannot write in {folder}: {exc.strerror}; choose a writable folder") from None
     try:
         with os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": "utf-8", "newline": ""})) as handle:
+            os.fchmod(handle.fileno(), FILE_MODE)
             yield handle
             handle.flush()
             os.fsync(handle.fileno())
+        killpoints.reached("save")
         os.replace(tmp, path)
     except OSError as exc:
         _remove_quietly(tmp)
@@ -66,9 +73,13 @@ def atomic_write_with(path: str | os.PathLike, writer: Callable[[str], None]) ->
     """For libraries that only write to a filename (PIL, matplotlib): write to a temp name, then rename."""
     path = Path(path)
     folder = ensure_dir(path.parent)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix, dir=folder)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix, dir=folder)
+    except OSError as exc:
+        raise ReirError(f"cannot write in {folder}: {exc.strerror}; choose a writable folder") from None
     os.close(fd)
     try:
+        os.chmod(tmp, FILE_MODE)
         writer(tmp)
         with open(tmp, "rb+") as handle:
             os.fsync(handle.fileno())

@@ -19,6 +19,7 @@ from torch import nn
 from torchvision import models
 
 from .errors import ReirError
+from .parallel import run_branches
 
 MODEL_TYPES = ("resnet18", "resnet34", "resnet50", "resnext50_32x4d")
 SHARE_TYPES = ("none", "maxpool", "layer1", "layer2", "layer3", "layer4")
@@ -45,6 +46,10 @@ class Branch(nn.Sequential):
 
 
 class REIRNet(nn.Module):
+    # Set by reir.parallel.prepare_model: which device runs which branches, and how.
+    shards: list[tuple[torch.device, range]] | None = None
+    branch_batching: str = "loop"
+
     def __init__(self, backbone: nn.Module, config: ModelConfig):
         super().__init__()
         self.config = config
@@ -61,11 +66,7 @@ class REIRNet(nn.Module):
         """Logits of every branch, shape ``[batch, ensemble_size, meta_class_size]``."""
         shared = self.stem(images)
         weights = self.branch_weights(shared.shape[0], shared.device, shared.dtype)
-        outputs = []
-        for index, branch in enumerate(self.branches):
-            features = shared if weights is None else shared * weights[:, index].view(-1, 1, 1, 1)
-            outputs.append(branch(features))
-        return torch.stack(outputs, dim=1)
+        return run_branches(self, shared, weights)
 
     def branch_weights(self, batch: int, device, dtype) -> torch.Tensor | None:
         """Per-sample, per-branch softmax(U(0,1)) weights: training with ``with_random`` only."""

@@ -18,6 +18,10 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from . import killpoints
+from .checkpoint import (EpochProgress, ReplayableSampler, SeededItems, StopRequest, TrainingState, TrainingStopped,
+                         checkpoint_for_resume, checkpoint_path, loader_options, save_checkpoint)
+from . import distributed, parallel
 from .cliutil import ArgumentParser, csv_ints, gpu_id_list, non_negative_int, positive_int, reports_errors
 from .data import DATA_NAMES
 from .data.images import CappedClassSampler, ImageList, build_transform
@@ -26,7 +30,7 @@ from .database import SUFFIX as DATABASE_SUFFIX, Database
 from .errors import ReirError
 from .io import atomic_write, ensure_dir, save_tensors
 from .labels import LABEL_TYPES, assign_meta_labels, check_sizes, ids_path, load_ids, save_ids
-from .metrics import retrieval_recalls
+from .metrics import evaluate_embeddings, format_metrics
 from .model import MODEL_TYPES, SHARE_TYPES, ModelConfig, REIRNet, create_model, embedding_from_logits
 from .plot import plot_statistics
 
@@ -64,6 +68,11 @@ def get_args_parser(add_help: bool = True) -> ArgumentParser:
     extra.add_argument("--output_dir", default=".", help="statistics/, epochs/ and results/ go here")
     extra.add_argument("--num_workers", default=4, type=non_negative_int, help="data loader processes")
     extra.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available)")
+    extra.add_argument("--resume", default=None, metavar="PATH|auto",
+                       help="continue from a checkpoint; auto: this save name's, if any (docs/RELIABILITY.md)")
+    extra.add_argument("--nmi_every", default=1, type=non_negative_int,
+                       help="compute NMI (k-means) every N epochs and at the last; 0 = never (slow on SOP on CPU)")
+    parallel.add_arguments(parser)
     return parser
 
 
@@ -102,27 +111,31 @@ def seed_everything(seed: int) -> None:
 
 def make_loader(dataset, batch_size: int, num_workers: int, device: torch.device, sampler=None) -> DataLoader:
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, shuffle=False, num_workers=num_workers,
-                      pin_memory=device.type == "cuda", persistent_workers=False)
+                      pin_memory=device.type == "cuda", persistent_workers=False, **loader_options())
 
 
 def train_one_epoch(model: REIRNet, loader: DataLoader, optimizer, meta_labels: torch.Tensor,
-                    device: torch.device, epoch: int, num_epochs: int) -> tuple[float, float]:
-    """One pass; returns mean loss and meta-class accuracy over all branches."""
+                    device: torch.device, epoch: int, num_epochs: int,
+                    progress: EpochProgress | None = None,
+                    precision: parallel.Precision | None = None) -> tuple[float, float]:
+    """One pass (or its rest, after ``progress``); returns mean loss and meta-class accuracy over all branches."""
+    precision = precision or parallel.precision_for("off", device)
     model.train()
-    total_loss, total_correct, total_seen = 0.0, 0, 0
+    progress = progress or EpochProgress()
+    total_loss, total_correct, total_seen = progress.totals()
     bar = tqdm(loader, desc=f"Train {epoch}/{num_epochs}", dynamic_ncols=True, file=sys.stdout,
                 mininterval=PROGRESS_INTERVAL)
     for images, targets in bar:
         images, targets = images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
         meta_targets = meta_labels[:, targets].T  # [batch, ensemble]
-        logits = model(images)  # [batch, ensemble, meta]
-        loss = F.cross_entropy(logits.flatten(0, 1), meta_targets.flatten())
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        with precision.autocast():
+            logits = model(images)  # [batch, ensemble, meta]
+            loss = F.cross_entropy(logits.flatten(0, 1).float(), meta_targets.flatten())
+        precision.step(loss, optimizer)
         total_loss += loss.item() * len(images)
         total_correct += (logits.argmax(-1) == meta_targets).sum().item()
         total_seen += len(images)
+        progress.after_step(total_loss, total_correct, total_seen)
         bar.set_postfix_str(f"loss {total_loss / total_seen:.4f} acc "
                             f"{100 * total_correct / (total_seen * meta_targets.shape[1]):.2f}%")
     bar.close()
@@ -133,23 +146,26 @@ def train_one_epoch(model: REIRNet, loader: DataLoader, optimizer, meta_labels: 
 def embed(model: REIRNet, loader: DataLoader, device: torch.device, desc: str) -> torch.Tensor:
     """Embeddings ``[N, ensemble, meta]``, every branch L2-normalised."""
     model.eval()
-    chunks = [embedding_from_logits(model(images.to(device, non_blocking=True))).cpu()
-              for images, _ in tqdm(loader, desc=desc, dynamic_ncols=True, file=sys.stdout, leave=False,
-                                   disable=not sys.stdout.isatty())]
+    chunks = []
+    for images, _ in tqdm(loader, desc=desc, dynamic_ncols=True, file=sys.stdout, leave=False,
+                          disable=not sys.stdout.isatty()):
+        chunks.append(embedding_from_logits(model(images.to(device, non_blocking=True))).cpu())
+        killpoints.reached("eval_batch")
     return torch.cat(chunks)
 
 
 def evaluate(model: REIRNet, loaders: dict[str, DataLoader], recalls: list[int],
-             device: torch.device) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
-    """Recall@K on the evaluation splits: test against itself, or query against gallery."""
+             device: torch.device, with_nmi: bool = True) -> tuple[dict[str, float | None], dict[str, torch.Tensor]]:
+    """Every metric on the evaluation splits: test against itself, or query against gallery."""
     features = {name: embed(model, loader, device, f"Embed {name}") for name, loader in loaders.items()}
     if "query" in features:
         query_labels, gallery_labels = _shared_label_ids(loaders["query"].dataset, loaders["gallery"].dataset)
-        values = retrieval_recalls(features["query"], query_labels, recalls, features["gallery"], gallery_labels)
+        values = evaluate_embeddings(features["query"], query_labels, recalls, features["gallery"], gallery_labels,
+                                     with_nmi=with_nmi, device=device)
     else:
         (test_labels,) = _shared_label_ids(loaders["test"].dataset)
-        values = retrieval_recalls(features["test"], test_labels, recalls)
-    return {f"recall@{k}": v for k, v in values.items()}, features
+        values = evaluate_embeddings(features["test"], test_labels, recalls, with_nmi=with_nmi, device=device)
+    return values, features
 
 
 def _shared_label_ids(*datasets: ImageList) -> list[torch.Tensor]:
@@ -185,50 +201,95 @@ def meta_labels_for(args, classes: list[str]) -> tuple[np.ndarray, int]:
 @reports_errors
 def main(argv: list[str] | None = None) -> int:
     args = get_args_parser().parse_args(argv)
+    context, device = distributed.setup(args.device)
+    try:
+        with StopRequest().installed() as stop:
+            code = train(args, stop, context, device or resolve_device(args.device, args.gpu_ids))
+        distributed.barrier(context)  # the other ranks wait for rank 0's last evaluation and saving
+        return code
+    finally:
+        distributed.cleanup(context)
+
+
+def train(args, stop: StopRequest, context: distributed.Context, device: torch.device) -> int:
+    name = save_name(args)
+    resumed = checkpoint_for_resume(args, name)
     if args.seed is None:
         args.seed = int(np.random.SeedSequence().entropy % 2**31)
+    args.seed = distributed.broadcast(args.seed, context)
     seed_everything(args.seed)
-    device = resolve_device(args.device, args.gpu_ids)
     output = Path(args.output_dir)
-    name = save_name(args)
 
-    split_list = load_dataset(args.data_name, args.data_path, args.crop_type)
+    split_list = load_dataset(args.data_name, args.data_path, args.crop_type, args.image_size)
     train_set = ImageList(split_list, "train", build_transform(args.image_size, split_list.mean, split_list.std, True))
-    meta_labels = torch.as_tensor(meta_labels_for(args, train_set.classes)[0], device=device)
+    check_sizes(len(train_set.classes), args.ensemble_size, args.meta_class_size, args.label_type)
+    # The model before the ids: bad --weights must fail before the ids file is written.
+    config = ModelConfig(args.model_type, args.share_type, args.ensemble_size, args.meta_class_size, args.with_random)
+    model = create_model(config, weights=args.weights)
+    devices = [device] if context.enabled else parallel.shard_devices(device, args.gpu_ids)
+    parallel.prepare_model(model, devices, args.branch_batching, args.channels_last)
+    train_model = distributed.wrap(model, context, device)
+    train_model = torch.compile(train_model) if args.compile else train_model
+    precision = parallel.precision_for(args.amp, device)
+    if resumed:
+        codes = resumed.meta_labels(train_set.classes)
+    else:
+        codes = meta_labels_for(args, train_set.classes)[0] if context.is_main else None
+    meta_labels = torch.as_tensor(distributed.broadcast(codes, context), device=device)
     eval_transform = build_transform(args.image_size, split_list.mean, split_list.std, False)
     eval_loaders = {split: make_loader(ImageList(split_list, split, eval_transform), args.batch_size,
                                        args.num_workers, device) for split in split_list.eval_splits}
-    sampler = CappedClassSampler(train_set.targets, IMAGES_PER_CLASS, seed=args.seed)
-    train_loader = make_loader(train_set, args.batch_size, args.num_workers, device, sampler)
+    # Per-image seeds follow the global order, so every rank of a DDP run flips the same images
+    # a single process would; a resume skips whole global batches.
+    replay = ReplayableSampler(CappedClassSampler(train_set.targets, IMAGES_PER_CLASS, seed=args.seed),
+                               args.seed, args.batch_size * context.world_size)
+    sampler = distributed.RankSampler(replay, args.batch_size, context) if context.enabled else replay
+    train_loader = make_loader(SeededItems(train_set), args.batch_size, args.num_workers, device, sampler)
 
-    config = ModelConfig(args.model_type, args.share_type, args.ensemble_size, args.meta_class_size, args.with_random)
-    model = create_model(config, weights=args.weights).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
     milestones = [int(args.num_epochs * 0.5), int(args.num_epochs * 0.7)]
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=milestones, gamma=0.1)
     for folder in ("statistics", "epochs", "results"):
         ensure_dir(output / folder)
     run_config = {**vars(args), "save_name": name, "num_train_classes": len(train_set.classes)}
+    run_config.pop("resume")  # a resumed run writes the same files as an uninterrupted one
     print(f"{name}: {len(train_set)} train images in {len(train_set.classes)} classes, "
-          f"{sum(p.numel() for p in model.parameters()):,} parameters, device {device}")
+          f"{sum(p.numel() for p in model.parameters()):,} parameters, "
+          + parallel.describe(model, args.amp, context.world_size))
 
-    rows, best_recall = [], -1.0
-    for epoch in range(1, args.num_epochs + 1):
+    state = resumed.restore(model, optimizer, scheduler) if resumed else TrainingState()
+    replay.resume_at(state.epoch + 1, state.progress.step)
+    ckpt = checkpoint_path(output, name)
+    rows, best_recall = state.rows, state.best_recall
+    stop.arm(state.progress)
+    for epoch in range(state.epoch + 1, args.num_epochs + 1):
         sampler.set_epoch(epoch)
-        train_loss, train_accuracy = train_one_epoch(model, train_loader, optimizer, meta_labels, device,
-                                                     epoch, args.num_epochs)
+        try:
+            train_loss, train_accuracy = train_one_epoch(train_model, train_loader, optimizer, meta_labels, device,
+                                                         epoch, args.num_epochs, state.progress, precision)
+        except TrainingStopped:
+            if context.is_main:
+                save_checkpoint(ckpt, model, optimizer, scheduler, state, meta_labels, train_set.classes, run_config)
+            raise stop.error(ckpt, f"in epoch {epoch} after step {state.progress.step}") from None
+        train_loss = distributed.mean_over_ranks(train_loss, len(sampler), context, device)
+        train_accuracy = distributed.mean_over_ranks(train_accuracy, len(sampler), context, device)
         scheduler.step()
-        metrics, features = evaluate(model, eval_loaders, args.recalls, device)
+        if not context.is_main:
+            continue
+        with_nmi = args.nmi_every > 0 and (epoch % args.nmi_every == 0 or epoch == args.num_epochs)
+        with precision.autocast():
+            metrics, features = evaluate(model, eval_loaders, args.recalls, device, with_nmi)
         rows.append({"epoch": epoch, "train_loss": train_loss, "train_accuracy": train_accuracy,
                      **{f"test_{k}": v for k, v in metrics.items()}})
         write_statistics(output / "statistics" / f"{name}_results.csv", rows)
         print(f"Epoch {epoch}/{args.num_epochs}: loss {train_loss:.4f} acc {100 * train_accuracy:.2f}% | "
-              + " ".join(f"R@{k} {100 * metrics[f'recall@{k}']:.2f}%" for k in args.recalls))
+              + format_metrics(metrics))
         if metrics[f"recall@{args.recalls[0]}"] > best_recall:
             best_recall = metrics[f"recall@{args.recalls[0]}"]
             train_eval = make_loader(ImageList(split_list, "train", eval_transform, train_set.classes),
                                      args.batch_size, args.num_workers, device)
-            features["train"] = embed(model, train_eval, device, "Embed train")
+            with precision.autocast():
+                features["train"] = embed(model, train_eval, device, "Embed train")
             info = {"data_name": args.data_name, "crop_type": args.crop_type, "mean": split_list.mean,
                     "std": split_list.std, "image_size": args.image_size, "epoch": epoch, "metrics": metrics,
                     "classes": train_set.classes, "meta_labels": meta_labels.cpu().tolist(),
@@ -238,6 +299,12 @@ def main(argv: list[str] | None = None) -> int:
             save_tensors(output / "epochs" / f"{name}_model.safetensors", model.state_dict(),
                          {"format": "reir-model/1", "config": run_config, "model": asdict(config), "info": info})
             Database(features, splits, run_config, info).save(output / "results" / f"{name}{DATABASE_SUFFIX}")
+        state.epoch_done(epoch, best_recall)
+        save_checkpoint(ckpt, model, optimizer, scheduler, state, meta_labels, train_set.classes, run_config)
+        if stop.signum is not None and epoch < args.num_epochs:
+            raise stop.error(ckpt, f"after epoch {epoch}")
+    if not context.is_main:
+        return 0
     plot_statistics(output / "statistics" / f"{name}_results.csv")
     print(f"Best R@{args.recalls[0]}: {100 * best_recall:.2f}%. Outputs: {output / 'statistics' / (name + '_results.csv')}, "
           f"{output / 'epochs' / (name + '_model.safetensors')}, {output / 'results' / (name + DATABASE_SUFFIX)}")

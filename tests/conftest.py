@@ -36,3 +36,29 @@ def run_script(script: str, *args: str, cwd: Path | None = None, timeout: float 
     command = [sys.executable, *(["-m", "reir"] if script == "reir" else [str(REPO / script)]), *args]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     return subprocess.run(command, cwd=cwd or REPO, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="session")
+def small_digits_root(tmp_path_factory) -> Path:
+    """Digits cut to 8 images per class (0-4 train, 5-9 test), for tests that run many short trainings."""
+    import numpy as np
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    from reir.data.splits import Split, save_split_list, split_list_path
+
+    root = tmp_path_factory.mktemp("small_data")
+    digits = load_digits()
+    splits = {"train": Split([], []), "test": Split([], [])}
+    for label in range(10):
+        for index in np.flatnonzero(digits.target == label)[:8]:
+            grey = np.clip(digits.images[index] * 16, 0, 255).astype(np.uint8)
+            path = root / "digits" / "images" / f"{index:04d}.png"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(np.repeat(grey[:, :, None], 3, axis=2)).save(path)
+            split = splits["train" if label < 5 else "test"]
+            split.paths.append(f"images/{index:04d}.png")
+            split.labels.append(str(label))
+    save_split_list(split_list_path(root, "digits", "uncropped"), "digits", "uncropped",
+                    [0.2] * 3, [0.3] * 3, splits)
+    return root

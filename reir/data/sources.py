@@ -2,15 +2,26 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 from ..errors import ReirError
+from .custom import load_custom
 from .digits import prepare_digits
 from .registry import BENCHMARKS, dataset_info
 from .splits import SplitList, load_split_list, split_list_path
 
 
-def load_dataset(data_name: str, data_path: str | Path, crop_type: str) -> SplitList:
+def load_dataset(data_name: str, data_path: str | Path, crop_type: str, image_size: int | None = None) -> SplitList:
+    split_list = _load(data_name, data_path, crop_type)
+    cached = split_list.info.get("image_size")
+    if image_size and cached and image_size > cached:
+        print(f"note: {split_list.root} holds images resized to {cached}x{cached}; --image_size {image_size} "
+              f"upsamples them: prepare with --resize {image_size} (or 0 for the originals)", file=sys.stderr)
+    return split_list
+
+
+def _load(data_name: str, data_path: str | Path, crop_type: str) -> SplitList:
     if crop_type == "cropped" and not dataset_info(data_name).croppable:
         raise ReirError(f"--crop_type cropped only applies to car, cub and custom, not {data_name}; "
                         "use --crop_type uncropped", 2)
@@ -22,4 +33,6 @@ def load_dataset(data_name: str, data_path: str | Path, crop_type: str) -> Split
             raise ReirError(f"{path} not found: prepare the dataset first with "
                             f"`python data_utils.py --data_path {data_path} --data_name {data_name}`")
         return load_split_list(path)
+    if data_name == "custom":
+        return load_custom(data_path, crop_type)
     raise ReirError(f"unknown data_name {data_name!r}", 2)

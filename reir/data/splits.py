@@ -8,11 +8,12 @@
 
 Paths are relative to the JSON file's folder; labels are class names (strings).
 Either ``test`` (retrieval within the test set) or ``query`` + ``gallery`` is present.
+An optional ``info`` object records how the list was prepared (e.g. ``image_size`` of a resize cache).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import ReirError
@@ -43,6 +44,7 @@ class SplitList:
     std: list[float]
     splits: dict[str, Split]
     root: Path
+    info: dict = field(default_factory=dict)
 
     @property
     def query_gallery(self) -> bool:
@@ -62,10 +64,10 @@ def split_list_path(data_path: str | Path, data_name: str, crop_type: str) -> Pa
 
 
 def save_split_list(path: str | Path, data_name: str, crop_type: str, mean, std,
-                    splits: dict[str, Split]) -> Path:
+                    splits: dict[str, Split], info: dict | None = None) -> Path:
     return write_json(path, {
         "format": FORMAT, "data_name": data_name, "crop_type": crop_type,
-        "mean": [float(v) for v in mean], "std": [float(v) for v in std],
+        "mean": [float(v) for v in mean], "std": [float(v) for v in std], "info": info or {},
         "splits": {name: {"paths": s.paths, "labels": [str(v) for v in s.labels]} for name, s in splits.items()},
     })
 
@@ -79,7 +81,7 @@ def load_split_list(path: str | Path) -> SplitList:
         splits = {name: Split(list(s["paths"]), [str(v) for v in s["labels"]])
                   for name, s in data["splits"].items()}
         result = SplitList(data["data_name"], data["crop_type"], list(data["mean"]), list(data["std"]),
-                           splits, path.parent)
+                           splits, path.parent, dict(data.get("info") or {}))
     except (KeyError, TypeError, AttributeError):
         raise ReirError(f"split list {path} is malformed; prepare the dataset again") from None
     for name, split in splits.items():

@@ -1,0 +1,137 @@
+"""Exact evaluation at SOP scale: our metrics vs FAISS IndexFlatIP search vs a naive full matrix.
+
+Each part runs in a fresh subprocess so its peak RSS is its own. The embeddings are
+REIR-shaped (``ensemble x meta`` unit vectors per branch, flattened and scaled) and
+clustered by SOP-like classes of 2-12 images. K = max(largest recall, largest class
+size), the K an exact Recall@K + MAP@R evaluation needs; FAISS searches that K (+1,
+for the query itself) and our evaluation computes every retrieval metric from it.
+
+    python benchmarks/eval_scale.py                 # N=60,000, D=576 (48 x 12): SOP's test set
+    python benchmarks/eval_scale.py --n 8000 --naive
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+
+def peak_rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def current_rss_bytes() -> int:
+    with open("/proc/self/statm") as handle:
+        return int(handle.read().split()[1]) * resource.getpagesize()
+
+
+def make_data(n: int, dim: int, ensemble: int, seed: int):
+    """Embeddings filled block by block so generating them adds nothing to the peak."""
+    import torch
+
+    generator = torch.Generator().manual_seed(seed)
+    sizes = torch.randint(2, 13, (n // 2 + 1,), generator=generator)
+    labels = torch.repeat_interleave(torch.arange(len(sizes)), sizes)[:n]
+    labels = labels[torch.randperm(n, generator=generator)]
+    meta = dim // ensemble
+    features = torch.empty(n, ensemble * meta)
+    for start in range(0, n, 4096):
+        rows = labels[start:start + 4096]
+        centre = torch.stack([torch.randn(ensemble, meta, generator=torch.Generator().manual_seed(int(c) + 1))
+                              for c in rows])
+        block = centre + 4 * torch.randn(len(rows), ensemble, meta, generator=generator)
+        features[start:start + len(rows)] = torch.nn.functional.normalize(block, dim=-1).reshape(len(rows), -1)
+        del centre, block
+    features /= ensemble ** 0.5
+    return features, labels
+
+
+def run_part(args) -> dict:
+    import torch
+
+    from reir.metrics import nmi, relevant_counts, retrieval_metrics
+
+    baseline = current_rss_bytes()
+    features, labels = make_data(args.n, args.dim, args.ensemble, args.seed)
+    k = max(args.recall, int(relevant_counts(labels, labels, True).max()))
+    result = {"part": args.part, "k": k, "baseline_rss": baseline, "classes": int(labels.unique().numel())}
+    start = time.perf_counter()
+    if args.part == "ours":
+        result["metrics"] = retrieval_metrics(features, labels, (1, 10, 100, args.recall), backend=args.backend)
+    elif args.part == "nmi":
+        result["metrics"] = {"nmi": nmi(features, labels)}
+    elif args.part == "faiss":
+        import faiss
+
+        index = faiss.IndexFlatIP(features.shape[1])
+        index.add(features.numpy())
+        scores, indices = index.search(features.numpy(), k + 1)  # the query finds itself first
+        result["checksum"] = int(indices[:, 1].sum())
+    else:  # naive: the full N x N matrix, sorted
+        order = (features @ features.T).fill_diagonal_(-float("inf")).argsort(dim=1, descending=True)[:, :k]
+        result["checksum"] = int(order[:, 0].sum())
+    result["seconds"] = time.perf_counter() - start
+    result["peak_rss"] = peak_rss_bytes()
+    return result
+
+
+def measure(args, part: str) -> dict:
+    command = [sys.executable, __file__, "--part", part, "--n", str(args.n), "--dim", str(args.dim),
+               "--ensemble", str(args.ensemble), "--recall", str(args.recall), "--seed", str(args.seed),
+               "--backend", args.backend]
+    done = subprocess.run(command, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        sys.exit(f"error: part {part} failed: {done.stderr.strip().splitlines()[-1:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--n", type=int, default=60_000, help="images (SOP test: 60,502)")
+    parser.add_argument("--dim", type=int, default=576, help="ensemble x meta (48 x 12 = 576)")
+    parser.add_argument("--ensemble", type=int, default=48)
+    parser.add_argument("--recall", type=int, default=1000, help="largest Recall@K (SOP reports R@1000)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--backend", default="auto", choices=["auto", "torch", "faiss"], help="our k-NN engine")
+    parser.add_argument("--naive", action="store_true", help="also time a full-matrix argsort (N <= 10,000)")
+    parser.add_argument("--nmi", action="store_true", help="also time NMI (k-means; minutes at full size)")
+    parser.add_argument("--part", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.dim % args.ensemble:
+        parser.error("--dim must be a multiple of --ensemble")
+    if args.part:
+        print(json.dumps(run_part(args)))
+        return 0
+    parts = ["ours", "faiss"] + (["naive"] if args.naive and args.n <= 10_000 else []) + (["nmi"] if args.nmi else [])
+    results = {part: measure(args, part) for part in parts}
+    ours, faiss_result = results["ours"], results["faiss"]
+    k = ours["k"]
+    needed = args.n * args.dim * 4 + args.n * k * 8
+    mib = 1 << 20
+    print(f"N={args.n} D={args.dim} classes={ours['classes']} K={k} backend={args.backend} "
+          f"threads={__import__('torch').get_num_threads()}")
+    print(f"{'part':<8}{'seconds':>10}{'peak RSS MiB':>14}{'above start MiB':>17}")
+    for part, r in results.items():
+        print(f"{part:<8}{r['seconds']:>10.1f}{r['peak_rss'] / mib:>14.0f}{(r['peak_rss'] - r['baseline_rss']) / mib:>17.0f}")
+    print("metrics: " + " ".join(f"{name} {value:.4f}" for name, value in ours["metrics"].items()))
+    print(f"time ratio ours / FAISS: {ours['seconds'] / faiss_result['seconds']:.2f} (target <= 1.2)")
+    print(f"memory ratio ours peak RSS / (embeddings + N*K indices = {needed / mib:.0f} MiB): "
+          f"{ours['peak_rss'] / needed:.2f} (target <= 2); above interpreter start: "
+          f"{(ours['peak_rss'] - ours['baseline_rss']) / needed:.2f}")
+    print(f"FAISS peak RSS / same: {faiss_result['peak_rss'] / needed:.2f}")
+    if "naive" in results:
+        print(f"time ratio ours / naive: {ours['seconds'] / results['naive']['seconds']:.2f}, "
+              f"memory ratio ours / naive: {ours['peak_rss'] / results['naive']['peak_rss']:.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,125 @@
+"""Every metric against pytorch-metric-learning's AccuracyCalculator, and the ``reir eval`` command."""
+
+import pytest
+import torch
+from pytorch_metric_learning.utils.accuracy_calculator import AccuracyCalculator
+
+from reir.database import Database
+from reir.metrics import evaluate_embeddings, relevant_counts, retrieval_metrics
+from conftest import run_script
+
+PML_NAMES = {"precision@1": "precision_at_1", "r_precision": "r_precision", "map@r": "mean_average_precision_at_r",
+             "nmi": "NMI"}
+
+
+def embeddings(kind, n, seed):
+    """``[n, 4, 6]`` per-branch unit embeddings and labels; some classes have one image (lone queries)."""
+    generator = torch.Generator().manual_seed(seed)
+    labels = torch.randint(0, 25, (n,), generator=generator)
+    labels[:3] = torch.tensor([100, 101, 102])
+    noise = torch.randn(n, 4, 6, generator=generator)
+    if kind == "clustered":
+        centres = torch.randn(103, 4, 6, generator=generator)
+        noise = centres[labels] + 0.6 * noise
+    return torch.nn.functional.normalize(noise, dim=-1), labels
+
+
+def pml(query, query_labels, reference=None, reference_labels=None):
+    calculator = AccuracyCalculator(include=tuple(PML_NAMES.values()), k="max_bin_count", device=torch.device("cpu"))
+    flat = lambda x: None if x is None else x.reshape(len(x), -1) / 2  # noqa: E731 - mean cosine, 4 branches
+    return calculator.get_accuracy(flat(query), query_labels, flat(reference), reference_labels)
+
+
+def brute_recall(query, query_labels, reference, reference_labels, ks, exclude_self):
+    sim = torch.einsum("qec,rec->qr", query.double(), reference.double())
+    if exclude_self:
+        sim.fill_diagonal_(-float("inf"))
+    order = sim.argsort(dim=1, descending=True)
+    return {k: (reference_labels[order[:, :k]] == query_labels[:, None]).any(1).double().mean().item() for k in ks}
+
+
+@pytest.mark.parametrize("backend", ["torch", "faiss"])
+@pytest.mark.parametrize("kind", ["random", "clustered"])
+def test_self_retrieval_equals_pytorch_metric_learning(kind, backend):
+    features, labels = embeddings(kind, 400, seed=3)
+    ours = evaluate_embeddings(features, labels, (1, 2, 4, 8), backend=backend, chunk_size=64)
+    theirs = pml(features, labels)
+    for name, pml_name in PML_NAMES.items():
+        assert ours[name] == pytest.approx(theirs[pml_name], abs=1e-6), name
+    expected = brute_recall(features, labels, features, labels, (1, 2, 4, 8), exclude_self=True)
+    assert [ours[f"recall@{k}"] for k in (1, 2, 4, 8)] == pytest.approx(list(expected.values()), abs=1e-12)
+    assert 0 < ours["map@r"] <= ours["r_precision"] <= 1
+    if kind == "clustered":  # the metrics must see the structure
+        assert ours["map@r"] > 0.5 and ours["nmi"] > 0.8
+
+
+@pytest.mark.parametrize("kind", ["random", "clustered"])
+def test_query_gallery_equals_pytorch_metric_learning(kind):
+    features, labels = embeddings(kind, 500, seed=4)
+    query, query_labels, gallery, gallery_labels = features[:180], labels[:180], features[180:], labels[180:]
+    ours = evaluate_embeddings(query, query_labels, (1, 10), gallery, gallery_labels, chunk_size=50)
+    theirs = pml(query, query_labels, gallery, gallery_labels)
+    for name, pml_name in PML_NAMES.items():
+        assert ours[name] == pytest.approx(theirs[pml_name], abs=1e-6), name
+    expected = brute_recall(query, query_labels, gallery, gallery_labels, (1, 10), exclude_self=False)
+    assert [ours["recall@1"], ours["recall@10"]] == pytest.approx(list(expected.values()), abs=1e-12)
+
+
+def test_hand_computed_ranking():
+    """One query whose two relevant images sit at ranks 1 and 3: AP@R = (1/1 + 0) / 2, RP = 1/2."""
+    gallery = torch.tensor([[1.0, 0.0], [0.9, 0.44], [0.8, 0.6], [0.0, 1.0]])
+    gallery = torch.nn.functional.normalize(gallery, dim=-1)
+    values = retrieval_metrics(torch.tensor([[1.0, 0.0]]), torch.tensor([7]), (1, 2, 3), gallery,
+                               torch.tensor([7, 1, 7, 2]))
+    assert values == pytest.approx({"recall@1": 1, "recall@2": 1, "recall@3": 1, "precision@1": 1,
+                                    "r_precision": 0.5, "map@r": 0.5})
+
+
+def test_relevant_counts_exclude_the_query_and_unknown_classes():
+    labels = torch.tensor([3, 3, 5, 9])
+    assert relevant_counts(labels, labels, True).tolist() == [1, 1, 0, 0]
+    assert relevant_counts(torch.tensor([3, 4, 10]), labels, False).tolist() == [2, 0, 0]
+
+
+def write_database(path, query_gallery):
+    features, labels = embeddings("clustered", 120, seed=5)
+    names = [f"c{int(label)}" for label in labels]
+    paths = [f"img{i}.png" for i in range(len(labels))]
+    if query_gallery:
+        split_features = {"query": features[:50], "gallery": features[50:]}
+        splits = {"query": {"paths": paths[:50], "labels": names[:50]},
+                  "gallery": {"paths": paths[50:], "labels": names[50:]}}
+    else:
+        split_features, splits = {"test": features}, {"test": {"paths": paths, "labels": names}}
+    Database(split_features, splits, {"recalls": [1, 2]}, {"data_name": "digits"}).save(path)
+    return features, labels
+
+
+@pytest.mark.parametrize("query_gallery", [False, True])
+def test_eval_command_prints_every_metric(tmp_path, query_gallery):
+    path = tmp_path / "x_data_base.safetensors"
+    features, labels = write_database(path, query_gallery)
+    result = run_script("reir", "eval", "--data_base", str(path))
+    assert result.returncode == 0, result.stderr
+    printed = {line.split()[0]: float(line.split()[1].rstrip("%")) / 100
+               for line in result.stdout.splitlines()[1:]}
+    # labels are renumbered by name in the database; the metrics do not depend on it
+    args = (features[:50], labels[:50], (1, 2), features[50:], labels[50:]) if query_gallery else (
+        features, labels, (1, 2))
+    expected = evaluate_embeddings(*args)
+    assert set(printed) == set(expected)
+    for name, value in expected.items():
+        assert printed[name] == pytest.approx(value, abs=6e-5), name
+
+
+def test_eval_command_errors_are_one_line(tmp_path):
+    missing = run_script("reir", "eval", "--data_base", str(tmp_path / "none_data_base.safetensors"))
+    assert missing.returncode == 1 and len(missing.stderr.strip().splitlines()) == 1
+    assert "not found" in missing.stderr
+    no_flag = run_script("reir", "eval")
+    assert no_flag.returncode == 2 and len(no_flag.stderr.strip().splitlines()) == 1
+    path = tmp_path / "x_data_base.safetensors"
+    write_database(path, False)
+    before = path.read_bytes()
+    bad = run_script("reir", "eval", "--data_base", str(path), "--backend", "annoy")
+    assert bad.returncode == 2 and "invalid choice" in bad.stderr and path.read_bytes() == before

@@ -1,0 +1,128 @@
+"""Kill a training run anywhere, resume it, and get the files of a run never interrupted."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+from pathlib import Path
+
+import pytest
+import torch
+
+from reir.checkpoint import EpochProgress, StopRequest, TrainingStopped, pack, unpack
+from reir.io import load_tensors
+from conftest import run_script, tiny_args
+
+NAME = "digits_uncropped_fixed_random_layer4_resnet18_3_2"
+
+
+def train_args(data: Path, workers: int, *extra: str) -> list[str]:
+    # Relative --output_dir, so runs in different folders record identical configurations.
+    return tiny_args(data, Path("out"), "--share_type", "layer4", "--with_random", "--num_epochs", "2",
+                     "--batch_size", "10", "--num_workers", str(workers), *extra)
+
+
+def run(folder: Path, data: Path, workers: int, kill_at: str | None = None, resume: bool = False):
+    folder.mkdir(exist_ok=True)
+    env = {k: v for k, v in os.environ.items() if k != "REIR_TEST_KILL_AT"}
+    if kill_at:
+        env["REIR_TEST_KILL_AT"] = kill_at
+    saved = os.environ.copy()
+    os.environ.clear()
+    os.environ.update(env)
+    try:
+        return run_script("train.py", *train_args(data, workers, *(["--resume", "auto"] if resume else [])),
+                          cwd=folder)
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+
+
+def outputs(folder: Path) -> dict[str, object]:
+    """The statistics CSV bytes, and the database's tensors and metadata (but ``num_workers``)."""
+    out = folder / "out"
+    tensors, meta = load_tensors(out / "results" / f"{NAME}_data_base.safetensors")
+    del meta["config"]["num_workers"]
+    model, _ = load_tensors(out / "epochs" / f"{NAME}_model.safetensors")
+    return {"csv": (out / "statistics" / f"{NAME}_results.csv").read_bytes(), "meta": json.dumps(meta),
+            "features": {k: hashlib.sha256(v.numpy().tobytes()).hexdigest() for k, v in tensors.items()},
+            "model": hashlib.sha256(b"".join(v.numpy().tobytes() for _, v in sorted(model.items()))).hexdigest()}
+
+
+def leftovers(folder: Path) -> list[str]:
+    return [p.name for p in (folder / "out").rglob(".*")]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(small_digits_root, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("uninterrupted")
+    result = run(folder, small_digits_root, 0)
+    assert result.returncode == 0, result.stderr
+    return outputs(folder)
+
+
+def test_killed_anywhere_resumed_with_any_worker_count_gives_the_same_files(small_digits_root, tmp_path,
+                                                                             uninterrupted):
+    """One run interrupted five times; the worker count changes between resumes (0 and 2)."""
+    data = small_digits_root
+    # 40 train images in batches of 10: 4 steps an epoch. SIGKILL mid-epoch 2 (2 workers).
+    assert run(tmp_path, data, 2, "train_step:6").returncode == -9
+    # Resumes at the end of epoch 1; SIGTERM after step 2 of epoch 2 saves a mid-epoch checkpoint.
+    stopped = run(tmp_path, data, 0, "train_step:2:TERM", resume=True)
+    assert "1 epochs done" in stopped.stdout and stopped.returncode == 143, stopped.stderr
+    message = stopped.stderr.strip().splitlines()[-1]
+    assert message.startswith("error: stopped by SIGTERM in epoch 2 after step 2;") and "--resume auto" in message
+    assert "Traceback" not in stopped.stderr
+    # SIGKILL while evaluating (2 workers), then while saving (no workers): each resumes mid-epoch 2.
+    for workers, kill_at in ((2, "eval_batch:2"), (0, "save:2")):
+        killed = run(tmp_path, data, workers, kill_at, resume=True)
+        assert killed.returncode == -9, killed.stderr
+        assert "1 epochs done, 2 steps into the next" in killed.stdout
+    assert leftovers(tmp_path), "the kill while saving should have left a temporary file"
+    finished = run(tmp_path, data, 2, resume=True)
+    assert finished.returncode == 0, finished.stderr
+    assert outputs(tmp_path) == uninterrupted
+    assert leftovers(tmp_path) == []
+
+
+def test_a_signal_before_training_stops_at_once_and_during_training_after_the_step():
+    stop = StopRequest()
+    with stop.installed():
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+        progress = EpochProgress()
+        stop.arm(progress)
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert stop.signum == signal.SIGTERM
+        with pytest.raises(TrainingStopped):
+            progress.after_step(1.0, 1, 1)
+        assert progress.step == 1
+        with pytest.raises(KeyboardInterrupt):  # a second signal: stop now
+            os.kill(os.getpid(), signal.SIGINT)
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+    error = stop.error(Path("x.safetensors"), "after epoch 1")
+    assert error.exit_code == 143 and "resume with" in str(error)
+
+
+def test_optimizer_and_scheduler_states_survive_the_json_round_trip():
+    model = torch.nn.Linear(3, 2)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=[1, 3], gamma=0.1)
+    for _ in range(2):
+        model(torch.randn(4, 3)).sum().backward()
+        optimizer.step()
+        scheduler.step()
+    tensors: dict[str, torch.Tensor] = {}
+    packed = json.loads(json.dumps([pack(optimizer.state_dict(), tensors, "o"),
+                                    pack(scheduler.state_dict(), tensors, "s")]))
+    restored_optimizer, restored_scheduler = unpack(packed, tensors)
+    assert restored_scheduler == scheduler.state_dict()
+    original = optimizer.state_dict()
+    assert restored_optimizer["param_groups"] == original["param_groups"]
+    for index, values in original["state"].items():
+        for key, value in values.items():
+            assert torch.equal(restored_optimizer["state"][index][key], value)
+    with pytest.raises(TypeError):
+        pack(object(), {}, "x")
