@@ -128,8 +128,8 @@ def save_comparisons(folder: Path, better: Database, worse: Database, splits: tu
             rows.append(cells)
         rows[0].insert(0, viz.Tile(query_path, f"query ({query_label})", viz.BLUE))
         rows[1].insert(0, None)
-        title = (f"top: better {names[0]} ({int(counts['better'][q])} correct)   "
-                 f"bottom: worse {names[1]} ({int(counts['worse'][q])} correct)")
+        title = (f"top: better {_stem(Path(names[0]))} ({int(counts['better'][q])} correct)   "
+                 f"bottom: worse {_stem(Path(names[1]))} ({int(counts['worse'][q])} correct)")
         target = folder / f"{q:05d}_{Path(query_path).stem}.png"
         viz.save_image(viz.grid(rows, title), target)
         written.append(str(target))
