@@ -12,7 +12,10 @@ from .io import atomic_write_with
 
 
 def read_statistics(path: str | Path) -> dict[str, list[float]]:
-    """Columns of the CSV train.py writes (``epoch``, ``train_loss``, ``train_accuracy``, ``test_recall@K``)."""
+    """Columns of the CSV train.py writes (``epoch``, ``train_loss``, ``train_accuracy``, ``test_recall@K``, ...).
+
+    Empty cells (metrics computed only every few epochs) become NaN.
+    """
     path = Path(path)
     if not path.is_file():
         raise ReirError(f"statistics file {path} does not exist; pass the *_results.csv under statistics/")
@@ -26,6 +29,9 @@ def read_statistics(path: str | Path) -> dict[str, list[float]]:
     columns: dict[str, list[float]] = {name: [] for name in rows[0]}
     for line, row in enumerate(rows, start=2):
         for name in columns:
+            if row[name] == "":  # a metric not computed that epoch: a gap in its line
+                columns[name].append(float("nan"))
+                continue
             try:
                 columns[name].append(float(row[name]))
             except (TypeError, ValueError):

@@ -1,5 +1,7 @@
 """reir plot: the figure holds the CSV's numbers; bad CSVs are refused in one line."""
 
+import math
+
 import pytest
 from PIL import Image
 
@@ -7,9 +9,9 @@ from reir.errors import ReirError
 from reir.plot import build_figure, main, read_statistics
 from conftest import run_script
 
-CSV = ("epoch,train_loss,train_accuracy,test_recall@1,test_recall@10,test_recall@2\n"
-       "1,0.9,0.5,0.25,0.5,0.375\n"
-       "2,0.4,0.75,0.5,0.875,0.625\n")
+CSV = ("epoch,train_loss,train_accuracy,test_recall@1,test_recall@10,test_recall@2,test_nmi\n"
+       "1,0.9,0.5,0.25,0.5,0.375,\n"
+       "2,0.4,0.75,0.5,0.875,0.625,0.3\n")
 
 
 def test_figure_plots_every_column_per_epoch(tmp_path):
@@ -21,6 +23,8 @@ def test_figure_plots_every_column_per_epoch(tmp_path):
     assert list(accuracy.lines[0].get_ydata()) == [50.0, 75.0]
     assert [line.get_label() for line in recall.lines] == ["R@1", "R@2", "R@10"]  # numeric order
     assert list(recall.lines[2].get_ydata()) == [50.0, 87.5]
+    nmi = read_statistics(path)["test_nmi"]  # computed only in epoch 2: a gap, not an error
+    assert math.isnan(nmi[0]) and nmi[1] == 0.3
 
 
 def test_reir_plot_writes_a_png_and_refuses_bad_input(tmp_path, capsys):
