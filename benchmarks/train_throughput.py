@@ -20,6 +20,7 @@ A variant is ``+``-joined words: ``loop``/``grouped`` (branch batching), ``bf16`
 from __future__ import annotations
 
 import argparse
+import gc
 import statistics
 import sys
 import time
@@ -289,24 +290,29 @@ def measure(args, variants: list[Variant], matmuls: dict, device: torch.device, 
     frees one variant at a time (a matmul before each of its rounds): peak memory of one variant.
     """
     timings: dict[str, tuple[int, list]] = {}
-    loader_rates = []
-    groups = [[v] for v in variants] if args.sequential else [variants]
-    for group in groups:
-        benches = [b for b in (build(args, v, device) for v in group) if b is not None]
-        if args.profile:
-            for bench in benches:
-                profile_step(bench, endless(loader) if loader else None)
-        for _ in range(args.rounds):
-            rates = {dtype: matmul.flops_per_second() for dtype, matmul in matmuls.items()}
-            for bench in benches:
-                seconds = bench.seconds_per_step(args.steps)
-                timings.setdefault(bench.variant.name, (bench.batch, []))[1].append((seconds, rates[bench.variant.dtype]))
-            if loader:
-                loader_rates.append(loader_images_per_second(loader, max(args.steps, 4)))
-        del benches
+    loader_rates: list[float] = []
+    for group in ([v] for v in variants) if args.sequential else [variants]:
+        time_group(args, group, matmuls, device, loader, timings, loader_rates)
+        gc.collect()  # the group's models, optimizers and graphs are gone: give their memory back
         if device.type == "cuda":
             torch.cuda.empty_cache()
     return {"variants": timings, "loader": loader_rates}
+
+
+def time_group(args, group: list[Variant], matmuls: dict, device: torch.device, loader,
+               timings: dict, loader_rates: list) -> None:
+    """Build, (profile) and time one group of variants; everything it built is freed on return."""
+    benches = [b for b in (build(args, v, device) for v in group) if b is not None]
+    if args.profile:
+        for bench in benches:
+            profile_step(bench, endless(loader) if loader else None)
+    for _ in range(args.rounds):
+        rates = {dtype: matmul.flops_per_second() for dtype, matmul in matmuls.items()}
+        for bench in benches:
+            seconds = bench.seconds_per_step(args.steps)
+            timings.setdefault(bench.variant.name, (bench.batch, []))[1].append((seconds, rates[bench.variant.dtype]))
+        if loader:
+            loader_rates.append(loader_images_per_second(loader, max(args.steps, 4)))
 
 
 def main(argv=None) -> int:
