@@ -22,6 +22,7 @@ COMMANDS = {
     "plot": ("reir.plot", "plot loss, accuracy and Recall@K of a statistics CSV"),
     "embed": ("reir.embedding", "embed a folder, CSV or prepared dataset into a database (resumable, torchrun)"),
     "index": ("reir.indexing", "build a FAISS index file and id map over a database (exact or approximate)"),
+    "serve": ("reir.serve", "serve search over an index: JSON API and a web page (127.0.0.1 by default)"),
 }
 
 
