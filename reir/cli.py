@@ -15,7 +15,7 @@ from .cliutil import ArgumentParser, positive_int, reports_errors
 COMMANDS = {
     "train": ("reir.train", "train a REIR model (same flags as train.py)"),
     "prepare": ("reir.data.prepare", "prepare datasets into split lists (same flags as data_utils.py)"),
-    "eval": ("reir.evaluate", "print Recall@K, precision@1, R-precision, MAP@R and NMI of a database"),
+    "eval": ("reir.eval_cli", "print Recall@K, precision@1, R-precision, MAP@R and NMI of a database"),
     "params": ("reir.cli", "print the trainable parameter count of a configuration"),
     "search": ("reir.inference:search_main", "retrieve the nearest images of one query (as inference.py)"),
     "ablation": ("reir.ablation:ablation_main", "compare two databases query by query (as ablation.py)"),

@@ -2,7 +2,7 @@
 
 A query that is in the database uses its stored embedding; any other image file is
 embedded with the model the database records. Results are ranked by
-:func:`reir.search.knn`, the same code path as evaluation and ablation.
+:func:`reir.knn.knn`, the same code path as evaluation and ablation.
 """
 
 from __future__ import annotations
@@ -18,9 +18,9 @@ from .cliutil import ArgumentParser, positive_int, reports_errors
 from .data.images import build_transform, load_rgb
 from .database import Database, load_database, resolve_database_path
 from .errors import ReirError
-from .io import load_tensors, write_json
+from .fileio import load_tensors, write_json
 from .model import ModelConfig, REIRNet, create_model
-from .search import knn
+from .knn import knn
 from . import viz
 
 DEFAULT_QUERY = "data/car/uncropped/008055.jpg"

@@ -28,7 +28,7 @@ from .data.images import CappedClassSampler, ImageList, build_transform
 from .data.sources import load_dataset
 from .database import SUFFIX as DATABASE_SUFFIX, Database
 from .errors import ReirError
-from .io import atomic_write, ensure_dir, save_tensors
+from .fileio import atomic_write, ensure_dir, save_tensors
 from .labels import LABEL_TYPES, assign_meta_labels, check_sizes, ids_path, load_ids, save_ids
 from .metrics import evaluate_embeddings, format_metrics
 from .model import MODEL_TYPES, SHARE_TYPES, ModelConfig, REIRNet, create_model, embedding_from_logits

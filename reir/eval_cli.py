@@ -8,7 +8,7 @@ from .cliutil import ArgumentParser, csv_ints, reports_errors
 from .database import load_database, resolve_database_path
 from .errors import ReirError
 from .metrics import evaluate_embeddings
-from .search import BACKENDS
+from .knn import BACKENDS
 
 # The recalls the original reports per dataset.
 DEFAULT_RECALLS = {"sop": [1, 10, 100, 1000], "isc": [1, 10, 20, 30, 40, 50]}
