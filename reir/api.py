@@ -10,7 +10,7 @@ Four names are exported from the package, so a library user needs no CLI and no 
     reir.evaluate(features, labels)                      # Recall@K, MAP@R, ...
 
 Every ``reir`` command that embeds, indexes or searches calls these, so the CLI and the
-library share one code path. Exact search ranks through :func:`reir.search.knn`, the same
+library share one code path. Exact search ranks through :func:`reir.knn.knn`, the same
 ranking evaluation uses; other FAISS factory strings give approximate indexes.
 """
 
@@ -30,9 +30,9 @@ from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset
 
 from .errors import ReirError
-from .io import atomic_write, load_tensors, read_json
+from .fileio import atomic_write, load_tensors, read_json
 from .model import ModelConfig, REIRNet, create_model, embedding_from_logits
-from .search import flatten, knn
+from .knn import flatten, knn
 
 MODEL_FORMAT = "reir-model/1"
 INDEX_FORMAT = "reir-index/1"
@@ -224,9 +224,9 @@ def _faiss():
 class Index:
     """Database images searchable by REIR's similarity, the mean per-branch cosine.
 
-    Vectors are the flattened, scaled embeddings (:func:`reir.search.flatten`), whose inner
+    Vectors are the flattened, scaled embeddings (:func:`reir.knn.flatten`), whose inner
     product is exactly that similarity. ``factory="Flat"`` is exact and ranks through
-    :func:`reir.search.knn` (the ranking evaluation uses, ties to the lower id); any other
+    :func:`reir.knn.knn` (the ranking evaluation uses, ties to the lower id); any other
     FAISS factory string (``HNSW32``, ``IVF1024,Flat``, ``IVF4096,PQ48`` ...) is an
     approximate inner-product index, trained on the vectors it is built from.
     Ids are positions ``0 .. len-1``; ``paths`` and ``labels`` describe them.

@@ -20,13 +20,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from PIL import Image
 
 from . import distributed
 from .api import UNLABELLED, Model, embed_items, image_files, load_model
 from .cliutil import ArgumentParser, non_negative_int, positive_int, reports_errors
 from .database import Database
 from .errors import ReirError, UsageError
-from .io import atomic_write, load_tensors, save_tensors
+from .fileio import atomic_write, load_tensors, save_tensors
 
 SHARD_FORMAT = "reir-embed-shard/1"
 LISTED_FAILURES = 10  # unreadable images printed; the rest are in the database and a text file
@@ -227,6 +228,8 @@ def main(argv: list[str] | None = None) -> int:
             source = Path(args.images)
             if source.is_dir():
                 collection = from_folder(source, args.split, args.labels_from_folders)
+            elif source.suffix.lower() != ".csv" and source.suffix.lower() in Image.registered_extensions():
+                raise UsageError(f"--images {source} is a single image; give a folder of images or a CSV listing them")
             elif source.is_file():
                 collection = from_csv(source, args.split)
             else:

@@ -16,7 +16,7 @@ from .api import EXACT_FACTORY, Index, collection_splits
 from .cliutil import ArgumentParser, positive_int, reports_errors
 from .database import load_database, resolve_database_path
 from .errors import ReirError
-from .search import flatten, knn
+from .knn import flatten, knn
 
 
 def recall_against_exact(found: torch.Tensor, exact: torch.Tensor) -> float:

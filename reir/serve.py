@@ -150,7 +150,7 @@ def create_app(searcher: Searcher, max_body_bytes: int = MAX_BODY_BYTES, default
         content_type = request.headers.get("content-type", "")
         query_label, query_id, data = None, None, None
         k_text = request.query_params.get("k")
-        if content_type.startswith("multipart/form-data"):
+        if content_type.startswith(("multipart/form-data", "application/x-www-form-urlencoded")):
             try:
                 form = await request.form(max_files=1, max_fields=8)
             except Exception as exc:  # noqa: BLE001 - any parser failure is the client's malformed form
@@ -167,7 +167,7 @@ def create_app(searcher: Searcher, max_body_bytes: int = MAX_BODY_BYTES, default
         elif content_type.startswith(("image/", "application/octet-stream")):
             data = await request.body()
         else:
-            raise BadRequest(415, "send multipart/form-data with a file field 'image' (or field 'id'), "
+            raise BadRequest(415, "send a form with a file field 'image' (or a field 'id'), "
                                   "or the raw image with an image/* content type")
         k = parse_k(k_text, default_k)
         if data is None and query_id is None:

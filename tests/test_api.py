@@ -11,7 +11,7 @@ from torch.utils.data import DataLoader
 import reir
 from reir.database import load_database
 from reir.errors import ReirError
-from reir.search import knn
+from reir.knn import knn
 
 from conftest import REPO
 
