@@ -23,6 +23,8 @@ COMMANDS = {
     "embed": ("reir.embedding", "embed a folder, CSV or prepared dataset into a database (resumable, torchrun)"),
     "index": ("reir.indexing", "build a FAISS index file and id map over a database (exact or approximate)"),
     "serve": ("reir.serve", "serve search over an index: JSON API and a web page (127.0.0.1 by default)"),
+    "report": ("reir.report", "write one self-contained HTML report: metrics, curves, best and worst queries"),
+    "export": ("reir.export", "export the embedding network to ONNX or TorchScript with a parity check"),
 }
 
 
