@@ -258,7 +258,8 @@ def train(args, stop: StopRequest, context: distributed.Context, device: torch.d
     sampler = distributed.RankSampler(replay, args.batch_size, context) if context.enabled else replay
     train_loader = make_loader(SeededItems(train_set), args.batch_size, args.num_workers, device, sampler)
 
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
+    # fused: one pass over each parameter instead of ~10, a large share of a CPU step (docs/SCALING.md)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-4, fused=True)
     milestones = [int(args.num_epochs * 0.5), int(args.num_epochs * 0.7)]
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=milestones, gamma=0.1)
     for folder in ("statistics", "epochs", "results"):
