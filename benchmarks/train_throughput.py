@@ -24,7 +24,8 @@ from torch.utils.flop_counter import FlopCounterMode
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from reir.model import MODEL_TYPES, SHARE_TYPES, ModelConfig, create_model  # noqa: E402
-from reir.parallel import AMP_DTYPES, precision_for, prepare_model  # noqa: E402
+from reir.branches import resolve_batching  # noqa: E402
+from reir.precision import AMP_DTYPES, precision_for  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -75,7 +76,10 @@ class Bench:
         torch.manual_seed(0)
         config = ModelConfig(args.model_type, args.share_type, args.ensemble_size, args.meta_class_size)
         self.model = create_model(config, weights="none")
-        prepare_model(self.model, [device], batching, args.channels_last)
+        self.model.shard([device])
+        self.model.branch_batching = resolve_batching(batching, device)
+        if args.channels_last:
+            self.model.use_channels_last()
         self.run = torch.compile(self.model) if args.compile else self.model
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=1e-4)
         self.precision = precision_for(args.amp, device)

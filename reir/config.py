@@ -20,7 +20,8 @@ from .errors import UsageError
 from .fileio import read_json
 from .labels import LABEL_TYPES
 from .model import MODEL_TYPES, SHARE_TYPES, ModelConfig
-from .parallel import AMP_DTYPES, BATCHING_MODES
+from .branches import BATCHING_MODES
+from .precision import AMP_DTYPES
 
 GROUPS = {"original": "flags of the original train.py", "extra": "REIR extras",
           "speed": "speed and scale-out (none changes what is computed in fp32)"}

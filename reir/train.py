@@ -20,7 +20,8 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from . import distributed, parallel
+from . import distributed
+from .branches import resolve_batching
 from .checkpoint import (EpochProgress, TrainingState, checkpoint_path, find_checkpoint, save_checkpoint)
 from .cliutil import ArgumentParser, reports_errors
 from .config import MODEL_FLAGS, TrainConfig, add_flags
@@ -35,7 +36,9 @@ from .labels import assign_meta_labels, check_sizes, ids_path, load_ids, save_id
 from .metrics import evaluate_embeddings, format_metrics
 from .model import REIRNet, count_parameters, create_model, embedding_from_logits
 from .plot import plot_statistics
+from .precision import Precision, precision_for
 from .rng import fresh_seed, seed_everything
+from .sharding import describe
 from .signals import StopRequest, TrainingStopped
 from .tensorboard_log import TensorBoardWriter
 
@@ -84,10 +87,10 @@ def get_args_parser(add_help: bool = True) -> ArgumentParser:
 def train_one_epoch(model: REIRNet, loader: DataLoader, optimizer, meta_labels: torch.Tensor,
                     device: torch.device, epoch: int, num_epochs: int,
                     progress: EpochProgress | None = None,
-                    precision: parallel.Precision | None = None,
+                    precision: Precision | None = None,
                     after_step: Callable[[EpochProgress], None] | None = None) -> tuple[float, float]:
     """One pass (or its rest, after ``progress``); returns mean loss and meta-class accuracy over all branches."""
-    precision = precision or parallel.precision_for("off", device)
+    precision = precision or precision_for("off", device)
     model.train()
     progress = progress or EpochProgress()
     total_loss, total_correct, total_seen = progress.totals()
@@ -114,10 +117,10 @@ def train_one_epoch(model: REIRNet, loader: DataLoader, optimizer, meta_labels: 
 
 @torch.no_grad()
 def embed(model: REIRNet, loader: DataLoader, device: torch.device, desc: str,
-          precision: parallel.Precision | None = None,
+          precision: Precision | None = None,
           after_batch: Callable[[], None] | None = None) -> torch.Tensor:
     """Embeddings ``[N, ensemble, meta]`` in fp32, every branch L2-normalised; only the forward pass is autocast."""
-    precision = precision or parallel.precision_for("off", device)
+    precision = precision or precision_for("off", device)
     model.eval()
     chunks = []
     for images, _ in tqdm(loader, desc=desc, dynamic_ncols=True, file=sys.stdout, leave=False,
@@ -131,7 +134,7 @@ def embed(model: REIRNet, loader: DataLoader, device: torch.device, desc: str,
 
 
 def evaluate_splits(model: REIRNet, loaders: dict[str, DataLoader], recalls: list[int], device: torch.device,
-                    with_nmi: bool = True, precision: parallel.Precision | None = None,
+                    with_nmi: bool = True, precision: Precision | None = None,
                     after_batch: Callable[[], None] | None = None
                     ) -> tuple[dict[str, float | None], dict[str, torch.Tensor]]:
     """Every metric on the evaluation splits: test against itself, or query against gallery.
@@ -222,10 +225,13 @@ def _run(config: TrainConfig, stop: StopRequest, context: distributed.Context, d
     check_sizes(len(train_set.classes), config.ensemble_size, config.meta_class_size, config.label_type)
     # The model before the ids: bad --weights must fail before the ids file is written.
     model = create_model(config.model, weights=config.weights)
-    parallel.prepare_model(model, devices, config.branch_batching, config.channels_last)
+    model.shard(devices)
+    model.branch_batching = resolve_batching(config.branch_batching, device)
+    if config.channels_last:
+        model.use_channels_last()
     train_model = distributed.wrap(model, context, device)
     train_model = torch.compile(train_model) if config.compile else train_model
-    precision = parallel.precision_for(config.amp, device)
+    precision = precision_for(config.amp, device)
     if resumed:
         codes = resumed.meta_labels(train_set.classes)
     else:
@@ -256,7 +262,7 @@ def _run(config: TrainConfig, stop: StopRequest, context: distributed.Context, d
     if context.is_main:
         write_json(output / "statistics" / f"{name}_config.json", config.to_dict())
     log.info("%s: %d train images in %d classes, %s parameters, %s", name, len(train_set), len(train_set.classes),
-             f"{sum(p.numel() for p in model.parameters()):,}", parallel.describe(model, config.amp, context.world_size))
+             f"{sum(p.numel() for p in model.parameters()):,}", describe(model, config.amp, context.world_size))
 
     def notify(event: Event) -> None:
         for callback in callbacks:

@@ -125,7 +125,7 @@ def test_the_fp16_loss_scale_is_checkpointed_and_a_resume_must_keep_the_precisio
     from reir.checkpoint import MUST_MATCH, TrainingState, find_checkpoint, load_checkpoint, save_checkpoint
     from reir.config import TrainConfig
     from reir.errors import ReirError
-    from reir.parallel import precision_for
+    from reir.precision import precision_for
 
     def trainables():
         torch.manual_seed(0)

@@ -182,7 +182,7 @@ def test_evaluation_under_amp_ranks_in_fp32_as_reir_eval_does():
     """Cosines 0.9990 and 0.9995 are one value in bf16; the epoch's statistics must still rank them apart."""
     from reir.database import shared_label_ids
     from reir.metrics import evaluate_embeddings
-    from reir.parallel import precision_for
+    from reir.precision import precision_for
     from reir.train import evaluate_splits
 
     angles = torch.tensor([0.0, float(torch.acos(torch.tensor(0.9990))), float(torch.acos(torch.tensor(0.9995)))])
