@@ -118,9 +118,8 @@ class TrainConfig:
     def load(cls, path: str | Path) -> "TrainConfig":
         """A configuration saved by a run, to repeat or continue it."""
         saved = read_json(path, "configuration")
-        names = {f.name for f in fields(cls)}
-        unknown = sorted(set(saved) - names)
-        if not isinstance(saved, dict) or unknown:
+        unknown = sorted(set(saved) - {f.name for f in fields(cls)}) if isinstance(saved, dict) else ["(not an object)"]
+        if unknown:
             raise UsageError(f"configuration {path} has unknown settings {unknown}; pass a *_config.json "
                              "written by train.py")
         return cls(**saved)
