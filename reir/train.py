@@ -259,8 +259,6 @@ def _run(config: TrainConfig, stop: StopRequest, context: distributed.Context, d
     tensorboard = TensorBoardWriter(output / "tensorboard" / name) if config.tensorboard and context.is_main else None
     if tensorboard:
         callbacks.append(tensorboard)
-    if context.is_main:
-        write_json(output / "statistics" / f"{name}_config.json", config.to_dict())
     log.info("%s: %d train images in %d classes, %s parameters, %s", name, len(train_set), len(train_set.classes),
              f"{sum(p.numel() for p in model.parameters()):,}", describe(model, config.amp, context.world_size))
 
@@ -301,6 +299,8 @@ def _run(config: TrainConfig, stop: StopRequest, context: distributed.Context, d
         rows.append({"epoch": epoch, "train_loss": train_loss, "train_accuracy": train_accuracy,
                      "learning_rate": learning_rate, **{f"test_{k}": v for k, v in metrics.items()}})
         write_statistics(statistics, rows)
+        # Beside the statistics it produced; not before, so a run that fails early replaces nothing.
+        write_json(output / "statistics" / f"{name}_config.json", config.to_dict())
         notify(Event("epoch", epoch, row=dict(rows[-1])))
         log.info("Epoch %d/%d: loss %.4f acc %.2f%% | %s", epoch, config.num_epochs, train_loss,
                  100 * train_accuracy, format_metrics(metrics))
