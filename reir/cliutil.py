@@ -83,6 +83,14 @@ class _TerminalHandler(logging.StreamHandler):
         pass  # always the current sys stream
 
 
+class _WarningFormatter(logging.Formatter):
+    """``warning: ...``; a warning logged with ``extra={"loud": True}`` stands out between blank lines."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        text = record.getMessage()
+        return f"\n*** WARNING: {text}\n" if getattr(record, "loud", False) else f"warning: {text}"
+
+
 def configure_logging(level: int = logging.INFO) -> None:
     """Library messages on the terminal: progress on stdout, warnings on stderr as ``warning: ...``."""
     logger = logging.getLogger("reir")
@@ -93,7 +101,7 @@ def configure_logging(level: int = logging.INFO) -> None:
     progress.addFilter(lambda record: record.levelno < logging.WARNING)
     problems = _TerminalHandler("stderr")
     problems.setLevel(logging.WARNING)
-    problems.setFormatter(logging.Formatter("warning: %(message)s"))
+    problems.setFormatter(_WarningFormatter())
     logger.addHandler(progress)
     logger.addHandler(problems)
 

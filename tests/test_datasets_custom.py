@@ -198,5 +198,8 @@ def test_truncated_custom_image_keeps_the_previous_list(tmp_path, capsys):
     victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 3])
     capsys.readouterr()
     code = train_main(tiny_args(root, tmp_path / "out", "--data_name", "custom"))
-    one_line_error(capsys, code, 1, victim.name, "cannot be read")
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 1 and len(err) == 2, err
+    assert "changed since it was prepared" in err[0]  # why it is prepared again
+    assert err[1].startswith("error:") and victim.name in err[1] and "cannot be read" in err[1]
     assert target.read_bytes() == before

@@ -263,7 +263,7 @@ def report(result: Result, published, label: str) -> None:
     for warning in unanswerable(result.split_list, label):
         log.warning(warning)
     if mismatch:
-        log.warning(mismatch)
+        log.warning(mismatch, extra={"loud": True})
 
 
 def probe_writable(folder: Path) -> bool:
