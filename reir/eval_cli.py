@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
+from .api import evaluate
 from .cliutil import ArgumentParser, csv_ints, reports_errors
 from .data.registry import DATA_NAMES, dataset_info
 from .database import load_database, resolve_database_path
 from .devices import parse_device
-from .errors import ReirError
-from .metrics import evaluate_embeddings
 from .knn import BACKENDS
 
 
@@ -33,20 +32,11 @@ def main(argv: list[str] | None = None) -> int:
     args = get_args_parser().parse_args(argv)
     database = load_database(resolve_database_path(args.data_base, args.output_dir))
     recalls = args.recalls or database.config.get("recalls") or usual_recalls(database.info.get("data_name"))
-    device = parse_device(args.device)
-    splits = database.eval_splits
-    missing = [s for s in splits if s not in database.features]
-    if missing:
-        raise ReirError(f"database has no {', '.join(missing)} features; regenerate it with train.py")
-    labels = database.label_ids(*splits)
-    if splits == ("test",):
-        metrics = evaluate_embeddings(database.features["test"], labels[0], recalls, with_nmi=not args.no_nmi,
-                                      backend=args.backend, device=device)
-        protocol = f"test against itself, {len(labels[0])} images"
-    else:
-        metrics = evaluate_embeddings(database.features["query"], labels[0], recalls, database.features["gallery"],
-                                      labels[1], with_nmi=not args.no_nmi, backend=args.backend, device=device)
-        protocol = f"{len(labels[0])} queries against {len(labels[1])} gallery images"
+    metrics = evaluate(database, recalls=recalls, with_nmi=not args.no_nmi, backend=args.backend,
+                       device=parse_device(args.device))
+    sizes = [len(database.features[s]) for s in database.eval_splits]
+    protocol = (f"test against itself, {sizes[0]} images" if len(sizes) == 1
+                else f"{sizes[0]} queries against {sizes[1]} gallery images")
     print(f"{database.info.get('data_name', 'database')} ({protocol}):")
     for key, value in metrics.items():
         if value is not None:
