@@ -406,7 +406,7 @@ def _faiss_message(exc: Exception) -> str:
 
 def evaluate(features, labels: Sequence | torch.Tensor | None = None, *, recalls: Iterable[int] = (1, 2, 4, 8),
              gallery: torch.Tensor | None = None, gallery_labels: Sequence | torch.Tensor | None = None,
-             with_nmi: bool = True, backend: str = "auto", device: torch.device | str | None = None
+             with_nmi: bool = True, device: torch.device | str | None = None
              ) -> dict[str, float | None]:
     """Recall@K, precision@1, R-precision, MAP@R and NMI (``None`` when skipped), exact.
 
@@ -437,7 +437,7 @@ def evaluate(features, labels: Sequence | torch.Tensor | None = None, *, recalls
     if device is not None:
         device = torch.device(device)
     return evaluate_embeddings(features, labels, sorted(set(recalls)), gallery, gallery_labels,
-                               with_nmi=with_nmi, backend=backend, device=device)
+                               with_nmi=with_nmi, device=device)
 
 
 def _label_ids(labels, gallery_labels):
