@@ -110,12 +110,15 @@ class _Ranking:
             position_block[start:stop], position_column[start:stop] = block, torch.arange(stop - start)
         self.position_block, self.position_column = position_block.to(device), position_column.to(device)
         self.reference_order = reference_order.to(device)
-        self.query_features, self.query_index = _padded(queries, query_order, self.query_blocks, tile, device)
-        if self_retrieval:
-            self.reference_features, self.reference_index = self.query_features, self.query_index
-        else:
-            self.reference_features, self.reference_index = _padded(references, reference_order,
-                                                                    self.reference_blocks, tile, device)
+        # blocks are gathered tile by tile into two buffers: no sorted copy of the embeddings
+        self.queries = queries.detach().to(device, torch.float32)
+        self.references = self.queries if self_retrieval else references.detach().to(device, torch.float32)
+        self.query_index = _block_index(query_order, self.query_blocks, tile).to(device)
+        self.reference_index = self.query_index if self_retrieval else _block_index(
+            reference_order, self.reference_blocks, tile).to(device)
+        self.row_features = torch.zeros(tile, queries.shape[1], device=device)
+        self.column_features = torch.zeros(tile, queries.shape[1], device=device)
+        self.loaded = [None, None]  # which block each buffer holds
         padded_rows = self.query_index.numel()
         valid = self.query_index >= 0
         self.valid = valid.flatten()
@@ -146,9 +149,19 @@ class _Ranking:
 
     def _score_tile(self, block: int, reference_block: int, out: torch.Tensor | None = None) -> torch.Tensor:
         """Scores of a query block against a reference block; padding and the query itself at -inf."""
-        scores = torch.mm(self.query_features[block], self.reference_features[reference_block].T, out=out)
         rows = self.query_blocks[block][1] - self.query_blocks[block][0]
         columns = self.reference_blocks[reference_block][1] - self.reference_blocks[reference_block][0]
+        if self.loaded[0] != block:
+            _gather(self.queries, self.query_index[block, :rows], self.row_features)
+            self.loaded[0] = block
+        if self.self_retrieval and block == reference_block:
+            column_features = self.row_features
+        else:
+            if self.loaded[1] != reference_block:
+                _gather(self.references, self.reference_index[reference_block, :columns], self.column_features)
+                self.loaded[1] = reference_block
+            column_features = self.column_features
+        scores = torch.mm(self.row_features, column_features.T, out=out)
         scores[rows:] = -float("inf")
         scores[:, columns:] = -float("inf")
         if self.self_retrieval and block == reference_block:
@@ -321,14 +334,18 @@ def _class_blocks(sorted_ids: torch.Tensor, class_starts: torch.Tensor, tile: in
     return blocks
 
 
-def _padded(features: torch.Tensor, order: torch.Tensor, blocks, tile: int, device):
-    """``[blocks, tile, D]`` features in class order, zero padded, and each row's original index (-1: padding)."""
-    padded = torch.zeros(len(blocks), tile, features.shape[1], device=device)
+def _block_index(order: torch.Tensor, blocks, tile: int) -> torch.Tensor:
+    """``[blocks, tile]``: the original index of each block row, in class order (-1: padding)."""
     index = torch.full((len(blocks), tile), -1, dtype=torch.long)
     for block, (start, stop) in enumerate(blocks):
         index[block, :stop - start] = order[start:stop]
-        padded[block, :stop - start] = features[order[start:stop]].to(device, torch.float32)
-    return padded, index.to(device)
+    return index
+
+
+def _gather(features: torch.Tensor, index: torch.Tensor, out: torch.Tensor) -> None:
+    """Rows ``index`` of ``features`` into ``out``, the rest of ``out`` zero (every tile has one shape)."""
+    torch.index_select(features, 0, index, out=out[:len(index)])
+    out[len(index):] = 0
 
 
 def cluster(features: torch.Tensor, clusters: int, seed: int = KMEANS_SEED) -> np.ndarray:
