@@ -445,9 +445,9 @@ def _label_ids(labels, gallery_labels):
     groups = [labels] + ([gallery_labels] if gallery_labels is not None else [])
     if all(isinstance(g, torch.Tensor) for g in groups):
         return labels, gallery_labels
-    names = [[str(l) for l in (g.tolist() if isinstance(g, torch.Tensor) else g)] for g in groups]
-    vocabulary = {name: i for i, name in enumerate(sorted({n for g in names for n in g}))}
-    ids = [torch.tensor([vocabulary[n] for n in g]) for g in names]
+    from .database import shared_label_ids
+
+    ids = shared_label_ids(*([str(l) for l in (g.tolist() if isinstance(g, torch.Tensor) else g)] for g in groups))
     return ids[0], (ids[1] if len(ids) > 1 else None)
 
 
