@@ -17,7 +17,6 @@ ranking evaluation uses; other FAISS factory strings give approximate indexes.
 from __future__ import annotations
 
 import json
-import math
 import os
 import re
 import sys
@@ -370,7 +369,9 @@ class Index:
         if index.ntotal != len(id_map["paths"]) or index.ntotal != len(id_map["labels"]):
             raise ReirError(f"index {path} holds {index.ntotal} vectors but its id map {len(id_map['paths'])}; "
                             "rebuild both with reir index")
-        return cls(index, id_map["factory"], id_map["paths"], id_map["labels"], id_map.get("info", {}))
+        loaded = cls(index, id_map["factory"], id_map["paths"], id_map["labels"], id_map.get("info", {}))
+        loaded.tune(**loaded.info.get("search_parameters", {}))
+        return loaded
 
 
 def id_map_path(index_path: str | os.PathLike) -> Path:
@@ -449,8 +450,3 @@ def _label_ids(labels, gallery_labels):
 
     ids = shared_label_ids(*([str(l) for l in (g.tolist() if isinstance(g, torch.Tensor) else g)] for g in groups))
     return ids[0], (ids[1] if len(ids) > 1 else None)
-
-
-def nan_to_none(metrics: dict) -> dict:
-    """JSON has no NaN: metrics that could not be computed become ``null``."""
-    return {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in metrics.items()}
