@@ -26,6 +26,7 @@ import torch  # noqa: E402
 from reir import train  # noqa: E402
 from reir.data.digits import prepare_digits  # noqa: E402
 from reir.data.images import ImageList, build_transform  # noqa: E402
+from reir.data.sampling import make_loader  # noqa: E402
 from reir.database import load_database  # noqa: E402
 from reir.metrics import retrieval_metrics  # noqa: E402
 from reir.model import ModelConfig, create_model  # noqa: E402
@@ -65,7 +66,7 @@ def main() -> int:
             config = ModelConfig("resnet18", "layer1", args.ensemble_size, args.meta_class_size)
             torch.manual_seed(args.seed)
             untrained = create_model(config, weights="none")
-            loader = train.make_loader(test, 64, 0, torch.device("cpu"))
+            loader = make_loader(test, 64, 0, torch.device("cpu"))
             rows.setdefault("untrained network", {})[label_type] = scores(
                 train.embed(untrained, loader, torch.device("cpu"), "embed"), labels)
             output = Path(scratch) / label_type
