@@ -7,7 +7,6 @@ from .cliutil import ArgumentParser, csv_ints, reports_errors
 from .data.registry import DATA_NAMES, dataset_info
 from .database import load_database, resolve_database_path
 from .devices import parse_device
-from .knn import BACKENDS
 
 
 def get_args_parser() -> ArgumentParser:
@@ -17,7 +16,6 @@ def get_args_parser() -> ArgumentParser:
     parser.add_argument("--recalls", default=None, type=csv_ints,
                         help="Recall@K values (default: the training run's, else the dataset's usual ones)")
     parser.add_argument("--no_nmi", action="store_true", help="skip NMI (k-means; minutes on SOP on a CPU)")
-    parser.add_argument("--backend", default="auto", choices=BACKENDS, help="exact k-NN engine")
     parser.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cpu)")
     return parser
 
@@ -32,8 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     args = get_args_parser().parse_args(argv)
     database = load_database(resolve_database_path(args.data_base, args.output_dir))
     recalls = args.recalls or database.config.get("recalls") or usual_recalls(database.info.get("data_name"))
-    metrics = evaluate(database, recalls=recalls, with_nmi=not args.no_nmi, backend=args.backend,
-                       device=parse_device(args.device))
+    metrics = evaluate(database, recalls=recalls, with_nmi=not args.no_nmi, device=parse_device(args.device))
     sizes = [len(database.features[s]) for s in database.eval_splits]
     protocol = (f"test against itself, {sizes[0]} images" if len(sizes) == 1
                 else f"{sizes[0]} queries against {sizes[1]} gallery images")
