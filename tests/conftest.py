@@ -15,6 +15,12 @@ REPO = Path(__file__).resolve().parents[1]
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
+def pytest_collection_modifyitems(items):
+    """Tests marked slow start first: under ``-n auto --dist worksteal`` the other workers take the short
+    tests meanwhile, so no long run is left alone at the end."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def terminal_logging():
     """Library messages reach stdout/stderr as under the CLI, so tests read them as a user would."""

@@ -49,6 +49,7 @@ def _read_row(folder):
     return {k: float(v) for k, v in rows[0].items()}
 
 
+@pytest.mark.slow
 def test_two_gloo_processes_match_one_process(digits_root, tmp_path):
     """torchrun with 2 CPU ranks of batch 32 against one process with batch 64, same seed.
 

@@ -12,6 +12,7 @@ from reir.database import load_database
 
 
 @pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated:FutureWarning")
+@pytest.mark.slow
 @pytest.mark.parametrize("export_format", ["onnx", "torchscript"])
 def test_export_matches_pytorch(served_model, tmp_path, export_format):
     output = tmp_path / f"model.{export_format}"

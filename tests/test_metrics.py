@@ -192,6 +192,7 @@ def test_eval_command_prints_every_metric(tmp_path, query_gallery):
         assert printed[name] == pytest.approx(value, abs=6e-5), name
 
 
+@pytest.mark.slow
 def test_eval_command_errors_are_one_line(tmp_path):
     missing = run_script("reir", "eval", "--data_base", str(tmp_path / "none_data_base.safetensors"))
     assert missing.returncode == 1 and len(missing.stderr.strip().splitlines()) == 1

@@ -117,6 +117,7 @@ def test_bf16_autocast_on_the_cpu_stays_close_to_fp32():
     assert cosine > 0.99
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("amp", ["bf16", "fp16"])
 def test_mixed_precision_step_lowers_the_loss(amp):
     model = _model(ensemble=2, meta=2, with_random=False, dtype=torch.float32)

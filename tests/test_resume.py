@@ -57,6 +57,7 @@ def uninterrupted(small_digits_root, tmp_path_factory):
     return outputs(folder)
 
 
+@pytest.mark.slow
 def test_killed_anywhere_resumed_with_any_worker_count_gives_the_same_files(small_digits_root, tmp_path,
                                                                              uninterrupted):
     """One run interrupted five times; the worker count changes between resumes (0 and 2)."""

@@ -65,6 +65,7 @@ def test_params_command_prints_the_table_cell():
     assert result.returncode == 0 and result.stdout.strip() == "1,168,150,592"
 
 
+@pytest.mark.slow
 def test_training_on_digits_writes_every_output(small_digits_root, tmp_path):
     out = tmp_path / "out"
     result = run_script("train.py", *tiny_args(small_digits_root, out, "--num_epochs", "2", "--with_random",
