@@ -21,7 +21,7 @@ from tqdm import tqdm
 from . import killpoints
 from .checkpoint import (EpochProgress, ReplayableSampler, SeededItems, StopRequest, TrainingState, TrainingStopped,
                          checkpoint_for_resume, checkpoint_path, loader_options, save_checkpoint)
-from . import distributed, parallel
+from . import distributed, parallel, recipe
 from .cliutil import ArgumentParser, csv_ints, gpu_id_list, non_negative_int, positive_int, reports_errors
 from .data import DATA_NAMES
 from .data.images import CappedClassSampler, ImageList, build_transform
@@ -72,6 +72,7 @@ def get_args_parser(add_help: bool = True) -> ArgumentParser:
                        help="continue from a checkpoint; auto: this save name's, if any (docs/RELIABILITY.md)")
     extra.add_argument("--nmi_every", default=1, type=non_negative_int,
                        help="compute NMI (k-means) every N epochs and at the last; 0 = never (slow on SOP on CPU)")
+    recipe.add_arguments(extra)
     parallel.add_arguments(parser)
     return parser
 
@@ -221,7 +222,8 @@ def train(args, stop: StopRequest, context: distributed.Context, device: torch.d
     output = Path(args.output_dir)
 
     split_list = load_dataset(args.data_name, args.data_path, args.crop_type, args.image_size)
-    train_set = ImageList(split_list, "train", build_transform(args.image_size, split_list.mean, split_list.std, True))
+    training = recipe.recipe_for(args.recipe, args.weights)
+    train_set = ImageList(split_list, "train", training.train_transform(args.image_size, split_list.mean, split_list.std))
     check_sizes(len(train_set.classes), args.ensemble_size, args.meta_class_size, args.label_type)
     # The model before the ids: bad --weights must fail before the ids file is written.
     config = ModelConfig(args.model_type, args.share_type, args.ensemble_size, args.meta_class_size, args.with_random)
@@ -246,14 +248,12 @@ def train(args, stop: StopRequest, context: distributed.Context, device: torch.d
     sampler = distributed.RankSampler(replay, args.batch_size, context) if context.enabled else replay
     train_loader = make_loader(SeededItems(train_set), args.batch_size, args.num_workers, device, sampler)
 
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
-    milestones = [int(args.num_epochs * 0.5), int(args.num_epochs * 0.7)]
-    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=milestones, gamma=0.1)
+    optimizer, scheduler = training.optimizer(model.parameters(), args.num_epochs)
     for folder in ("statistics", "epochs", "results"):
         ensure_dir(output / folder)
     run_config = {**vars(args), "save_name": name, "num_train_classes": len(train_set.classes)}
     run_config.pop("resume")  # a resumed run writes the same files as an uninterrupted one
-    print(f"{name}: {len(train_set)} train images in {len(train_set.classes)} classes, "
+    print(f"{name}: {len(train_set)} train images in {len(train_set.classes)} classes, {training.name} recipe, "
           f"{sum(p.numel() for p in model.parameters()):,} parameters, "
           + parallel.describe(model, args.amp, context.world_size))
 

@@ -93,13 +93,18 @@ def render(font: ImageFont.FreeTypeFont, point: int) -> np.ndarray | None:
     return pixels if pixels.max() > 0 else None
 
 
-def render_all(folder: Path, min_fonts: int = MIN_FONTS) -> dict[int, dict[str, np.ndarray]]:
-    """Renderings per character and font; homoglyphs (identical in every font both draw) kept once."""
+def render_all(folder: Path, min_fonts: int = MIN_FONTS, limit: int | None = None) -> dict[int, dict[str, np.ndarray]]:
+    """Renderings per character and font; homoglyphs (identical in every font both draw) kept once.
+
+    ``limit`` stops after that many characters (small sets for tests).
+    """
     drawn = font_characters(folder)
     fonts = {name: ImageFont.truetype(str(folder / name), FONT_SIZE) for name in FONTS}
     images: dict[int, dict[str, np.ndarray]] = {}
     seen: dict[bytes, int] = {}
     for point in candidate_characters(drawn, min_fonts):
+        if limit is not None and len(images) >= limit:
+            break
         rendered = {}
         for name in FONTS:
             if point in drawn[name]:
@@ -127,13 +132,16 @@ def split_classes(points: list[int], seed: int = SPLIT_SEED) -> tuple[list[int],
     return sorted(points[i] for i in order[:half]), sorted(points[i] for i in order[half:])
 
 
-def prepare_glyphs(data_path: str | Path) -> SplitList:
-    """Write ``<data_path>/glyphs/`` once (PNG files + split list); later calls read the split list."""
+def prepare_glyphs(data_path: str | Path, limit: int | None = None) -> SplitList:
+    """Write ``<data_path>/glyphs/`` once (PNG files + split list); later calls read the split list.
+
+    ``limit`` keeps only the first characters (a small set for tests).
+    """
     target = split_list_path(data_path, "glyphs", "uncropped")
     if target.is_file():
         return load_split_list(target)
     folder = font_folder()
-    images = render_all(folder)
+    images = render_all(folder, limit=limit)
     train, test = split_classes(sorted(images))
     root = ensure_dir(Path(data_path) / "glyphs")
     # Images go to a scratch folder renamed into place, then the split list: a crash leaves no list,
@@ -168,6 +176,6 @@ def prepare_glyphs(data_path: str | Path) -> SplitList:
     grey = np.stack(train_pixels).astype(np.float64) / 255.0
     mean, std = [float(grey.mean())] * 3, [float(grey.std())] * 3
     info = {"image_size": IMAGE_SIZE, "fonts": FONTS, "min_fonts": MIN_FONTS, "split_seed": SPLIT_SEED,
-            "font_folder": str(folder)}
+            "characters": len(images), "limit": limit}
     save_split_list(target, "glyphs", "uncropped", mean, std, splits, info)
     return load_split_list(target)
