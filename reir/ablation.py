@@ -1,6 +1,6 @@
 """Compare two databases of the same images query by query: the original's ``ablation.py``.
 
-For every query both databases retrieve K images (through :func:`reir.search.knn`,
+For every query both databases retrieve K images (through :func:`reir.knn.knn`,
 as evaluation does) and we count how many share the query's class. Reported:
 
 - AR@K: the mean of correct/K over the queries with at least one correct result;
@@ -19,8 +19,8 @@ import torch
 from .cliutil import ArgumentParser, positive_int, reports_errors
 from .database import Database, load_database, resolve_database_path
 from .errors import ReirError
-from .io import write_json
-from .search import knn
+from .fileio import write_json
+from .knn import knn
 from . import viz
 
 DEFAULT_BETTER = "car_uncropped_fixed_unrandom_layer1_resnet18_48_12_data_base.pth"

@@ -31,7 +31,7 @@ from torch.utils.data import Dataset, Sampler
 
 from . import killpoints
 from .errors import ReirError
-from .io import load_tensors, save_tensors
+from .fileio import load_tensors, save_tensors
 
 FORMAT = "reir-checkpoint/1"
 SUFFIX = "_checkpoint.safetensors"

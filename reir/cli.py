@@ -15,11 +15,16 @@ from .cliutil import ArgumentParser, positive_int, reports_errors
 COMMANDS = {
     "train": ("reir.train", "train a REIR model (same flags as train.py)"),
     "prepare": ("reir.data.prepare", "prepare datasets into split lists (same flags as data_utils.py)"),
-    "eval": ("reir.evaluate", "print Recall@K, precision@1, R-precision, MAP@R and NMI of a database"),
+    "eval": ("reir.eval_cli", "print Recall@K, precision@1, R-precision, MAP@R and NMI of a database"),
     "params": ("reir.cli", "print the trainable parameter count of a configuration"),
     "search": ("reir.inference:search_main", "retrieve the nearest images of one query (as inference.py)"),
     "ablation": ("reir.ablation:ablation_main", "compare two databases query by query (as ablation.py)"),
     "plot": ("reir.plot", "plot loss, accuracy and Recall@K of a statistics CSV"),
+    "embed": ("reir.embedding", "embed a folder, CSV or prepared dataset into a database (resumable, torchrun)"),
+    "index": ("reir.indexing", "build a FAISS index file and id map over a database (exact or approximate)"),
+    "serve": ("reir.serve", "serve search over an index: JSON API and a web page (127.0.0.1 by default)"),
+    "report": ("reir.report", "write one self-contained HTML report: metrics, curves, best and worst queries"),
+    "export": ("reir.export", "export the embedding network to ONNX or TorchScript with a parity check"),
 }
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from .errors import ReirError
-from .io import load_tensors, save_tensors
+from .fileio import load_tensors, save_tensors
 
 FORMAT = "reir-database/1"
 SUFFIX = "_data_base.safetensors"

@@ -2,7 +2,7 @@
 
 A query that is in the database uses its stored embedding; any other image file is
 embedded with the model the database records. Results are ranked by
-:func:`reir.search.knn`, the same code path as evaluation and ablation.
+:func:`reir.knn.knn`, the same code path as evaluation and ablation.
 """
 
 from __future__ import annotations
@@ -14,13 +14,13 @@ from pathlib import Path
 
 import torch
 
+from .api import embed, load_model
 from .cliutil import ArgumentParser, positive_int, reports_errors
-from .data.images import build_transform, load_rgb
+from .data.images import load_rgb
 from .database import Database, load_database, resolve_database_path
 from .errors import ReirError
-from .io import load_tensors, write_json
-from .model import ModelConfig, REIRNet, create_model
-from .search import knn
+from .fileio import write_json
+from .knn import knn
 from . import viz
 
 DEFAULT_QUERY = "data/car/uncropped/008055.jpg"
@@ -92,27 +92,9 @@ def model_path(db: Database, db_path: Path) -> Path:
                     f"{candidates[1].parent}) to query with images outside the database")
 
 
-def load_model(db: Database, db_path: Path) -> REIRNet:
-    path = model_path(db, db_path)
-    state, meta = load_tensors(path, "model file")
-    if not isinstance(meta, dict) or meta.get("format") != "reir-model/1" or "model" not in meta:
-        raise ReirError(f"model file {path} is not a REIR model; retrain with train.py")
-    model = create_model(ModelConfig(**meta["model"]), weights="none")
-    try:
-        model.load_state_dict(state)
-    except RuntimeError:
-        raise ReirError(f"model file {path} does not match its recorded configuration; retrain with train.py") from None
-    return model.eval()
-
-
 def embed_image(db: Database, db_path: Path, image_path: str) -> torch.Tensor:
     """``[1, ensemble, meta]`` embedding of an image outside the database, as training embedded the rest."""
-    model = load_model(db, db_path)
-    for key in ("image_size", "mean", "std"):
-        if key not in db.info:
-            raise ReirError(f"database {db_path} lacks {key!r}; retrain with train.py to query with other images")
-    transform = build_transform(db.info["image_size"], db.info["mean"], db.info["std"], False)
-    features = model.embed(transform(load_rgb(image_path))[None])
+    features = embed(load_model(model_path(db, db_path)), [image_path])
     stored = next(iter(db.features.values())).shape[1:]
     if features.shape[1:] != stored:
         raise ReirError(f"model file of {db_path} embeds {tuple(features.shape[1:])} but the database holds "

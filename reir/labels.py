@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import ReirError
-from .io import read_json, write_json
+from .fileio import read_json, write_json
 
 LABEL_TYPES = ("fixed", "random")
 # Pairwise Hamming work (classes^2 * branches) allowed for choosing among candidates.

@@ -17,7 +17,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .search import faiss_available, flatten, iter_knn
+from .knn import faiss_available, flatten, iter_knn
 
 KMEANS_ITERATIONS = 20
 KMEANS_SEED = 1234

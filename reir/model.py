@@ -2,7 +2,9 @@
 
 Each branch is its own copy of the ResNet layers after ``share_type`` plus global
 average pooling and a ``Linear(features -> meta_class_size)``. Its logits,
-L2-normalised, are that branch's slice of the embedding.
+L2-normalised, are that branch's slice of the embedding. The model also owns how its
+branches run: on which devices (``shard``), one by one or grouped (``branch_batching``,
+see reir/branches.py), and in which memory layout (``use_channels_last``).
 """
 
 from __future__ import annotations
@@ -19,7 +21,8 @@ from torch import nn
 from torchvision import models
 
 from .errors import ReirError
-from .parallel import run_branches
+from .branches import RUNNERS
+from .sharding import split_evenly
 
 MODEL_TYPES = ("resnet18", "resnet34", "resnet50", "resnext50_32x4d")
 SHARE_TYPES = ("none", "maxpool", "layer1", "layer2", "layer3", "layer4")
@@ -46,11 +49,7 @@ class Branch(nn.Sequential):
 
 
 class REIRNet(nn.Module):
-    # Set by reir.parallel.prepare_model: which device runs which branches, and how.
-    shards: list[tuple[torch.device, range]] | None = None
-    branch_batching: str = "loop"
-
-    def __init__(self, backbone: nn.Module, config: ModelConfig):
+    def __init__(self, backbone: nn.Module, config: ModelConfig, branch_batching: str = "loop"):
         super().__init__()
         self.config = config
         children = [getattr(backbone, name) for name in _STAGES]
@@ -61,12 +60,59 @@ class REIRNet(nn.Module):
         self.branches = nn.ModuleList(
             Branch([copy.deepcopy(m) for m in rest], in_features, config.meta_class_size)
             for _ in range(config.ensemble_size))
+        self.branch_batching = branch_batching
+        self.channels_last = False
+        self._shard_groups = [range(config.ensemble_size)]
+
+    @property
+    def branch_batching(self) -> str:
+        """``loop`` runs the branches one by one, ``grouped`` as one network of grouped convolutions."""
+        return self._branch_batching
+
+    @branch_batching.setter
+    def branch_batching(self, mode: str) -> None:
+        if mode not in RUNNERS:
+            raise ReirError(f"unknown branch batching {mode!r}; choose one of {', '.join(RUNNERS)}", 2)
+        self._branch_batching = mode
+
+    def shard(self, devices: list[torch.device]) -> REIRNet:
+        """The stem on ``devices[0]``, the branches split evenly over ``devices``: the original's model parallelism."""
+        if not devices:
+            raise ReirError("no device to place the model on; list at least one in --gpu_ids", 2)
+        devices = [torch.device(d) for d in devices]
+        groups = [group for group in split_evenly(len(self.branches), len(devices)) if len(group)]
+        self.stem.to(devices[0])
+        for device, group in zip(devices, groups):
+            for index in group:
+                self.branches[index].to(device)
+        self._shard_groups = groups
+        return self
+
+    @property
+    def shards(self) -> list[tuple[torch.device, range]]:
+        """Each group of branches with the device its parameters are on now, so the plan follows ``.to()``."""
+        return [(next(self.branches[group.start].parameters()).device, group) for group in self._shard_groups]
+
+    def use_channels_last(self) -> REIRNet:
+        """NHWC weights and inputs: the same results, faster convolutions on many devices."""
+        self.to(memory_format=torch.channels_last)
+        self.channels_last = True
+        return self
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        """Logits of every branch, shape ``[batch, ensemble_size, meta_class_size]``."""
+        """Logits of every branch, shape ``[batch, ensemble_size, meta_class_size]``, on the stem's device."""
+        if self.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
         shared = self.stem(images)
         weights = self.branch_weights(shared.shape[0], shared.device, shared.dtype)
-        return run_branches(self, shared, weights)
+        run = RUNNERS[self.branch_batching]
+        outputs = []
+        for device, group in self.shards:
+            features = shared.to(device, non_blocking=True)
+            group_weights = None if weights is None else weights[:, group.start:group.stop].to(device)
+            branches = [self.branches[i] for i in group]
+            outputs.append(run(branches, features, group_weights).to(shared.device, non_blocking=True))
+        return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=1)
 
     def branch_weights(self, batch: int, device, dtype) -> torch.Tensor | None:
         """Per-sample, per-branch softmax(U(0,1)) weights: training with ``with_random`` only."""
@@ -77,7 +123,13 @@ class REIRNet(nn.Module):
 
     @torch.no_grad()
     def embed(self, images: torch.Tensor) -> torch.Tensor:
-        return embedding_from_logits(self(images))
+        """L2-normalised branch outputs in eval mode (running BatchNorm statistics, no random weights)."""
+        was_training = self.training
+        self.eval()
+        try:
+            return embedding_from_logits(self(images))
+        finally:
+            self.train(was_training)
 
 
 def embedding_from_logits(logits: torch.Tensor) -> torch.Tensor:

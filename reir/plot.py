@@ -8,7 +8,7 @@ from pathlib import Path
 
 from .cliutil import ArgumentParser, reports_errors
 from .errors import ReirError
-from .io import atomic_write_with
+from .fileio import atomic_write_with
 
 
 def read_statistics(path: str | Path) -> dict[str, list[float]]:

@@ -21,18 +21,21 @@ from tqdm import tqdm
 from . import killpoints
 from .checkpoint import (EpochProgress, ReplayableSampler, SeededItems, StopRequest, TrainingState, TrainingStopped,
                          checkpoint_for_resume, checkpoint_path, loader_options, save_checkpoint)
-from . import distributed, parallel, recipe
+from . import distributed, recipe
+from .branches import BATCHING_MODES, resolve_batching
 from .cliutil import ArgumentParser, csv_ints, gpu_id_list, non_negative_int, positive_int, reports_errors
 from .data import DATA_NAMES
 from .data.images import CappedClassSampler, ImageList, build_transform
 from .data.sources import load_dataset
 from .database import SUFFIX as DATABASE_SUFFIX, Database
 from .errors import ReirError
-from .io import atomic_write, ensure_dir, save_tensors
+from .fileio import atomic_write, ensure_dir, save_tensors
 from .labels import LABEL_TYPES, assign_meta_labels, check_sizes, ids_path, load_ids, save_ids
 from .metrics import evaluate_embeddings, format_metrics
 from .model import MODEL_TYPES, SHARE_TYPES, ModelConfig, REIRNet, create_model, embedding_from_logits
 from .plot import plot_statistics
+from .precision import AMP_DTYPES, Precision, precision_for
+from .sharding import describe, shard_devices
 
 IMAGES_PER_CLASS = 300
 # Redraw progress bars often on a terminal, rarely in a log file.
@@ -73,7 +76,14 @@ def get_args_parser(add_help: bool = True) -> ArgumentParser:
     extra.add_argument("--nmi_every", default=1, type=non_negative_int,
                        help="compute NMI (k-means) every N epochs and at the last; 0 = never (slow on SOP on CPU)")
     recipe.add_arguments(extra)
-    parallel.add_arguments(parser)
+    speed = parser.add_argument_group("speed and scale-out (none changes what is computed in fp32)")
+    speed.add_argument("--amp", default="off", choices=list(AMP_DTYPES),
+                       help="autocast precision: bf16, fp16 (with loss scaling) or off (fp32)")
+    speed.add_argument("--channels_last", action="store_true", help="NHWC memory layout for convolutions")
+    speed.add_argument("--compile", action="store_true", help="compile the model with torch.compile")
+    speed.add_argument("--branch_batching", default="auto", choices=BATCHING_MODES,
+                       help="run branches one by one (loop) or as grouped convolutions; auto picks the "
+                            "measured faster one for the device")
     return parser
 
 
@@ -118,9 +128,9 @@ def make_loader(dataset, batch_size: int, num_workers: int, device: torch.device
 def train_one_epoch(model: REIRNet, loader: DataLoader, optimizer, meta_labels: torch.Tensor,
                     device: torch.device, epoch: int, num_epochs: int,
                     progress: EpochProgress | None = None,
-                    precision: parallel.Precision | None = None) -> tuple[float, float]:
+                    precision: Precision | None = None) -> tuple[float, float]:
     """One pass (or its rest, after ``progress``); returns mean loss and meta-class accuracy over all branches."""
-    precision = precision or parallel.precision_for("off", device)
+    precision = precision or precision_for("off", device)
     model.train()
     progress = progress or EpochProgress()
     total_loss, total_correct, total_seen = progress.totals()
@@ -228,11 +238,13 @@ def train(args, stop: StopRequest, context: distributed.Context, device: torch.d
     # The model before the ids: bad --weights must fail before the ids file is written.
     config = ModelConfig(args.model_type, args.share_type, args.ensemble_size, args.meta_class_size, args.with_random)
     model = create_model(config, weights=args.weights)
-    devices = [device] if context.enabled else parallel.shard_devices(device, args.gpu_ids)
-    parallel.prepare_model(model, devices, args.branch_batching, args.channels_last)
+    model.shard([device] if context.enabled else shard_devices(device, args.gpu_ids))
+    model.branch_batching = resolve_batching(args.branch_batching, device)
+    if args.channels_last:
+        model.use_channels_last()
     train_model = distributed.wrap(model, context, device)
     train_model = torch.compile(train_model) if args.compile else train_model
-    precision = parallel.precision_for(args.amp, device)
+    precision = precision_for(args.amp, device)
     if resumed:
         codes = resumed.meta_labels(train_set.classes)
     else:
@@ -255,7 +267,7 @@ def train(args, stop: StopRequest, context: distributed.Context, device: torch.d
     run_config.pop("resume")  # a resumed run writes the same files as an uninterrupted one
     print(f"{name}: {len(train_set)} train images in {len(train_set.classes)} classes, {training.name} recipe, "
           f"{sum(p.numel() for p in model.parameters()):,} parameters, "
-          + parallel.describe(model, args.amp, context.world_size))
+          + describe(model, args.amp, context.world_size))
 
     state = resumed.restore(model, optimizer, scheduler) if resumed else TrainingState()
     replay.resume_at(state.epoch + 1, state.progress.step)

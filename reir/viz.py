@@ -13,7 +13,7 @@ from pathlib import Path
 from PIL import Image, ImageDraw, ImageFont
 
 from .data.images import load_rgb
-from .io import atomic_write_with
+from .fileio import atomic_write_with
 
 GREEN = (0, 170, 0)
 RED = (220, 0, 0)

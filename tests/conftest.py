@@ -62,3 +62,21 @@ def small_digits_root(tmp_path_factory) -> Path:
     save_split_list(split_list_path(root, "digits", "uncropped"), "digits", "uncropped",
                     [0.2] * 3, [0.3] * 3, splits)
     return root
+
+
+@pytest.fixture(scope="session")
+def served_model(small_digits_root, tmp_path_factory):
+    """One tiny model trained once (16 px, 4 branches), shared by the API, embed, serve and report tests."""
+    from types import SimpleNamespace
+
+    from reir.train import main as train_main
+
+    out = tmp_path_factory.mktemp("served_model")
+    args = tiny_args(small_digits_root, out, "--image_size", "16", "--ensemble_size", "4", "--meta_class_size", "3",
+                     "--share_type", "layer4", "--num_epochs", "2")
+    assert train_main(args) == 0
+    name = "digits_uncropped_fixed_unrandom_layer4_resnet18_4_3"
+    return SimpleNamespace(model=out / "epochs" / f"{name}_model.safetensors",
+                           database=out / "results" / f"{name}_data_base.safetensors",
+                           statistics=out / "statistics" / f"{name}_results.csv",
+                           images=small_digits_root / "digits" / "images", data_path=small_digits_root, output=out)

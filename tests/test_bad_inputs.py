@@ -20,7 +20,7 @@ from reir.checkpoint import checkpoint_path
 from reir.cliutil import reports_errors
 from reir.data.splits import load_split_list, save_split_list, split_list_path
 from reir.database import load_database, resolve_database_path
-from reir.io import save_tensors
+from reir.fileio import save_tensors
 from reir.labels import ids_path
 from reir.train import main as train_main
 from conftest import run_script, tiny_args

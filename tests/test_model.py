@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from reir.errors import ReirError
 from reir.model import ModelConfig, count_parameters, create_model, embedding_from_logits
 
 # The original's table (REIR.md): defaults share_type layer1, ensemble 48.
@@ -92,8 +93,6 @@ def test_offline_imagenet_weights_error_names_file_and_fix(monkeypatch, tmp_path
 
     import torchvision.models._api as api
 
-    from reir.errors import ReirError
-
     def refuse(*args, **kwargs):
         raise urllib.error.URLError("no network")
 
@@ -114,3 +113,33 @@ def test_weights_from_a_state_dict_file(tmp_path):
     model = create_model(ModelConfig("resnet18", "layer1", 2, 3), weights=str(path))
     assert torch.equal(model.stem[0].weight, source.conv1.weight)
     assert torch.equal(model.branches[1][0][0].conv1.weight, source.layer2[0].conv1.weight)
+
+
+def test_shards_follow_the_model_when_it_moves():
+    """Regression: the shard plan kept naming the devices it was placed on after ``.to()`` moved the model."""
+    model = create_model(ModelConfig("resnet18", "layer1", 3, 4), weights="none").eval()
+    model.shard([torch.device("cpu"), torch.device("cpu")])
+    model.to("meta")
+    assert [(device.type, list(group)) for device, group in model.shards] == [("meta", [0, 1]), ("meta", [2])]
+    logits = model(torch.empty(2, 3, 16, 16, device="meta"))
+    assert logits.device.type == "meta" and logits.shape == (2, 3, 4)
+
+
+def test_embed_runs_in_eval_mode_and_keeps_the_callers_mode():
+    """Regression: ``embed`` on a model in training mode used batch statistics and random branch weights."""
+    torch.manual_seed(0)
+    model = create_model(ModelConfig("resnet18", "layer1", 3, 4, with_random=True), weights="none").train()
+    images = torch.randn(4, 3, 32, 32)
+    buffers = [b.clone() for b in model.buffers()]
+    embedding = model.embed(images)
+    assert model.training
+    assert all(torch.equal(a, b) for a, b in zip(buffers, model.buffers())), "running statistics changed"
+    with torch.no_grad():
+        expected = embedding_from_logits(model.eval()(images))
+    torch.testing.assert_close(embedding, expected)
+
+
+def test_unknown_branch_batching_is_refused():
+    model = create_model(ModelConfig("resnet18", "layer1", 2, 3), weights="none")
+    with pytest.raises(ReirError, match="branch batching"):
+        model.branch_batching = "auto"

@@ -9,8 +9,10 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
+from reir.branches import DEFAULT_BATCHING, resolve_batching
 from reir.model import ModelConfig, create_model
-from reir.parallel import DEFAULT_BATCHING, describe, precision_for, prepare_model, split_evenly
+from reir.precision import precision_for
+from reir.sharding import describe, split_evenly
 from reir.train import main as train_main, train_one_epoch
 from tests.conftest import tiny_args
 
@@ -20,6 +22,13 @@ CPU = torch.device("cpu")
 def _model(model_type="resnet18", share_type="layer1", ensemble=3, meta=4, with_random=True, dtype=torch.float64):
     torch.manual_seed(0)
     return create_model(ModelConfig(model_type, share_type, ensemble, meta, with_random), weights="none").to(dtype)
+
+
+def prepare_model(model, devices, batching, channels_last=False):
+    """What train.py does with the speed flags."""
+    model.shard(devices)
+    model.branch_batching = resolve_batching(batching, devices[0])
+    return model.use_channels_last() if channels_last else model
 
 
 def _step(model, images, seed=1):
@@ -180,3 +189,13 @@ def test_amp_step_on_the_gpu(amp):
         precision.step(loss, optimizer)
         losses.append(loss.item())
     assert losses[-1] < losses[0]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_moving_a_sharded_model_to_the_gpu_moves_its_plan():
+    model = _model(ensemble=3, dtype=torch.float32).eval()
+    prepare_model(model, [CPU, CPU], "grouped")
+    model.cuda()
+    assert {device.type for device, _ in model.shards} == {"cuda"}
+    assert model(torch.randn(2, 3, 32, 32, device="cuda")).device.type == "cuda"

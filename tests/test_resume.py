@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from reir.checkpoint import EpochProgress, StopRequest, TrainingStopped, pack, unpack
-from reir.io import load_tensors
+from reir.fileio import load_tensors
 from conftest import run_script, tiny_args
 
 NAME = "digits_uncropped_fixed_random_layer4_resnet18_3_2"

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from reir.database import load_database
-from reir.io import load_tensors
+from reir.fileio import load_tensors
 from reir.metrics import retrieval_recalls
 from reir.train import get_args_parser, resolve_device
 from conftest import run_script, tiny_args

@@ -25,7 +25,7 @@ from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
 from ..errors import ReirError
-from ..io import atomic_write, ensure_dir
+from ..fileio import atomic_write, ensure_dir
 from .splits import Split, SplitList, load_split_list, save_split_list
 
 GENERATION_MARKER = ".reir-generation"

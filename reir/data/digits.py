@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from ..io import atomic_write_with, ensure_dir
+from ..fileio import atomic_write_with, ensure_dir
 from .splits import Split, load_split_list, save_split_list, split_list_path, SplitList
 
 

@@ -22,7 +22,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from ..errors import ReirError
-from ..io import ensure_dir
+from ..fileio import ensure_dir
 from .splits import Split, SplitList, load_split_list, save_split_list, split_list_path
 
 IMAGE_SIZE = 32

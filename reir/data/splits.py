@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import ReirError
-from ..io import read_json, write_json
+from ..fileio import read_json, write_json
 
 FORMAT = "reir-splits/1"
 SPLIT_NAMES = ("train", "test", "query", "gallery")

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import torch
 
+from .api import evaluate
 from .cliutil import ArgumentParser, csv_ints, reports_errors
 from .database import load_database, resolve_database_path
 from .errors import ReirError
-from .metrics import evaluate_embeddings
-from .search import BACKENDS
+from .knn import BACKENDS
 
 # The recalls the original reports per dataset.
 DEFAULT_RECALLS = {"sop": [1, 10, 100, 1000], "isc": [1, 10, 20, 30, 40, 50]}
@@ -38,19 +38,10 @@ def main(argv: list[str] | None = None) -> int:
         raise ReirError(f"--device {args.device!r} is not a device; use cpu, cuda or cuda:N", 2) from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ReirError("--device cuda requested but no CUDA GPU is available; use --device cpu", 2)
-    splits = database.eval_splits
-    missing = [s for s in splits if s not in database.features]
-    if missing:
-        raise ReirError(f"database has no {', '.join(missing)} features; regenerate it with train.py")
-    labels = database.label_ids(*splits)
-    if splits == ("test",):
-        metrics = evaluate_embeddings(database.features["test"], labels[0], recalls, with_nmi=not args.no_nmi,
-                                      backend=args.backend, device=device)
-        protocol = f"test against itself, {len(labels[0])} images"
-    else:
-        metrics = evaluate_embeddings(database.features["query"], labels[0], recalls, database.features["gallery"],
-                                      labels[1], with_nmi=not args.no_nmi, backend=args.backend, device=device)
-        protocol = f"{len(labels[0])} queries against {len(labels[1])} gallery images"
+    metrics = evaluate(database, recalls=recalls, with_nmi=not args.no_nmi, backend=args.backend, device=device)
+    sizes = [len(database.features[s]) for s in database.eval_splits]
+    protocol = (f"test against itself, {sizes[0]} images" if len(sizes) == 1
+                else f"{sizes[0]} queries against {sizes[1]} gallery images")
     print(f"{database.info.get('data_name', 'database')} ({protocol}):")
     for key, value in metrics.items():
         if value is not None:
