@@ -11,7 +11,7 @@ Methods (resnet18 from random initialisation everywhere):
 Every trained method uses the same recipe (reir.recipe, the one ``--weights none`` selects), batch
 size and number of epochs, is evaluated on the test classes after every epoch and reports its best
 epoch, as train.py does (the original's protocol; optimistic in the same way for every method); the
-last epoch's R@1 is printed beside it. REIR and softmax train through the CLI (``python -m reir train``).
+last epoch's R@1 is printed beside it. REIR and softmax train through ``reir train``'s entry point.
 The ensemble-size table evaluates the first 1, 2, 4, ... branches of the trained fixed-label REIR.
 
     python benchmarks/accuracy.py                            # glyphs and, if installed, Fashion-MNIST
@@ -24,9 +24,10 @@ Fashion-MNIST comes from Debian's package (classes 0-4 train, 5-9 test):
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import gzip
-import subprocess
+import io
 import sys
 import tempfile
 import time
@@ -40,10 +41,11 @@ import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 from torch import nn  # noqa: E402
 
+from reir import cli  # noqa: E402
 from reir.baselines import label_ids, network_features, raw_pixel_features, untrained_features  # noqa: E402
 from reir.data.custom import load_custom  # noqa: E402
 from reir.data.glyphs import prepare_glyphs  # noqa: E402
-from reir.data.images import ImageList  # noqa: E402
+from reir.data.images import ImageList, build_transform  # noqa: E402
 from reir.database import load_database  # noqa: E402
 from reir.metrics import retrieval_metrics  # noqa: E402
 from reir.model import ModelConfig, build_backbone  # noqa: E402
@@ -123,16 +125,18 @@ def timed(features) -> tuple[torch.Tensor, float]:
 
 
 def train_cli(source: Path, output: Path, args, *options: str) -> tuple[Run, Path]:
-    """``reir train`` in a subprocess; the best epoch's row of its statistics and its database."""
-    command = [sys.executable, "-m", "reir", "train", "--data_name", "custom", "--data_path", str(source),
-               "--output_dir", str(output), "--weights", "none", "--image_size", str(args.image_size),
-               "--batch_size", str(args.batch_size), "--num_epochs", str(args.epochs), "--num_workers", "0",
-               "--seed", str(args.seed), "--device", "cpu", "--nmi_every", "0", *options]
+    """``reir train`` (in this process); the best epoch's row of its statistics and its database."""
+    argv = ["train", "--data_name", "custom", "--data_path", str(source), "--output_dir", str(output),
+            "--weights", "none", "--image_size", str(args.image_size), "--batch_size", str(args.batch_size),
+            "--num_epochs", str(args.epochs), "--num_workers", "0", "--seed", str(args.seed), "--device", "cpu",
+            "--nmi_every", "0", *options]
+    log = io.StringIO()
     start = time.perf_counter()
-    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True)
+    with contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
+        code = cli.main(argv)
     seconds = time.perf_counter() - start
-    if result.returncode:
-        raise SystemExit(f"error: {' '.join(command)} failed:\n{(result.stdout + result.stderr)[-3000:]}")
+    if code:
+        raise SystemExit(f"error: reir {' '.join(argv)} failed:\n{log.getvalue()[-3000:]}")
     (statistics,) = (output / "statistics").glob("*_results.csv")
     with open(statistics, newline="") as handle:
         rows = list(csv.DictReader(handle))
@@ -168,8 +172,8 @@ def train_metric_loss(split_list, method: str, args) -> Run:
 
     start = time.perf_counter()
     torch.manual_seed(args.seed)
-    train_set = ImageList(split_list, "train", SCRATCH.train_transform(args.image_size, split_list.mean,
-                                                                        split_list.std))
+    train_set = ImageList(split_list, "train", build_transform(args.image_size, split_list.mean, split_list.std,
+                                                               train=True))
     model = Embedder(EMBEDDING_SIZE)
     groups = [{"params": model.parameters()}]
     miner = None
@@ -308,12 +312,12 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help="comma-separated: glyphs, fashion-mnist (skipped with a note when not installed)")
     parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of the methods")
     parser.add_argument("--data_path", default=None, help="where glyphs is generated (default: a scratch folder)")
-    parser.add_argument("--train_classes", type=int, default=300, help="glyphs: training classes used")
-    parser.add_argument("--test_classes", type=int, default=300, help="glyphs: test classes used")
-    parser.add_argument("--train_images", type=int, default=600, help="fashion-mnist: images per training class")
+    parser.add_argument("--train_classes", type=int, default=200, help="glyphs: training classes used")
+    parser.add_argument("--test_classes", type=int, default=200, help="glyphs: test classes used")
+    parser.add_argument("--train_images", type=int, default=500, help="fashion-mnist: images per training class")
     parser.add_argument("--test_images", type=int, default=300, help="fashion-mnist: images per test class")
     parser.add_argument("--image_size", type=int, default=32)
-    parser.add_argument("--epochs", type=int, default=4)
+    parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--batch_size", type=int, default=32)
     parser.add_argument("--ensemble_size", type=int, default=48)
     parser.add_argument("--meta_class_size", type=int, default=None,

@@ -232,8 +232,7 @@ def train(args, stop: StopRequest, context: distributed.Context, device: torch.d
     output = Path(args.output_dir)
 
     split_list = load_dataset(args.data_name, args.data_path, args.crop_type, args.image_size)
-    training = recipe.recipe_for(args.recipe, args.weights)
-    train_set = ImageList(split_list, "train", training.train_transform(args.image_size, split_list.mean, split_list.std))
+    train_set = ImageList(split_list, "train", build_transform(args.image_size, split_list.mean, split_list.std, True))
     check_sizes(len(train_set.classes), args.ensemble_size, args.meta_class_size, args.label_type)
     # The model before the ids: bad --weights must fail before the ids file is written.
     config = ModelConfig(args.model_type, args.share_type, args.ensemble_size, args.meta_class_size, args.with_random)
@@ -260,6 +259,7 @@ def train(args, stop: StopRequest, context: distributed.Context, device: torch.d
     sampler = distributed.RankSampler(replay, args.batch_size, context) if context.enabled else replay
     train_loader = make_loader(SeededItems(train_set), args.batch_size, args.num_workers, device, sampler)
 
+    training = recipe.recipe_for(args.recipe, args.weights)
     optimizer, scheduler = training.optimizer(model.parameters(), args.num_epochs)
     for folder in ("statistics", "epochs", "results"):
         ensure_dir(output / folder)

@@ -16,15 +16,7 @@ from reir.data.prepare import main as prepare_main
 from reir.data.splits import load_split_list, split_list_path
 from reir.train import main as train_main
 
-CHARACTERS = 12
-
-
-@pytest.fixture(scope="session")
-def glyphs_root(tmp_path_factory) -> Path:
-    """A data folder holding the first few glyph classes, generated once for the session."""
-    root = tmp_path_factory.mktemp("glyphs_data")
-    glyphs.prepare_glyphs(root, limit=CHARACTERS)
-    return root
+CHARACTERS = 12  # as conftest's glyphs_root
 
 
 def digest(root: Path) -> dict[str, str]:
@@ -70,10 +62,9 @@ def test_prepare_command_reports_the_dataset(glyphs_root, capsys):
 
 def test_missing_fonts_are_one_line_errors(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(glyphs, "font_folder", lambda: tmp_path / "no-fonts")
-    with pytest.raises(SystemExit) as exit_info:
-        prepare_main(["--data_name", "glyphs", "--data_path", str(tmp_path / "data")])
+    assert prepare_main(["--data_name", "glyphs", "--data_path", str(tmp_path / "data")]) == 1
     error = capsys.readouterr().err.strip()
-    assert exit_info.value.code == 1 and "\n" not in error and "matplotlib" in error
+    assert "\n" not in error and "matplotlib" in error
     assert not split_list_path(tmp_path / "data", "glyphs", "uncropped").exists()
 
 
@@ -82,10 +73,10 @@ def test_a_damaged_split_list_is_reported_not_replaced(glyphs_root, tmp_path, ca
     (data / "glyphs").mkdir(parents=True)
     damaged = split_list_path(data, "glyphs", "uncropped")
     damaged.write_text("{not json")
-    with pytest.raises(SystemExit) as exit_info:
-        train_main(["--data_name", "glyphs", "--data_path", str(data), "--output_dir", str(tmp_path / "out"),
-                    "--weights", "none", "--device", "cpu"])
-    assert exit_info.value.code == 1 and "Traceback" not in capsys.readouterr().err
+    assert train_main(["--data_name", "glyphs", "--data_path", str(data), "--output_dir", str(tmp_path / "out"),
+                       "--weights", "none", "--device", "cpu"]) == 1
+    error = capsys.readouterr().err.strip()
+    assert "\n" not in error and str(damaged) in error
     assert damaged.read_text() == "{not json"
 
 
@@ -98,8 +89,6 @@ def test_recipe_follows_the_weights_and_keeps_the_original_with_imagenet():
     optimizer, scheduler = recipe.ORIGINAL.optimizer(model.parameters(), 10)
     assert type(optimizer) is torch.optim.Adam and optimizer.param_groups[0]["lr"] == 1e-4
     assert isinstance(scheduler, torch.optim.lr_scheduler.MultiStepLR) and sorted(scheduler.milestones) == [5, 7]
-    names = [type(step).__name__ for step in recipe.ORIGINAL.train_transform(32, [0.5] * 3, [0.2] * 3).transforms]
-    assert names == ["Resize", "RandomHorizontalFlip", "ToTensor", "Normalize"]
 
 
 def test_scratch_recipe_decays_its_rate_over_the_epochs():
@@ -111,11 +100,12 @@ def test_scratch_recipe_decays_its_rate_over_the_epochs():
         optimizer.step()
         scheduler.step()
     assert rates[0] == recipe.SCRATCH.learning_rate and rates == sorted(rates, reverse=True) and rates[-1] > 0
-    names = [type(step).__name__ for step in recipe.SCRATCH.train_transform(32, [0.5] * 3, [0.2] * 3).transforms]
-    assert names[0] == "RandomResizedCrop"
+    assert type(optimizer) is torch.optim.AdamW and optimizer.param_groups[0]["weight_decay"] == 0.05
 
 
-def test_demo_prints_learned_and_baseline_rows(glyphs_root, tmp_path, capsys):
+def test_demo_prints_learned_and_baseline_rows(glyphs_root, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(demo, "CONFIG", demo.ModelConfig("resnet18", "layer4", ensemble_size=3, meta_class_size=2))
+    monkeypatch.setattr(demo, "IMAGE_SIZE", 16)
     assert demo.main(["--data_path", str(glyphs_root), "--output_dir", str(tmp_path), "--num_epochs", "1"]) == 0
     out = capsys.readouterr().out
     assert "scratch recipe" in out

@@ -56,7 +56,8 @@ def font_characters(folder: Path) -> dict[str, set[int]]:
 
     missing = [name for name in FONTS if not (folder / name).is_file()]
     if missing:
-        raise ReirError(f"fonts {', '.join(missing)} not found in {folder}; reinstall matplotlib "
+        raise ReirError(f"{len(missing)} of matplotlib's fonts ({missing[0]}, ...) not found in {folder}; "
+                        "reinstall matplotlib "
                         "(pip install --force-reinstall matplotlib)")
     drawn = {}
     for name in FONTS:
