@@ -4,14 +4,16 @@ Methods (resnet18 from random initialisation everywhere):
 
 - raw pixels: cosine of the mean-centred pixels; the untrained network (REIR's shape, random weights);
 - REIR with fixed and with random meta labels, and the best single branch of the fixed one;
-- a softmax classifier over all training classes (one branch, one meta class per class);
+- REIR (fixed) with the original's recipe (Adam 1e-4), to show why ``--weights none`` gets its own;
+- a softmax classifier over all training classes (REIR with one branch and one meta class per class,
+  which ``reir train`` refuses, so trained here with the same recipe), its logits as the embedding;
 - pytorch-metric-learning's ProxyAnchor and MultiSimilarity (+ its miner) losses with their published
   default hyperparameters, a 512-d linear head and an m-per-class sampler.
 
 Every trained method uses the same recipe (reir.recipe, the one ``--weights none`` selects), batch
 size and number of epochs, is evaluated on the test classes after every epoch and reports its best
 epoch, as train.py does (the original's protocol; optimistic in the same way for every method); the
-last epoch's R@1 is printed beside it. REIR and softmax train through ``reir train``'s entry point.
+last epoch's R@1 is printed beside it. REIR trains through ``reir train``'s entry point.
 The ensemble-size table evaluates the first 1, 2, 4, ... branches of the trained fixed-label REIR.
 
     python benchmarks/accuracy.py                            # glyphs and, if installed, Fashion-MNIST
@@ -28,9 +30,11 @@ import contextlib
 import csv
 import gzip
 import io
+import multiprocessing
 import sys
 import tempfile
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -44,7 +48,7 @@ from torch import nn  # noqa: E402
 from reir import cli  # noqa: E402
 from reir.baselines import label_ids, network_features, raw_pixel_features, untrained_features  # noqa: E402
 from reir.data.custom import load_custom  # noqa: E402
-from reir.data.glyphs import prepare_glyphs  # noqa: E402
+from reir.data.glyphs import prepare_glyphs, write_subset_csv  # noqa: E402
 from reir.data.images import ImageList, build_transform  # noqa: E402
 from reir.database import load_database  # noqa: E402
 from reir.metrics import retrieval_metrics  # noqa: E402
@@ -54,7 +58,7 @@ from reir.recipe import SCRATCH  # noqa: E402
 FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 RECALLS = (1, 2, 4, 8)
 METHODS = ("raw pixels", "untrained network", "REIR fixed", "REIR random", "REIR best single branch",
-           "softmax", "ProxyAnchor", "MultiSimilarity")
+           "REIR fixed (original recipe)", "softmax", "ProxyAnchor", "MultiSimilarity")
 ENSEMBLE_SIZES = (1, 2, 4, 8, 16, 48)
 EMBEDDING_SIZE = 512
 SAMPLES_PER_CLASS = 4
@@ -63,20 +67,9 @@ PROXY_LEARNING_RATE = 1e-2
 
 
 def glyphs_source(work: Path, data_path: Path, args) -> Path:
-    """A CSV over a seeded subset of the glyph classes (absolute paths, so it may live anywhere)."""
-    split_list = prepare_glyphs(data_path)
-    rng = np.random.default_rng(args.seed)
-    target = work / "glyphs.csv"
-    with open(target, "w", newline="", encoding="utf-8") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["path", "label", "split"])
-        for split, count in (("train", args.train_classes), ("test", args.test_classes)):
-            classes = split_list.splits[split].classes
-            chosen = set(rng.choice(classes, size=min(count, len(classes)), replace=False).tolist())
-            for path, label in zip(split_list.absolute(split), split_list.splits[split].labels):
-                if label in chosen:
-                    writer.writerow([path, label, split])
-    return target
+    """A CSV over a seeded subset of the glyph classes."""
+    return write_subset_csv(prepare_glyphs(data_path), work / "glyphs.csv", args.train_classes, args.test_classes,
+                            args.seed)
 
 
 def read_idx(path: Path) -> np.ndarray:
@@ -113,15 +106,17 @@ def scores(features: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
 
 
 class Run:
-    """One method's result: metrics of its best epoch (by R@1), last epoch's R@1, seconds."""
+    """One method's result: metrics of its best epoch (by R@1), last epoch's R@1, wall and CPU seconds."""
 
-    def __init__(self, metrics: dict[str, float], seconds: float, last_recall: float | None = None):
-        self.metrics, self.seconds, self.last_recall = metrics, seconds, last_recall
+    def __init__(self, metrics: dict[str, float], seconds: float, last_recall: float | None = None,
+                 cpu_seconds: float | None = None):
+        self.metrics, self.seconds, self.last_recall, self.cpu_seconds = metrics, seconds, last_recall, cpu_seconds
 
-
-def timed(features) -> tuple[torch.Tensor, float]:
-    start = time.perf_counter()
-    return features(), time.perf_counter() - start
+    @classmethod
+    def timed(cls, metrics) -> "Run":
+        start, cpu = time.perf_counter(), time.process_time()
+        values = metrics()
+        return cls(values, time.perf_counter() - start, cpu_seconds=time.process_time() - cpu)
 
 
 def train_cli(source: Path, output: Path, args, *options: str) -> tuple[Run, Path]:
@@ -131,10 +126,10 @@ def train_cli(source: Path, output: Path, args, *options: str) -> tuple[Run, Pat
             "--num_epochs", str(args.epochs), "--num_workers", "0", "--seed", str(args.seed), "--device", "cpu",
             "--nmi_every", "0", *options]
     log = io.StringIO()
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     with contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
         code = cli.main(argv)
-    seconds = time.perf_counter() - start
+    seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
     if code:
         raise SystemExit(f"error: reir {' '.join(argv)} failed:\n{log.getvalue()[-3000:]}")
     (statistics,) = (output / "statistics").glob("*_results.csv")
@@ -144,7 +139,7 @@ def train_cli(source: Path, output: Path, args, *options: str) -> tuple[Run, Pat
     metrics = {key[len("test_"):]: float(value) for key, value in best.items()
                if key.startswith("test_") and value not in ("", None) and key != "test_nmi"}
     (database,) = (output / "results").glob("*_data_base.safetensors")
-    return Run(metrics, seconds, float(rows[-1]["test_recall@1"])), database
+    return Run(metrics, seconds, float(rows[-1]["test_recall@1"]), cpu), database
 
 
 class Embedder(nn.Module):
@@ -167,26 +162,32 @@ def samples_per_class(num_classes: int, batch_size: int) -> int:
     return m
 
 
-def train_metric_loss(split_list, method: str, args) -> Run:
+def train_embedder(split_list, method: str, args) -> Run:
+    """softmax, ProxyAnchor or MultiSimilarity on resnet18 with a linear head, REIR's scratch recipe."""
     from pytorch_metric_learning import losses, miners, samplers
 
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     torch.manual_seed(args.seed)
     train_set = ImageList(split_list, "train", build_transform(args.image_size, split_list.mean, split_list.std,
                                                                train=True))
-    model = Embedder(EMBEDDING_SIZE)
+    classes = len(train_set.classes)
+    # softmax: one logit per training class, embedded as REIR embeds a branch (its logits L2-normalised).
+    model = Embedder(classes if method == "softmax" else EMBEDDING_SIZE)
     groups = [{"params": model.parameters()}]
-    miner = None
-    if method == "ProxyAnchor":
-        loss_fn = losses.ProxyAnchorLoss(len(train_set.classes), EMBEDDING_SIZE)
+    miner, sampler = None, None
+    if method == "softmax":
+        loss_fn = lambda logits, targets, _: nn.functional.cross_entropy(logits, targets)  # noqa: E731
+    elif method == "ProxyAnchor":
+        loss_fn = losses.ProxyAnchorLoss(classes, EMBEDDING_SIZE)
         groups.append({"params": loss_fn.parameters(), "lr": PROXY_LEARNING_RATE, "weight_decay": 0.0})
     else:
         loss_fn, miner = losses.MultiSimilarityLoss(), miners.MultiSimilarityMiner()
+    if method != "softmax":
+        sampler = samplers.MPerClassSampler(train_set.targets.numpy(), samples_per_class(classes, args.batch_size),
+                                            args.batch_size, length_before_new_iter=len(train_set))
     optimizer, scheduler = SCRATCH.optimizer(groups, args.epochs)
-    targets = train_set.targets.numpy()
-    m = samples_per_class(len(train_set.classes), args.batch_size)
-    sampler = samplers.MPerClassSampler(targets, m, args.batch_size, length_before_new_iter=len(train_set))
-    loader = torch.utils.data.DataLoader(train_set, batch_size=args.batch_size, sampler=sampler, drop_last=True)
+    loader = torch.utils.data.DataLoader(train_set, batch_size=args.batch_size, sampler=sampler,
+                                         shuffle=sampler is None, drop_last=True)
     labels = label_ids(split_list, "test")
     best, last = None, None
     for _ in range(args.epochs):
@@ -202,7 +203,7 @@ def train_metric_loss(split_list, method: str, args) -> Run:
         last = scores(network_features(model, split_list, "test", args.image_size), labels)
         if best is None or last["recall@1"] > best["recall@1"]:
             best = last
-    return Run(best, time.perf_counter() - start, last["recall@1"])
+    return Run(best, time.perf_counter() - start, last["recall@1"], time.process_time() - cpu)
 
 
 def branch_subsets(features: torch.Tensor, labels: torch.Tensor) -> tuple[list[tuple[int, dict]], list[dict]]:
@@ -214,58 +215,74 @@ def branch_subsets(features: torch.Tensor, labels: torch.Tensor) -> tuple[list[t
     return subsets, singles
 
 
+def measure(method: str, name: str, source: Path, work: Path, split_list, args) -> tuple[Run, list, list]:
+    """One method's run; for REIR fixed also its ensemble-size rows and every branch alone."""
+    print(f"[{name}] {method} ...", file=sys.stderr, flush=True)
+    if args.jobs > 1:
+        torch.set_num_threads(1)  # the methods share the cores
+    labels = label_ids(split_list, "test")
+    reir_options = ["--share_type", args.share_type, "--ensemble_size", str(args.ensemble_size),
+                    "--meta_class_size", str(args.meta_class_size)]
+    if method == "raw pixels":
+        return Run.timed(lambda: scores(raw_pixel_features(split_list, "test", args.image_size), labels)), [], []
+    if method == "untrained network":
+        config = ModelConfig("resnet18", args.share_type, args.ensemble_size, args.meta_class_size)
+        return Run.timed(lambda: scores(untrained_features(config, args.seed, split_list, "test", args.image_size),
+                                        labels)), [], []
+    if method in ("REIR fixed", "REIR random"):
+        label_type = method.split()[1]
+        run, database = train_cli(source, work / f"{name}-{label_type}", args, "--label_type", label_type,
+                                  *reir_options)
+        if label_type == "random":
+            return run, [], []
+        return (run, *branch_subsets(load_database(database).features["test"], labels))
+    if method == "REIR fixed (original recipe)":
+        return train_cli(source, work / f"{name}-original", args, "--recipe", "original", *reir_options)[0], [], []
+    return train_embedder(split_list, method, args), [], []
+
+
 def run_dataset(name: str, work: Path, data_path: Path, args) -> tuple[dict[str, Run], list, list, str]:
     source = SOURCES[name](work, data_path, args)
     split_list = load_custom(source, "uncropped")
     train_classes = len(split_list.splits["train"].classes)
     if args.meta_class_size is None:  # 12 as the original, fewer where there are few classes
         args.meta_class_size = 12 if train_classes >= 24 else max(2, train_classes // 2)
-    labels = label_ids(split_list, "test")
-    config = ModelConfig("resnet18", args.share_type, args.ensemble_size, args.meta_class_size)
-    runs: dict[str, Run] = {}
-    subsets, singles = [], []
-    for method in args.methods:
-        print(f"[{name}] {method} ...", file=sys.stderr, flush=True)
-        if method == "raw pixels":
-            features, seconds = timed(lambda: raw_pixel_features(split_list, "test", args.image_size))
-            runs[method] = Run(scores(features, labels), seconds)
-        elif method == "untrained network":
-            features, seconds = timed(lambda: untrained_features(config, args.seed, split_list, "test",
-                                                                 args.image_size))
-            runs[method] = Run(scores(features, labels), seconds)
-        elif method in ("REIR fixed", "REIR random"):
-            label_type = method.split()[1]
-            run, database = train_cli(source, work / f"{name}-{label_type}", args, "--label_type", label_type,
-                                      "--share_type", args.share_type, "--ensemble_size", str(args.ensemble_size),
-                                      "--meta_class_size", str(args.meta_class_size))
-            runs[method] = run
-            if label_type == "fixed":
-                features = load_database(database).features["test"]
-                subsets, singles = branch_subsets(features, labels)
-                best = max(singles, key=lambda values: values["recall@1"])
-                runs["REIR best single branch"] = Run(best, run.seconds)
-        elif method == "softmax":
-            runs[method] = train_cli(source, work / f"{name}-softmax", args, "--ensemble_size", "1",
-                                     "--meta_class_size", str(train_classes))[0]
-        elif method in ("ProxyAnchor", "MultiSimilarity"):
-            runs[method] = train_metric_loss(split_list, method, args)
+    methods = [m for m in args.methods if m != "REIR best single branch"]
+    if "REIR best single branch" in args.methods and "REIR fixed" not in methods:
+        methods.append("REIR fixed")
+    context = (name, source, work, split_list, args)
+    if args.jobs > 1:
+        with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+            results = dict(zip(methods, pool.map(measure, methods, *([value] * len(methods) for value in context))))
+    else:
+        results = {method: measure(method, *context) for method in methods}
+    runs = {method: run for method, (run, _, _) in results.items()}
+    subsets, singles = results["REIR fixed"][1:] if "REIR fixed" in results else ([], [])
+    if "REIR best single branch" in args.methods:
+        best = max(singles, key=lambda values: values["recall@1"])
+        runs["REIR best single branch"] = Run(best, runs["REIR fixed"].seconds, cpu_seconds=None)
     counts = {split: (len(s), len(s.classes)) for split, s in split_list.splits.items()}
     described = (f"{name}: train {counts['train'][0]} images in {counts['train'][1]} classes, test "
                  f"{counts['test'][0]} images in {counts['test'][1]} unseen classes; resnet18 from random init, "
                  f"{args.image_size} px, {args.epochs} epochs, batch {args.batch_size}, seed {args.seed}; REIR "
-                 f"{args.ensemble_size} branches x {args.meta_class_size} meta classes, share_type {args.share_type}")
+                 f"{args.ensemble_size} branches x {args.meta_class_size} meta classes, share_type {args.share_type}; "
+                 f"{args.jobs} method(s) at a time")
     return runs, subsets, singles, described
 
 
 def method_table(runs: dict[str, Run]) -> str:
-    lines = ["| method | R@1 | R@2 | R@4 | R@8 | MAP@R | last-epoch R@1 | seconds |", "|---|---|---|---|---|---|---|---|"]
+    lines = ["| method | R@1 | R@2 | R@4 | R@8 | MAP@R | last-epoch R@1 | seconds | CPU seconds |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for method in METHODS:
         if method not in runs:
             continue
         run = runs[method]
         cells = [f"{100 * run.metrics[f'recall@{k}']:.1f}" for k in RECALLS] + [f"{100 * run.metrics['map@r']:.1f}"]
         last = "" if run.last_recall is None else f"{100 * run.last_recall:.1f}"
-        seconds = "(in REIR fixed)" if method == "REIR best single branch" else f"{run.seconds:.0f}"
+        if method == "REIR best single branch":
+            seconds = "(in REIR fixed) | "
+        else:
+            seconds = f"{run.seconds:.0f} | {run.cpu_seconds:.0f}"
         lines.append(f"| {method} | " + " | ".join(cells) + f" | {last} | {seconds} |")
     return "\n".join(lines)
 
@@ -312,18 +329,21 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help="comma-separated: glyphs, fashion-mnist (skipped with a note when not installed)")
     parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of the methods")
     parser.add_argument("--data_path", default=None, help="where glyphs is generated (default: a scratch folder)")
-    parser.add_argument("--train_classes", type=int, default=200, help="glyphs: training classes used")
-    parser.add_argument("--test_classes", type=int, default=200, help="glyphs: test classes used")
-    parser.add_argument("--train_images", type=int, default=500, help="fashion-mnist: images per training class")
-    parser.add_argument("--test_images", type=int, default=300, help="fashion-mnist: images per test class")
+    parser.add_argument("--train_classes", type=int, default=100, help="glyphs: training classes used")
+    parser.add_argument("--test_classes", type=int, default=100, help="glyphs: test classes used")
+    parser.add_argument("--train_images", type=int, default=150, help="fashion-mnist: images per training class")
+    parser.add_argument("--test_images", type=int, default=150, help="fashion-mnist: images per test class")
     parser.add_argument("--image_size", type=int, default=32)
-    parser.add_argument("--epochs", type=int, default=3)
-    parser.add_argument("--batch_size", type=int, default=32)
+    parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--batch_size", type=int, default=64)
     parser.add_argument("--ensemble_size", type=int, default=48)
     parser.add_argument("--meta_class_size", type=int, default=None,
                         help="REIR meta classes (default: 12, or 2 with fewer than 12 training classes)")
     parser.add_argument("--share_type", default="layer4", help="REIR's last shared module")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--jobs", type=int, default=1,
+                        help="methods measured at a time, each in its own process with one thread "
+                             "(results unchanged; seconds then measure a shared machine)")
     parser.add_argument("--markdown", type=Path, default=None, help="also write the tables to this file")
     parser.add_argument("--plot", type=Path, default=None, help="write the ensemble-size plot (PNG) here")
     return parser
@@ -334,7 +354,8 @@ def main(argv: list[str] | None = None) -> int:
     args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     unknown = [m for m in args.methods if m not in METHODS]
     if unknown:
-        raise SystemExit(f"error: unknown method(s) {', '.join(unknown)}; choose from {', '.join(METHODS)}")
+        raise SystemExit(f"error: unknown method(s) {', '.join(unknown)}; choose from "
+                         f"{', '.join(METHODS)}")
     names = [d.strip() for d in args.datasets.split(",") if d.strip()]
     if "fashion-mnist" in names and not FASHION_MNIST.is_dir() and args.datasets == get_args_parser().get_default(
             "datasets"):

@@ -12,6 +12,8 @@ write the same images.
 
 from __future__ import annotations
 
+import csv
+import io
 import os
 import shutil
 import tempfile
@@ -22,7 +24,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from ..errors import ReirError
-from ..fileio import ensure_dir
+from ..fileio import atomic_write, ensure_dir
 from .splits import Split, SplitList, load_split_list, save_split_list, split_list_path
 
 IMAGE_SIZE = 32
@@ -180,3 +182,19 @@ def prepare_glyphs(data_path: str | Path, limit: int | None = None) -> SplitList
             "characters": len(images), "limit": limit}
     save_split_list(target, "glyphs", "uncropped", mean, std, splits, info)
     return load_split_list(target)
+
+
+def write_subset_csv(split_list: SplitList, target: str | Path, train_classes: int, test_classes: int,
+                     seed: int = SPLIT_SEED) -> Path:
+    """A CSV (``path,label,split``, for ``--data_name custom``) over a seeded choice of classes of each
+    split: a smaller run on the same images, for a CPU's time budget."""
+    rng = np.random.default_rng(seed)
+    rows = io.StringIO()
+    writer = csv.writer(rows, lineterminator="\n")
+    writer.writerow(["path", "label", "split"])
+    for split, count in (("train", train_classes), ("test", test_classes)):
+        classes = split_list.splits[split].classes
+        chosen = set(rng.choice(classes, size=min(count, len(classes)), replace=False).tolist())
+        writer.writerows([path, label, split] for path, label in
+                         zip(split_list.absolute(split), split_list.splits[split].labels) if label in chosen)
+    return atomic_write(target, rows.getvalue())
