@@ -49,6 +49,18 @@ def test_character_maps_leave_room_for_500_classes_a_side():
     assert all(drawn[name] <= glyphs.ALPHANUMERIC for name in glyphs.COMPUTER_MODERN)
 
 
+def test_a_class_subset_is_seeded_and_keeps_the_split_of_every_class(glyphs_root, tmp_path):
+    split_list = load_split_list(split_list_path(glyphs_root, "glyphs", "uncropped"))
+    first = glyphs.write_subset_csv(split_list, tmp_path / "a.csv", 3, 2, seed=1)
+    again = glyphs.write_subset_csv(split_list, tmp_path / "b.csv", 3, 2, seed=1)
+    assert first.read_text() == again.read_text()
+    rows = [line.split(",") for line in first.read_text().splitlines()[1:]]
+    chosen = {split: {label for _, label, s in rows if s == split} for split in ("train", "test")}
+    assert len(chosen["train"]) == 3 and len(chosen["test"]) == 2
+    assert chosen["train"] <= set(split_list.splits["train"].classes)
+    assert chosen["test"] <= set(split_list.splits["test"].classes)
+
+
 def test_blank_renderings_are_refused():
     font = glyphs.ImageFont.truetype(str(glyphs.font_folder() / glyphs.FONTS[0]), glyphs.FONT_SIZE)
     assert glyphs.render(font, ord(" ")) is None
