@@ -351,7 +351,8 @@ def main(argv=None) -> int:
         if args.peak_tflops:
             line += f", MFU vs datasheet {flops_per_image * images_per_second / (args.peak_tflops * 1e12):.3f}"
         base = base or images_per_second
-        print(line + f", speed-up {images_per_second / base:.2f}x")
+        rounds_text = ", ".join(f"{batch / seconds:.1f}" for seconds, _ in rounds)
+        print(line + f", speed-up {images_per_second / base:.2f}x   (images/s per round: {rounds_text})")
     if results["loader"]:
         print(f"  training loader ({args.loader}, {args.num_workers} workers): "
               f"{statistics.median(results['loader']):9.1f} images/s")

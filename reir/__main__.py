@@ -1,3 +1,5 @@
+"""``python -m reir``: the same as the ``reir`` command."""
+
 import sys
 
 from .cli import main

@@ -10,6 +10,7 @@ as evaluation does) and we count how many share the query's class. Reported:
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 from pathlib import Path
@@ -22,6 +23,8 @@ from .errors import ReirError
 from .fileio import write_json
 from .knn import knn
 from . import viz
+
+log = logging.getLogger(__name__)
 
 DEFAULT_BETTER = "car_uncropped_fixed_unrandom_layer1_resnet18_48_12_data_base.pth"
 DEFAULT_WORSE = "car_uncropped_random_unrandom_layer1_resnet18_48_12_data_base.pth"
@@ -147,6 +150,9 @@ def _stem(path: Path) -> str:
 def main(argv: list[str] | None = None, prog: str = "ablation.py") -> int:
     args = get_args_parser(prog).parse_args(argv)
     paths = tuple(resolve_database_path(n, args.output_dir) for n in (args.better_data_base, args.worse_data_base))
+    if paths[0].resolve() == paths[1].resolve():
+        raise ReirError(f"--better_data_base and --worse_data_base are the same file {paths[0]}; "
+                        "compare two different runs", 2)
     better, worse = (load_database(p) for p in paths)
     names = (str(paths[0]), str(paths[1]))
     splits = query_and_gallery(better, args.data_type)
@@ -154,6 +160,9 @@ def main(argv: list[str] | None = None, prog: str = "ablation.py") -> int:
         raise ReirError(f"{names[0]} and {names[1]} split their images differently; "
                         "compare two databases of the same dataset")
     check_compatible(better, worse, names, splits)
+    if all(torch.equal(better.features[s], worse.features[s]) for s in dict.fromkeys(splits)):
+        log.warning("%s and %s hold identical embeddings: every query ties and the figures below say nothing "
+                    "about which run is better", *names)
     k = args.retrieval_num
     counts, rankings = {}, {}
     for side, db in (("better", better), ("worse", worse)):

@@ -17,7 +17,6 @@ ranking evaluation uses; other FAISS factory strings give approximate indexes.
 from __future__ import annotations
 
 import json
-import math
 import os
 import re
 import sys
@@ -370,7 +369,9 @@ class Index:
         if index.ntotal != len(id_map["paths"]) or index.ntotal != len(id_map["labels"]):
             raise ReirError(f"index {path} holds {index.ntotal} vectors but its id map {len(id_map['paths'])}; "
                             "rebuild both with reir index")
-        return cls(index, id_map["factory"], id_map["paths"], id_map["labels"], id_map.get("info", {}))
+        loaded = cls(index, id_map["factory"], id_map["paths"], id_map["labels"], id_map.get("info", {}))
+        loaded.tune(**loaded.info.get("search_parameters", {}))
+        return loaded
 
 
 def id_map_path(index_path: str | os.PathLike) -> Path:
@@ -406,7 +407,7 @@ def _faiss_message(exc: Exception) -> str:
 
 def evaluate(features, labels: Sequence | torch.Tensor | None = None, *, recalls: Iterable[int] = (1, 2, 4, 8),
              gallery: torch.Tensor | None = None, gallery_labels: Sequence | torch.Tensor | None = None,
-             with_nmi: bool = True, backend: str = "auto", device: torch.device | str | None = None
+             with_nmi: bool = True, device: torch.device | str | None = None
              ) -> dict[str, float | None]:
     """Recall@K, precision@1, R-precision, MAP@R and NMI (``None`` when skipped), exact.
 
@@ -437,7 +438,7 @@ def evaluate(features, labels: Sequence | torch.Tensor | None = None, *, recalls
     if device is not None:
         device = torch.device(device)
     return evaluate_embeddings(features, labels, sorted(set(recalls)), gallery, gallery_labels,
-                               with_nmi=with_nmi, backend=backend, device=device)
+                               with_nmi=with_nmi, device=device)
 
 
 def _label_ids(labels, gallery_labels):
@@ -445,12 +446,7 @@ def _label_ids(labels, gallery_labels):
     groups = [labels] + ([gallery_labels] if gallery_labels is not None else [])
     if all(isinstance(g, torch.Tensor) for g in groups):
         return labels, gallery_labels
-    names = [[str(l) for l in (g.tolist() if isinstance(g, torch.Tensor) else g)] for g in groups]
-    vocabulary = {name: i for i, name in enumerate(sorted({n for g in names for n in g}))}
-    ids = [torch.tensor([vocabulary[n] for n in g]) for g in names]
+    from .database import shared_label_ids
+
+    ids = shared_label_ids(*([str(l) for l in (g.tolist() if isinstance(g, torch.Tensor) else g)] for g in groups))
     return ids[0], (ids[1] if len(ids) > 1 else None)
-
-
-def nan_to_none(metrics: dict) -> dict:
-    """JSON has no NaN: metrics that could not be computed become ``null``."""
-    return {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in metrics.items()}

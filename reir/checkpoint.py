@@ -1,43 +1,37 @@
-"""Checkpoints and resuming: a killed run continues exactly where the last checkpoint left it.
+"""Checkpoints: what a run needs to continue exactly where it stopped, in one pickle-free file.
 
 A checkpoint is one safetensors file (``<output_dir>/checkpoints/<save name>_checkpoint.safetensors``)
 written atomically after every epoch, and mid-epoch when SIGINT/SIGTERM stops a run. Its
 tensors are the model, the optimizer's tensors and torch's RNG state; its JSON metadata
 holds everything else (epoch, step, statistics rows, best recall, meta labels, scheduler,
-python/numpy RNG states). Nothing is unpickled, so a checkpoint from someone else cannot
-run code.
-
-Determinism: each training image's augmentation is seeded by ``(seed, epoch, image)``
-(:class:`ReplayableSampler` + :class:`SeededItems`), so an epoch gives the same batches
-whatever ``--num_workers`` is and can be continued from any batch; the global RNG
-(``--with_random``) is saved and restored.
+fp16 loss scale, python/numpy RNG states). Nothing is unpickled, so a checkpoint from someone
+else cannot run code. Replaying the interrupted epoch is the data's job (:mod:`reir.data.sampling`).
 """
 
 from __future__ import annotations
 
-import contextlib
-import itertools
-import random
-import signal
-import sys
+import logging
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset, Sampler
 
-from . import killpoints
 from .errors import ReirError
 from .fileio import load_tensors, save_tensors
+from .rng import rng_state, set_rng_state
+
+log = logging.getLogger(__name__)
 
 FORMAT = "reir-checkpoint/1"
 SUFFIX = "_checkpoint.safetensors"
-# Flags that must equal the checkpoint's for a resumed run to continue the same run.
+# Settings that must equal the checkpoint's for a resumed run to continue the same run.
 MUST_MATCH = ("data_name", "crop_type", "label_type", "recalls", "model_type", "share_type", "with_random",
-              "batch_size", "num_epochs", "ensemble_size", "meta_class_size", "image_size", "seed")
+              "batch_size", "num_epochs", "ensemble_size", "meta_class_size", "image_size", "seed", "amp")
+# What checkpoints written before a setting joined MUST_MATCH were trained with.
+EARLIER_DEFAULTS = {"amp": "off"}
 
 
 def checkpoint_path(output_dir: str | Path, name: str) -> Path:
@@ -78,27 +72,6 @@ def unpack(obj: Any, tensors: dict[str, torch.Tensor]) -> Any:
     return obj
 
 
-def rng_state() -> dict:
-    version, words, gauss = random.getstate()
-    name, keys, position, has_gauss, cached = np.random.get_state()
-    state = {"python": [version, list(words), gauss],
-             "numpy": [name, keys.tolist(), int(position), int(has_gauss), float(cached)],
-             "torch": torch.get_rng_state()}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict) -> None:
-    version, words, gauss = state["python"]
-    random.setstate((version, tuple(words), gauss))
-    name, keys, position, has_gauss, cached = state["numpy"]
-    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), position, has_gauss, cached))
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"][:torch.cuda.device_count()])
-
-
 # --- the training state ------------------------------------------------------------------
 
 @dataclass
@@ -109,22 +82,13 @@ class EpochProgress:
     total_loss: float = 0.0
     total_correct: int = 0
     total_seen: int = 0
-    stop: "StopRequest | None" = None
 
     def totals(self) -> tuple[float, int, int]:
         return self.total_loss, self.total_correct, self.total_seen
 
     def after_step(self, total_loss: float, total_correct: int, total_seen: int) -> None:
-        """Record a finished step; stop here if a signal asked to."""
         self.step += 1
         self.total_loss, self.total_correct, self.total_seen = total_loss, total_correct, total_seen
-        killpoints.reached("train_step")
-        if self.stop is not None and self.stop.signum is not None:
-            raise TrainingStopped()
-
-
-class TrainingStopped(Exception):
-    """Raised after the step during which SIGINT/SIGTERM arrived."""
 
 
 @dataclass
@@ -138,11 +102,12 @@ class TrainingState:
 
     def epoch_done(self, epoch: int, best_recall: float) -> None:
         self.epoch, self.best_recall = epoch, best_recall
-        self.progress = EpochProgress(stop=self.progress.stop)
+        self.progress = EpochProgress()
 
 
-def save_checkpoint(path: Path, model, optimizer, scheduler, state: TrainingState, meta_labels: torch.Tensor,
-                    classes: list[str], run_config: dict) -> Path:
+def save_checkpoint(path: Path, model, optimizer, scheduler, scaler, state: TrainingState,
+                    meta_labels: torch.Tensor, classes: list[str], run_config: dict) -> Path:
+    """``scaler`` is the fp16 ``GradScaler``: its loss scale is part of the run."""
     tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
     p = state.progress
     metadata = {
@@ -153,6 +118,7 @@ def save_checkpoint(path: Path, model, optimizer, scheduler, state: TrainingStat
         "classes": list(classes), "meta_labels": meta_labels.cpu().tolist(),
         "optimizer": pack(optimizer.state_dict(), tensors, "optimizer"),
         "scheduler": pack(scheduler.state_dict(), tensors, "scheduler"),
+        "scaler": pack(scaler.state_dict(), tensors, "scaler"),
         "rng": pack(rng_state(), tensors, "rng"),
     }
     return save_tensors(path, tensors, metadata)
@@ -174,13 +140,16 @@ class Checkpoint:
                             "dataset; resume with the dataset it was trained on, or start without --resume")
         return np.asarray(self.meta["meta_labels"], dtype=np.int64)
 
-    def restore(self, model, optimizer, scheduler) -> TrainingState:
+    def restore(self, model, optimizer, scheduler, scaler) -> TrainingState:
         """Load every state into the freshly built objects; the RNG last, as it was saved."""
         state = {k[len("model."):]: v for k, v in self.tensors.items() if k.startswith("model.")}
         try:
             model.load_state_dict(state)
             optimizer.load_state_dict(unpack(self.meta["optimizer"], self.tensors))
             scheduler.load_state_dict(unpack(self.meta["scheduler"], self.tensors))
+            scaler_state = unpack(self.meta.get("scaler", {}), self.tensors)
+            if scaler_state:  # empty when the run was not fp16 (the same --amp is enforced)
+                scaler.load_state_dict(scaler_state)
             set_rng_state(unpack(self.meta["rng"], self.tensors))
         except (RuntimeError, KeyError, ValueError, TypeError) as exc:
             raise ReirError(f"checkpoint {self.path} does not fit this model "
@@ -200,36 +169,35 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
     return Checkpoint(Path(path), tensors, meta)
 
 
-def checkpoint_for_resume(args, name: str) -> Checkpoint | None:
-    """The checkpoint ``--resume`` names, checked against the flags; ``None`` starts afresh.
+def find_checkpoint(resume: str | None, output_dir: str | Path, name: str, config: dict) -> Checkpoint | None:
+    """The checkpoint ``resume`` names, checked against ``config``; ``None`` starts afresh.
 
-    ``--resume auto`` resumes this save name's checkpoint under ``--output_dir`` if there
-    is one, so the same command line can be relaunched after every interruption.
+    ``auto`` resumes this save name's checkpoint under ``output_dir`` if there is one, so the
+    same command line can be relaunched after every interruption. A ``seed`` of ``None`` in
+    ``config`` accepts the checkpoint's.
     """
-    if args.resume is None:
+    if resume is None:
         return None
-    if args.resume == "auto":
-        path = checkpoint_path(args.output_dir, name)
+    if resume == "auto":
+        path = checkpoint_path(output_dir, name)
         if not path.is_file():
-            print(f"No checkpoint at {path}; starting from epoch 1")
+            log.info("No checkpoint at %s; starting from epoch 1", path)
             return None
     else:
-        path = Path(args.resume)
+        path = Path(resume)
         if not path.is_file():
             raise ReirError(f"--resume {path} does not exist; pass a *{SUFFIX} file or --resume auto")
     checkpoint = load_checkpoint(path)
-    if args.seed is None:
-        args.seed = checkpoint.seed
-    saved = checkpoint.meta["config"]
-    different = [k for k in MUST_MATCH if saved.get(k) != getattr(args, k)]
+    saved = {**EARLIER_DEFAULTS, **checkpoint.meta["config"]}
+    different = [k for k in MUST_MATCH if saved.get(k) != config[k] and not (k == "seed" and config[k] is None)]
     if different:
-        flags = ", ".join(f"--{k} {saved.get(k)!r} (not {getattr(args, k)!r})" for k in different)
+        flags = ", ".join(f"--{k} {saved.get(k)!r} (not {config[k]!r})" for k in different)
         raise ReirError(f"checkpoint {path} was written with {flags}; resume with the same flags "
                         "or start without --resume", 2)
-    remove_stale_temporaries(Path(args.output_dir), name)
-    print(f"Resuming from {path}: {checkpoint.meta['epoch']} epochs done"
-          + (f", {checkpoint.meta['progress']['step']} steps into the next" if checkpoint.meta["progress"]["step"]
-             else ""))
+    remove_stale_temporaries(Path(output_dir), name)
+    log.info("Resuming from %s: %d epochs done%s", path, checkpoint.meta["epoch"],
+             f", {checkpoint.meta['progress']['step']} steps into the next" if checkpoint.meta["progress"]["step"]
+             else "")
     return checkpoint
 
 
@@ -238,105 +206,3 @@ def remove_stale_temporaries(output: Path, name: str) -> None:
     for folder in ("statistics", "epochs", "results", "checkpoints"):
         for leftover in (output / folder).glob(f".{name}_*"):
             leftover.unlink(missing_ok=True)
-
-
-# --- signals -------------------------------------------------------------------------------
-
-class StopRequest:
-    """SIGINT/SIGTERM set ``signum``; training stops after the current step and saves.
-
-    Before training starts (:meth:`arm`), and on a second signal, it stops at once:
-    the last checkpoint on disk is still good.
-    """
-
-    def __init__(self):
-        self.signum: int | None = None
-        self.armed = False
-
-    def arm(self, progress: EpochProgress) -> None:
-        progress.stop, self.armed = self, True
-
-    def _handle(self, signum, frame):
-        if not self.armed or self.signum is not None:
-            raise KeyboardInterrupt
-        self.signum = signum
-        print(f"\n{signal.Signals(signum).name}: finishing the current step, then saving a checkpoint "
-              "(send it again to stop at once)", file=sys.stderr)
-
-    @contextlib.contextmanager
-    def installed(self) -> Iterator["StopRequest"]:
-        previous = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
-        try:
-            yield self
-        finally:
-            for s, handler in previous.items():
-                signal.signal(s, handler)
-
-    def error(self, path: Path, where: str) -> ReirError:
-        name = signal.Signals(self.signum).name
-        return ReirError(f"stopped by {name} {where}; checkpoint saved to {path}; "
-                         "resume with the same command plus --resume auto", 128 + self.signum)
-
-
-def ignore_sigint_in_worker(worker_id: int) -> None:
-    """Ctrl-C reaches the whole process group; only the main process decides how to stop."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-
-
-def loader_options() -> dict:
-    """DataLoader options that keep the global RNG untouched and workers quiet on Ctrl-C."""
-    return {"generator": torch.Generator().manual_seed(0), "worker_init_fn": ignore_sigint_in_worker}
-
-
-# --- replayable epochs -----------------------------------------------------------------------
-
-class ReplayableSampler(Sampler):
-    """Yields ``(sample_seed, index)``: the wrapped sampler's order, each image with its own seed.
-
-    ``resume_at(epoch, batch)`` makes that epoch start after its first ``batch`` batches.
-    """
-
-    def __init__(self, sampler, seed: int, batch_size: int):
-        self.sampler, self.seed, self.batch_size = sampler, seed, batch_size
-        self.epoch = 0
-        self._resume: tuple[int, int] | None = None
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-        self.sampler.set_epoch(epoch)
-
-    def resume_at(self, epoch: int, batch: int) -> None:
-        self._resume = (epoch, batch)
-
-    def _skip(self) -> int:
-        return self._resume[1] * self.batch_size if self._resume and self._resume[0] == self.epoch else 0
-
-    def __iter__(self):
-        skip = self._skip()
-        self._resume = None
-        seeds = np.random.SeedSequence([self.seed, self.epoch]).generate_state(len(self.sampler), np.uint64)
-        pairs = zip((int(s) >> 1 for s in seeds), self.sampler)
-        return itertools.islice(pairs, skip, None)
-
-    def indices(self) -> list:
-        """The epoch's ``(seed, index)`` pairs, for samplers that split them (DDP ranks)."""
-        return list(iter(self))
-
-    def __len__(self) -> int:
-        return len(self.sampler) - self._skip()
-
-
-class SeededItems(Dataset):
-    """``dataset[index]`` with torch's RNG seeded per item, so augmentation is replayable anywhere."""
-
-    def __init__(self, dataset):
-        self.dataset = dataset
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, item: tuple[int, int]):
-        sample_seed, index = item
-        with torch.random.fork_rng(devices=[]):
-            torch.default_generator.manual_seed(sample_seed)  # CPU only: CUDA's RNG stays the run's
-            return self.dataset[index]

@@ -9,14 +9,13 @@ from __future__ import annotations
 import importlib
 import sys
 
-from .cliutil import ArgumentParser, positive_int, reports_errors
 
 # name -> (module with main(argv), or module:function, one-line help)
 COMMANDS = {
     "train": ("reir.train", "train a REIR model (same flags as train.py)"),
     "prepare": ("reir.data.prepare", "prepare datasets into split lists (same flags as data_utils.py)"),
     "eval": ("reir.eval_cli", "print Recall@K, precision@1, R-precision, MAP@R and NMI of a database"),
-    "params": ("reir.cli", "print the trainable parameter count of a configuration"),
+    "params": ("reir.train:params_main", "print the trainable parameter count of a configuration"),
     "search": ("reir.inference:search_main", "retrieve the nearest images of one query (as inference.py)"),
     "ablation": ("reir.ablation:ablation_main", "compare two databases query by query (as ablation.py)"),
     "plot": ("reir.plot", "plot loss, accuracy and Recall@K of a statistics CSV"),
@@ -26,21 +25,6 @@ COMMANDS = {
     "report": ("reir.report", "write one self-contained HTML report: metrics, curves, best and worst queries"),
     "export": ("reir.export", "export the embedding network to ONNX or TorchScript with a parity check"),
 }
-
-
-@reports_errors
-def params_main(argv: list[str] | None = None) -> int:
-    from .model import MODEL_TYPES, SHARE_TYPES, ModelConfig, count_parameters
-
-    parser = ArgumentParser(prog="reir params", description="Count trainable parameters (no download).")
-    parser.add_argument("--model_type", default="resnet18", choices=MODEL_TYPES)
-    parser.add_argument("--meta_class_size", default=12, type=positive_int)
-    parser.add_argument("--ensemble_size", default=48, type=positive_int)
-    parser.add_argument("--share_type", default="layer1", choices=SHARE_TYPES)
-    args = parser.parse_args(argv)
-    count = count_parameters(ModelConfig(args.model_type, args.share_type, args.ensemble_size, args.meta_class_size))
-    print(f"{count:,}")
-    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -55,8 +39,6 @@ def main(argv: list[str] | None = None) -> int:
               + "\n".join(lines))
         return 0
     module_name, _, function = COMMANDS[argv[0]][0].partition(":")
-    if argv[0] == "params":
-        return params_main(argv[1:])
     return getattr(importlib.import_module(module_name), function or "main")(argv[1:])
 
 

@@ -1,9 +1,10 @@
-"""Command-line plumbing shared by every entry point: one-line errors, exit codes."""
+"""Command-line plumbing shared by every entry point: one-line errors, exit codes, what reaches the terminal."""
 
 from __future__ import annotations
 
 import argparse
 import functools
+import logging
 import sys
 from typing import Callable
 
@@ -66,11 +67,52 @@ def one_line(exc: ReirError) -> str:
     return lines[0] if lines else type(exc).__name__
 
 
+class _TerminalHandler(logging.StreamHandler):
+    """Writes to ``sys.stdout``/``sys.stderr`` as they are at each message (DDP ranks silence stdout)."""
+
+    def __init__(self, name: str):
+        super().__init__()
+        self.stream_name = name
+
+    @property
+    def stream(self):
+        return getattr(sys, self.stream_name)
+
+    @stream.setter
+    def stream(self, value):
+        pass  # always the current sys stream
+
+
+class _WarningFormatter(logging.Formatter):
+    """``warning: ...``; a warning logged with ``extra={"loud": True}`` stands out between blank lines."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        text = record.getMessage()
+        return f"\n*** WARNING: {text}\n" if getattr(record, "loud", False) else f"warning: {text}"
+
+
+def configure_logging(level: int = logging.INFO) -> None:
+    """Library messages on the terminal: progress on stdout, warnings on stderr as ``warning: ...``."""
+    logger = logging.getLogger("reir")
+    logger.setLevel(level)
+    if any(isinstance(h, _TerminalHandler) for h in logger.handlers):
+        return
+    progress = _TerminalHandler("stdout")
+    progress.addFilter(lambda record: record.levelno < logging.WARNING)
+    problems = _TerminalHandler("stderr")
+    problems.setLevel(logging.WARNING)
+    problems.setFormatter(_WarningFormatter())
+    logger.addHandler(progress)
+    logger.addHandler(problems)
+
+
 def reports_errors(main: Callable[..., int | None]) -> Callable[..., int]:
-    """Wrap a ``main``: a :class:`ReirError` becomes one stderr line and its exit code."""
+    """Wrap a ``main``: library messages reach the terminal, a :class:`ReirError` becomes one stderr line
+    and its exit code."""
 
     @functools.wraps(main)
     def wrapper(*args, **kwargs) -> int:
+        configure_logging()
         try:
             return main(*args, **kwargs) or 0
         except ReirError as exc:

@@ -20,6 +20,12 @@ FORMAT = "reir-database/1"
 SUFFIX = "_data_base.safetensors"
 
 
+def shared_label_ids(*label_lists: list[str]) -> list[torch.Tensor]:
+    """Class names of several splits as integers on one vocabulary, so equal names get equal ids."""
+    vocabulary = {name: i for i, name in enumerate(sorted({l for labels in label_lists for l in labels}))}
+    return [torch.tensor([vocabulary[l] for l in labels]) for labels in label_lists]
+
+
 @dataclass
 class Database:
     features: dict[str, torch.Tensor]
@@ -35,8 +41,7 @@ class Database:
 
     def label_ids(self, *splits: str) -> list[torch.Tensor]:
         """Labels of several splits as integers on one shared vocabulary."""
-        vocabulary = {name: i for i, name in enumerate(sorted({l for s in splits for l in self.labels(s)}))}
-        return [torch.tensor([vocabulary[l] for l in self.labels(s)]) for s in splits]
+        return shared_label_ids(*(self.labels(s) for s in splits))
 
     @property
     def eval_splits(self) -> tuple[str, ...]:

@@ -15,11 +15,13 @@ import time
 from pathlib import Path
 
 from . import train
+from .cliutil import reports_errors
+from .config import TrainConfig
 from .baselines import label_ids, raw_pixel_features, untrained_features
 from .data.custom import load_custom
 from .data.glyphs import write_subset_csv
 from .data.sources import load_dataset
-from .database import SUFFIX as DATABASE_SUFFIX, load_database
+from .database import load_database
 from .metrics import retrieval_metrics
 from .model import ModelConfig
 
@@ -46,6 +48,7 @@ def row(name: str, metrics: dict[str, float]) -> str:
     return f"| {name:<24} | {cells} | {100 * metrics['map@r']:5.1f} |"
 
 
+@reports_errors
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m reir.demo", description=__doc__.split("\n\n")[0])
     parser.add_argument("--output_dir", default="demo_output")
@@ -59,13 +62,9 @@ def main(argv: list[str] | None = None) -> int:
                               Path(args.output_dir) / "glyphs_subset.csv", TRAIN_CLASSES, TEST_CLASSES, args.seed)
     split_list = load_custom(source, "uncropped")
     prepared = time.perf_counter()
-    argv = training_arguments(args, source)
-    code = train.main(argv)
-    if code:
-        return code
+    config = TrainConfig.from_args(train.get_args_parser().parse_args(training_arguments(args, source)))
+    database = load_database(train.train(config).database)
     trained = time.perf_counter()
-    name = train.save_name(train.get_args_parser().parse_args(argv))
-    database = load_database(f"{args.output_dir}/results/{name}{DATABASE_SUFFIX}")
     labels = label_ids(split_list, "test")
     rows = {
         f"REIR, trained (epoch {database.info['epoch']})": retrieval_metrics(database.features["test"], labels, RECALLS),

@@ -16,7 +16,6 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-from torch.utils.data import Sampler
 
 from .errors import ReirError
 
@@ -107,46 +106,3 @@ def wrap(model: torch.nn.Module, context: Context, device: torch.device) -> torc
         return model
     device_ids = [device.index] if device.type == "cuda" else None
     return torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
-
-
-class RankSampler(Sampler[int]):
-    """This rank's share of another sampler's epoch, cut so the ranks' batches together form the
-    single-process batch of ``batch_size * world_size``.
-
-    Global batch ``k`` is ``indices[k*G:(k+1)*G]``; rank ``r`` takes its ``r``-th piece of it. A last,
-    short global batch is split as evenly as possible; when it has fewer images than ranks it is
-    dropped, so every rank runs the same number of steps (DDP needs that).
-    """
-
-    def __init__(self, sampler, batch_size: int, context: Context):
-        self.sampler = sampler
-        self.batch_size = batch_size
-        self.context = context
-
-    def set_epoch(self, epoch: int) -> None:
-        self.sampler.set_epoch(epoch)
-
-    def indices(self) -> list[int]:
-        everything = list(self.sampler.indices())
-        world, rank, size = self.context.world_size, self.context.rank, self.batch_size
-        step = size * world
-        full = len(everything) // step * step
-        mine = [i for start in range(0, full, step)
-                for i in everything[start + rank * size:start + (rank + 1) * size]]
-        rest = everything[full:]
-        if len(rest) >= world:
-            base, extra = divmod(len(rest), world)
-            start = rank * base + min(rank, extra)
-            mine += rest[start:start + base + (1 if rank < extra else 0)]
-        return mine
-
-    def __iter__(self):
-        return iter(self.indices())
-
-    def __len__(self) -> int:
-        total = len(self.sampler)
-        step = self.batch_size * self.context.world_size
-        rest = total % step
-        own_rest = 0 if rest < self.context.world_size else rest // self.context.world_size + (
-            1 if self.context.rank < rest % self.context.world_size else 0)
-        return total // step * self.batch_size + own_rest

@@ -26,6 +26,7 @@ from . import distributed
 from .api import UNLABELLED, Model, embed_items, image_files, load_model
 from .cliutil import ArgumentParser, non_negative_int, positive_int, reports_errors
 from .database import Database
+from .devices import training_devices
 from .errors import ReirError, UsageError
 from .fileio import atomic_write, load_tensors, save_tensors
 
@@ -216,14 +217,12 @@ def get_args_parser() -> ArgumentParser:
 @reports_errors
 def main(argv: list[str] | None = None) -> int:
     args = get_args_parser().parse_args(argv)
-    from .train import resolve_device
-
     output = Path(args.output)
     if output.is_dir():
         raise UsageError(f"--output {output} is a folder; give a file name such as {output}/collection_data_base.safetensors")
     context, device = distributed.setup(args.device)
     try:
-        model = load_model(args.model, device or resolve_device(args.device, [0]))
+        model = load_model(args.model, device or training_devices(args.device, [0])[0])
         if args.images:
             source = Path(args.images)
             if source.is_dir():

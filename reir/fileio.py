@@ -18,7 +18,6 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open, save
 
-from . import killpoints
 from .errors import ReirError
 
 METADATA_KEY = "reir"
@@ -38,21 +37,18 @@ def ensure_dir(path: str | os.PathLike) -> Path:
 
 
 @contextlib.contextmanager
-def atomic_open(path: str | os.PathLike, mode: str = "wb") -> Iterator[Any]:
-    """Open a temporary sibling of ``path``; on success fsync and rename it into place."""
-    path = Path(path)
+def _temporary_sibling(path: Path, prefix: str, suffix: str) -> Iterator[tuple[int, str]]:
+    """A new temporary file beside ``path``, renamed onto it when the block succeeds.
+
+    On any failure the temporary file is removed and ``path`` is left as it was.
+    """
     folder = ensure_dir(path.parent)
     try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
+        fd, tmp = tempfile.mkstemp(prefix=prefix, suffix=suffix, dir=folder)
     except OSError as exc:
         raise ReirError(f"cannot write in {folder}: {exc.strerror}; choose a writable folder") from None
     try:
-        with os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": "utf-8", "newline": ""})) as handle:
-            os.fchmod(handle.fileno(), FILE_MODE)
-            yield handle
-            handle.flush()
-            os.fsync(handle.fileno())
-        killpoints.reached("save")
+        yield fd, tmp
         os.replace(tmp, path)
     except OSError as exc:
         _remove_quietly(tmp)
@@ -61,6 +57,18 @@ def atomic_open(path: str | os.PathLike, mode: str = "wb") -> Iterator[Any]:
         _remove_quietly(tmp)
         raise
     _fsync_dir(folder)
+
+
+@contextlib.contextmanager
+def atomic_open(path: str | os.PathLike, mode: str = "wb") -> Iterator[Any]:
+    """Open a temporary sibling of ``path``; on success fsync and rename it into place."""
+    path = Path(path)
+    with _temporary_sibling(path, f".{path.name}.", ".tmp") as (fd, _):
+        with os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": "utf-8", "newline": ""})) as handle:
+            os.fchmod(handle.fileno(), FILE_MODE)
+            yield handle
+            handle.flush()
+            os.fsync(handle.fileno())
 
 
 def atomic_write(path: str | os.PathLike, data: bytes | str) -> Path:
@@ -72,25 +80,12 @@ def atomic_write(path: str | os.PathLike, data: bytes | str) -> Path:
 def atomic_write_with(path: str | os.PathLike, writer: Callable[[str], None]) -> Path:
     """For libraries that only write to a filename (PIL, matplotlib): write to a temp name, then rename."""
     path = Path(path)
-    folder = ensure_dir(path.parent)
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix, dir=folder)
-    except OSError as exc:
-        raise ReirError(f"cannot write in {folder}: {exc.strerror}; choose a writable folder") from None
-    os.close(fd)
-    try:
+    with _temporary_sibling(path, f".{path.stem}.", path.suffix) as (fd, tmp):
+        os.close(fd)
         os.chmod(tmp, FILE_MODE)
         writer(tmp)
         with open(tmp, "rb+") as handle:
             os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except OSError as exc:
-        _remove_quietly(tmp)
-        raise ReirError(f"cannot write {path}: {exc.strerror}; free space or choose another folder") from None
-    except BaseException:
-        _remove_quietly(tmp)
-        raise
-    _fsync_dir(folder)
     return path
 
 

@@ -8,25 +8,35 @@ AccuracyCalculator: queries whose class has no other reference image ("lone"
 queries) are left out of precision@1, R-precision and MAP@R, while Recall@K, as
 in the original REIR, averages over every query (a lone query is a miss).
 
-The neighbour lists are reduced block by block as the search yields them, so the
-peak memory is that of the search, O(N * (D + K)), with K = max(largest recall, largest R).
+None of these needs a K-nearest-neighbour list. Recall@K for every K needs, per
+query, only the rank of its first relevant reference: how many references of other
+classes come before its best same-class reference (higher score first, then lower
+reference index). MAP@R and R-precision need only the top R. So references are
+ordered by class and cut into square tiles of one size; one pass of tile GEMMs
+(only the upper triangle in self-retrieval, since the scores are symmetric) keeps,
+per query, those counts and a top-R list, looking only at the few scores at or
+above a per-query threshold. Every score comes from a GEMM of the same shape, so a
+pair scores the same in whichever tile it lies and ties resolve exactly.
 """
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import numpy as np
 import torch
 
-from .knn import faiss_available, flatten, iter_knn
+from .errors import ReirError
+from .knn import faiss_available, flatten
 
 KMEANS_ITERATIONS = 20
 KMEANS_SEED = 1234
-
-
-def recall_at_k(query_labels: torch.Tensor, neighbor_labels: torch.Tensor, ks) -> dict[int, float]:
-    """Share of queries with a same-class image among their first K neighbours."""
-    hits = neighbor_labels == query_labels[:, None]
-    return {k: hits[:, :k].any(dim=1).float().mean().item() for k in ks}
+# Rows (and columns) of one score tile: 2048 x 2048 floats = 16 MB.
+TILE = 2048
+# Below this BLAS libraries switch to small-matrix code whose rounding depends on where an entry lies.
+MIN_TILE = 64
+# A block's tiles that hold its own classes are kept (not recomputed) up to this many.
+KEPT_OWN_TILES = 4
 
 
 def relevant_counts(query_labels: torch.Tensor, reference_labels: torch.Tensor, self_retrieval: bool) -> torch.Tensor:
@@ -39,41 +49,303 @@ def relevant_counts(query_labels: torch.Tensor, reference_labels: torch.Tensor, 
 
 def retrieval_metrics(query_features: torch.Tensor, query_labels: torch.Tensor, recalls=(1,),
                       gallery_features: torch.Tensor | None = None, gallery_labels: torch.Tensor | None = None,
-                      backend: str = "auto", device: torch.device | str | None = None,
-                      chunk_size: int | None = None) -> dict[str, float]:
-    """``recall@K`` for each K, ``precision@1``, ``r_precision`` and ``map@r`` in one exact search.
+                      device: torch.device | str | None = None, chunk_size: int | None = None) -> dict[str, float]:
+    """``recall@K`` for each K, ``precision@1``, ``r_precision`` and ``map@r``, exactly, in one pass of GEMMs.
 
     Without a gallery the queries retrieve among themselves, each query excluded.
+    ``chunk_size`` is the tile side (default ``TILE``, at least ``MIN_TILE``); it changes the speed,
+    never the result.
     """
     self_retrieval = gallery_features is None
-    if self_retrieval:
-        gallery_features, gallery_labels = query_features, query_labels
+    queries = flatten(query_features)
+    references = queries if self_retrieval else flatten(gallery_features)
+    if queries.shape[1] != references.shape[1]:
+        raise ReirError(f"queries have dimension {queries.shape[1]} but references {references.shape[1]}; "
+                        "use embeddings from the same model")
+    if gallery_labels is None:
+        gallery_labels = query_labels
     query_labels, gallery_labels = query_labels.cpu().long(), gallery_labels.cpu().long()
-    r = relevant_counts(query_labels, gallery_labels, self_retrieval)
     recalls = sorted(set(recalls))
-    k = max(max(recalls), int(r.max()) if len(r) else 0)
-    found = {key: 0.0 for key in recalls}
-    precision, r_precision, map_r = 0.0, 0.0, 0.0
-    for start, _, indices in iter_knn(query_features, gallery_features, k, self_retrieval, chunk_size, backend, device):
-        labels, rows_r = query_labels[start:start + len(indices)], r[start:start + len(indices)]
-        hits = gallery_labels[indices] == labels[:, None]
-        for key in recalls:
-            found[key] += hits[:, :key].any(dim=1).sum().item()
-        valid = rows_r > 0
-        hits, rows_r = hits[valid], rows_r[valid].double()
-        if not len(hits):
+    ranking = _Ranking(queries, query_labels, references, gallery_labels, self_retrieval, max(recalls),
+                       torch.device(device) if device is not None else queries.device, chunk_size or TILE)
+    return ranking.metrics(recalls)
+
+
+class _Ranking:
+    """Per query: how many other-class references come before its best relevant one, and its top R.
+
+    Queries and references are sorted by class and split into blocks of at most ``tile``
+    rows that hold whole classes (a larger class spans several blocks of its own), padded
+    to ``tile`` rows so that every GEMM has one shape. Row state is kept per padded row.
+    """
+
+    def __init__(self, queries, query_labels, references, reference_labels, self_retrieval, max_recall, device, tile):
+        self.self_retrieval, self.device = self_retrieval, device
+        classes, ids = torch.unique(torch.cat([query_labels, reference_labels]), return_inverse=True)
+        query_ids, reference_ids = ids[:len(query_labels)], ids[len(query_labels):]
+        self.query_ids, self.reference_ids = query_ids.to(device), reference_ids.to(device)
+        self.tile = tile = max(MIN_TILE, min(tile, max(len(queries), len(references))))
+        query_order = torch.argsort(query_ids, stable=True)
+        reference_order = query_order if self_retrieval else torch.argsort(reference_ids, stable=True)
+        class_starts = torch.searchsorted(reference_ids[reference_order], torch.arange(len(classes) + 1))
+        self.query_blocks = _class_blocks(query_ids[query_order], class_starts, tile)
+        self.reference_blocks = self.query_blocks if self_retrieval else [
+            (start, min(start + tile, len(references))) for start in range(0, len(references), tile)]
+        # own reference range of each query block: the references of its classes
+        sorted_query_ids = query_ids[query_order]
+        self.own_ranges = [(int(class_starts[sorted_query_ids[start]]), int(class_starts[sorted_query_ids[stop - 1] + 1]))
+                           for start, stop in self.query_blocks]
+        # each query's relevant references are one run of sorted reference positions
+        sorted_position = torch.full((len(self.query_blocks), tile), -1, dtype=torch.long)
+        for block, (start, stop) in enumerate(self.query_blocks):
+            sorted_position[block, :stop - start] = torch.arange(start, stop)
+        row_ids = torch.where(sorted_position >= 0, sorted_query_ids[sorted_position.clamp(min=0)], 0)
+        self.class_start = torch.where(sorted_position >= 0, class_starts[row_ids], 0).flatten().to(device)
+        self.class_stop = torch.where(sorted_position >= 0, class_starts[row_ids + 1], 0).flatten().to(device)
+        self.sorted_position = sorted_position.flatten().to(device)
+        self.widest = max(1, int((class_starts[1:] - class_starts[:-1]).max()))
+        position_block = torch.empty(len(references), dtype=torch.long)
+        position_column = torch.empty(len(references), dtype=torch.long)
+        for block, (start, stop) in enumerate(self.reference_blocks):
+            position_block[start:stop], position_column[start:stop] = block, torch.arange(stop - start)
+        self.position_block, self.position_column = position_block.to(device), position_column.to(device)
+        self.reference_order = reference_order.to(device)
+        # blocks are gathered tile by tile into two buffers: no sorted copy of the embeddings
+        self.queries = queries.detach().to(device, torch.float32)
+        self.references = self.queries if self_retrieval else references.detach().to(device, torch.float32)
+        self.query_index = _block_index(query_order, self.query_blocks, tile).to(device)
+        self.reference_index = self.query_index if self_retrieval else _block_index(
+            reference_order, self.reference_blocks, tile).to(device)
+        self.row_features = torch.zeros(tile, queries.shape[1], device=device)
+        self.column_features = torch.zeros(tile, queries.shape[1], device=device)
+        self.loaded = [None, None]  # which block each buffer holds
+        padded_rows = self.query_index.numel()
+        valid = self.query_index >= 0
+        self.valid = valid.flatten()
+        self.row_class = torch.where(valid, self.query_ids[self.query_index.clamp(min=0)], -1).flatten()
+        self.column_class = torch.where(self.reference_index >= 0,
+                                        self.reference_ids[self.reference_index.clamp(min=0)], -2)
+        relevant = relevant_counts(query_ids, reference_ids, self_retrieval).to(device)
+        self.relevant = torch.where(valid, relevant[self.query_index.clamp(min=0)], 0).flatten()
+        self.max_recall = max_recall
+        self.k = max(1, int(self.relevant.max()) if padded_rows else 1)
+        inf = float("inf")
+        self.best_score = torch.full((padded_rows,), -inf, device=device)
+        self.best_index = torch.full((padded_rows,), len(references), device=device)
+        self.top_bound = torch.full((padded_rows,), -inf, device=device)  # at most the R-th best score
+        self.before = torch.zeros(padded_rows, dtype=torch.long, device=device)
+        self.threshold = torch.full((padded_rows,), inf, device=device)
+        self.top_scores = torch.full((padded_rows, self.k), -inf, device=device)
+        self.top_index = torch.full((padded_rows, self.k), len(references), device=device)
+        self.buffer = torch.empty(tile, tile, device=device)
+        self.mask = torch.empty(tile, tile, dtype=torch.bool, device=device)
+        self.done: set[tuple[int, int]] = set()
+        for block in range(len(self.query_blocks)):
+            self._own_tiles(block)
+        self._remaining_tiles()
+
+    def _rows(self, block: int) -> slice:
+        return slice(block * self.tile, (block + 1) * self.tile)
+
+    def _score_tile(self, block: int, reference_block: int, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Scores of a query block against a reference block; padding and the query itself at -inf."""
+        rows = self.query_blocks[block][1] - self.query_blocks[block][0]
+        columns = self.reference_blocks[reference_block][1] - self.reference_blocks[reference_block][0]
+        if self.loaded[0] != block:
+            _gather(self.queries, self.query_index[block, :rows], self.row_features)
+            self.loaded[0] = block
+        if self.self_retrieval and block == reference_block:
+            column_features = self.row_features
+        else:
+            if self.loaded[1] != reference_block:
+                _gather(self.references, self.reference_index[reference_block, :columns], self.column_features)
+                self.loaded[1] = reference_block
+            column_features = self.column_features
+        scores = torch.mm(self.row_features, column_features.T, out=out)
+        scores[rows:] = -float("inf")
+        scores[:, columns:] = -float("inf")
+        if self.self_retrieval and block == reference_block:
+            scores.fill_diagonal_(-float("inf"))
+        return scores
+
+    def _own_tiles(self, block: int) -> None:
+        """Best and worst relevant score of the block's queries, read from the tiles that hold their classes."""
+        start, stop = self.own_ranges[block]
+        own = [j for j, (s, e) in enumerate(self.reference_blocks) if s < stop and e > start] if start < stop else []
+        rows, keep, kept = self._rows(block), len(own) <= KEPT_OWN_TILES, []
+        inf = float("inf")
+        positions = self.class_start[rows, None] + torch.arange(self.widest, device=self.device)
+        relevant = positions < self.class_stop[rows, None]
+        if self.self_retrieval:
+            relevant &= positions != self.sorted_position[rows, None]
+        positions = positions.clamp(max=len(self.reference_ids) - 1)
+        tile_of, column = self.position_block[positions], self.position_column[positions]
+        relevant_scores = torch.full(positions.shape, -inf, device=self.device)
+        ranks = min(self.k, self.tile)
+        for reference_block in own:
+            scores = self._score_tile(block, reference_block, None if keep else self.buffer)
+            relevant_scores = torch.where(relevant & (tile_of == reference_block), scores.gather(1, column),
+                                          relevant_scores)
+            # the R-th best score of any tile bounds the top R from below
+            kth = scores.topk(ranks, dim=1).values.gather(1, (self.relevant[rows, None] - 1).clamp(0, ranks - 1))
+            kth = torch.where(self.relevant[rows] <= ranks, kth[:, 0], -inf)
+            self.top_bound[rows] = torch.maximum(self.top_bound[rows], kth)
+            if keep:
+                kept.append((reference_block, scores))
+        best = relevant_scores.amax(dim=1)
+        self.best_score[rows] = best
+        self.best_index[rows] = torch.where(relevant & (relevant_scores == best[:, None]),
+                                            self.reference_order[positions], len(self.reference_ids)).amin(dim=1)
+        worst = relevant_scores.masked_fill(~relevant, inf).amin(dim=1)
+        self.top_bound[rows] = torch.maximum(self.top_bound[rows], worst)
+        self._update_thresholds(rows)
+        for reference_block, scores in kept:
+            self._scan(scores, block, reference_block, transposed=False)
+            self.done.add((block, reference_block))
+
+    def _remaining_tiles(self) -> None:
+        blocks, reference_blocks = len(self.query_blocks), len(self.reference_blocks)
+        for block in range(blocks):
+            first = block if self.self_retrieval else 0
+            for reference_block in range(first, reference_blocks):
+                rows = (block, reference_block) not in self.done and self._open(block)
+                # in self-retrieval the tile also serves the reference block's queries (transposed)
+                columns = (self.self_retrieval and reference_block != block
+                           and (reference_block, block) not in self.done and self._open(reference_block))
+                if not (rows or columns):
+                    continue
+                scores = self._score_tile(block, reference_block, self.buffer)
+                if rows:
+                    self._scan(scores, block, reference_block, transposed=False)
+                if columns:
+                    self._scan(scores, reference_block, block, transposed=True)
+
+    def _open(self, block: int) -> bool:
+        return bool(torch.isfinite(self.threshold[self._rows(block)]).any())
+
+    def _scan(self, scores: torch.Tensor, block: int, reference_block: int, transposed: bool) -> None:
+        """Take the scores at or above each query's threshold: count those before its best relevant one,
+        merge those that may be in its top R."""
+        rows = self._rows(block)
+        threshold = self.threshold[rows]
+        mask = torch.ge(scores, threshold[None] if transposed else threshold[:, None], out=self.mask)
+        found = mask.nonzero()
+        if len(found):
+            with _one_thread(self.device):
+                self._count_and_merge(scores, found, block, reference_block, transposed)
+
+    def _count_and_merge(self, scores, found, block, reference_block, transposed) -> None:
+        rows = self._rows(block)
+        values = scores[found[:, 0], found[:, 1]]
+        query, column = (found[:, 1], found[:, 0]) if transposed else (found[:, 0], found[:, 1])
+        row = query + block * self.tile
+        reference = self.reference_index[reference_block][column]
+        best, best_index = self.best_score[row], self.best_index[row]
+        ahead = (self.column_class[reference_block][column] != self.row_class[row]) & (
+            (values > best) | ((values == best) & (reference < best_index)))
+        alive = (self.before[rows] < self.relevant[rows])[query]  # best relevant still within the top R
+        self.before[rows] += torch.bincount(query[ahead], minlength=self.tile)
+        if alive.any():
+            self._merge(row[alive], reference[alive], values[alive])
+        self._update_thresholds(rows)
+
+    def _merge(self, row: torch.Tensor, reference: torch.Tensor, values: torch.Tensor) -> None:
+        """Fold candidates into the per-query top lists, ordered by score, then reference index."""
+        rows, slot = torch.unique(row, return_inverse=True)
+        k = self.k
+        slot = torch.cat([torch.arange(len(rows), device=self.device).repeat_interleave(k), slot])
+        values = torch.cat([self.top_scores[rows].flatten(), values])
+        reference = torch.cat([self.top_index[rows].flatten(), reference])
+        order = torch.argsort(reference, stable=True)
+        order = order[torch.argsort(values[order], descending=True, stable=True)]
+        order = order[torch.argsort(slot[order], stable=True)]
+        slot, values, reference = slot[order], values[order], reference[order]
+        counts = torch.bincount(slot, minlength=len(rows))
+        position = torch.arange(len(slot), device=self.device) - (torch.cumsum(counts, 0) - counts)[slot]
+        kept = position < k
+        top_scores, top_index = self.top_scores[rows], self.top_index[rows]
+        top_scores[slot[kept], position[kept]] = values[kept]
+        top_index[slot[kept], position[kept]] = reference[kept]
+        self.top_scores[rows], self.top_index[rows] = top_scores, top_index
+
+    def _update_thresholds(self, rows: slice) -> None:
+        """Top-R candidates while the best relevant can still be in the top R, then only the count
+        (scores at or above the best relevant), then nothing once past the largest K."""
+        relevant, before = self.relevant[rows], self.before[rows]
+        kth = self.top_scores[rows].gather(1, (relevant[:, None] - 1).clamp(min=0))[:, 0]
+        # never above the best relevant score: every score ahead of it must be seen and counted
+        top = torch.minimum(torch.maximum(kth, self.top_bound[rows]), self.best_score[rows])
+        threshold = torch.where(before < relevant, top,
+                                torch.where(before < self.max_recall, self.best_score[rows], float("inf")))
+        self.threshold[rows] = torch.where(relevant > 0, threshold, float("inf"))
+
+    def metrics(self, recalls: list[int]) -> dict[str, float]:
+        valid = self.valid
+        relevant, before = self.relevant[valid], self.before[valid]
+        queries = len(relevant)
+        metrics = {f"recall@{k}": ((relevant > 0) & (before < k)).double().mean().item() if queries else float("nan")
+                   for k in recalls}
+        scored = relevant > 0
+        if not scored.any():
+            return {**metrics, "precision@1": float("nan"), "r_precision": float("nan"), "map@r": float("nan")}
+        relevant = relevant[scored].double()
+        top = self.top_index[valid][scored]
+        hits = self.reference_ids[top.clamp(max=len(self.reference_ids) - 1)] == self.row_class[valid][scored][:, None]
+        ranks = torch.arange(1, self.k + 1, dtype=torch.float64, device=self.device)
+        hits &= (ranks[None] <= relevant[:, None]) & (before[scored] < relevant)[:, None]
+        metrics["precision@1"] = hits[:, 0].double().mean().item()
+        metrics["r_precision"] = (hits.sum(dim=1) / relevant).mean().item()
+        metrics["map@r"] = ((hits.cumsum(dim=1) / ranks * hits).sum(dim=1) / relevant).mean().item()
+        return metrics
+
+
+@contextmanager
+def _one_thread(device: torch.device):
+    """Run the bookkeeping on small tensors on one CPU thread: split across threads it waits on
+    thread hand-offs, which on a loaded machine cost more than the work."""
+    if device.type != "cpu":
+        yield
+        return
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _class_blocks(sorted_ids: torch.Tensor, class_starts: torch.Tensor, tile: int) -> list[tuple[int, int]]:
+    """Consecutive runs of whole classes with at most ``tile`` queries and ``tile`` own references each;
+    a larger class gets blocks of its own."""
+    classes, counts = torch.unique_consecutive(sorted_ids, return_counts=True)
+    own = (class_starts[classes + 1] - class_starts[classes]).tolist()
+    blocks, start, rows, columns = [], 0, 0, 0
+    for count, references in zip(counts.tolist(), own):
+        if rows and (rows + count > tile or columns + references > tile):
+            blocks.append((start, start + rows))
+            start, rows, columns = start + rows, 0, 0
+        if count > tile or references > tile:
+            blocks.extend((s, min(s + tile, start + count)) for s in range(start, start + count, tile))
+            start += count
             continue
-        hits = hits[:, :int(rows_r.max())]  # MAP@R and R-precision look no further than R
-        ranks = torch.arange(1, hits.shape[1] + 1, dtype=torch.float64)
-        relevant = hits & (ranks[None] <= rows_r[:, None])  # a hit within the first R
-        precision += hits[:, 0].sum().item()
-        r_precision += (relevant.sum(dim=1) / rows_r).sum().item()
-        map_r += ((hits.cumsum(dim=1) / ranks * relevant).sum(dim=1) / rows_r).sum().item()
-    queries, scored = len(query_labels), int((r > 0).sum())
-    metrics = {f"recall@{key}": found[key] / queries if queries else float("nan") for key in recalls}
-    for name, total in (("precision@1", precision), ("r_precision", r_precision), ("map@r", map_r)):
-        metrics[name] = total / scored if scored else float("nan")
-    return metrics
+        rows, columns = rows + count, columns + references
+    if rows:
+        blocks.append((start, start + rows))
+    return blocks
+
+
+def _block_index(order: torch.Tensor, blocks, tile: int) -> torch.Tensor:
+    """``[blocks, tile]``: the original index of each block row, in class order (-1: padding)."""
+    index = torch.full((len(blocks), tile), -1, dtype=torch.long)
+    for block, (start, stop) in enumerate(blocks):
+        index[block, :stop - start] = order[start:stop]
+    return index
+
+
+def _gather(features: torch.Tensor, index: torch.Tensor, out: torch.Tensor) -> None:
+    """Rows ``index`` of ``features`` into ``out``, the rest of ``out`` zero (every tile has one shape)."""
+    torch.index_select(features, 0, index, out=out[:len(index)])
+    out[len(index):] = 0
 
 
 def cluster(features: torch.Tensor, clusters: int, seed: int = KMEANS_SEED) -> np.ndarray:
@@ -120,11 +392,3 @@ def format_metrics(metrics: dict[str, float | None]) -> str:
         label = f"R@{key.split('@')[1]}" if key.startswith("recall@") else names.get(key, key)
         parts.append(f"{label} {100 * value:.2f}%")
     return " ".join(parts)
-
-
-def retrieval_recalls(query_features: torch.Tensor, query_labels: torch.Tensor, ks,
-                      gallery_features: torch.Tensor | None = None,
-                      gallery_labels: torch.Tensor | None = None) -> dict[int, float]:
-    """Recall@K for self-retrieval (no gallery: the query excluded) or query -> gallery."""
-    values = retrieval_metrics(query_features, query_labels, ks, gallery_features, gallery_labels)
-    return {k: values[f"recall@{k}"] for k in ks}

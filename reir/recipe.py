@@ -11,19 +11,12 @@ the choice are in docs/ACCURACY.md.
 
 from __future__ import annotations
 
-import argparse
 import math
 from dataclasses import dataclass
 
 import torch
 
 RECIPES = ("auto", "original", "scratch")
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--recipe", default="auto", choices=RECIPES,
-                        help="optimiser and schedule: auto = original with pretrained weights, "
-                             "scratch with --weights none (docs/ACCURACY.md)")
 
 
 @dataclass(frozen=True)

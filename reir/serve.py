@@ -26,6 +26,7 @@ from PIL import Image, UnidentifiedImageError
 
 from .api import UNLABELLED, Index, Model, embed_batch, load_model
 from .cliutil import ArgumentParser, positive_int, reports_errors
+from .devices import parse_device
 from .errors import ReirError, UsageError
 
 MAX_BODY_BYTES = 20 * 2**20
@@ -251,9 +252,7 @@ def load_searcher(args) -> Searcher:
     model_file = args.model or index.info.get("model_file")
     if not model_file:
         raise UsageError("the index records no model file; pass --model epochs/<name>_model.safetensors")
-    from .train import resolve_device
-
-    model = load_model(model_file, resolve_device(args.device, [0]) if args.device else "cpu")
+    model = load_model(model_file, parse_device(args.device))
     return Searcher(model, index, args.max_pixels)
 
 

@@ -9,7 +9,6 @@ Devices are a list of ``torch.device``, so the split and gather run even when ev
 
 from __future__ import annotations
 
-import torch
 from torch import nn
 
 
@@ -22,14 +21,6 @@ def split_evenly(count: int, parts: int) -> list[range]:
         ranges.append(range(start, stop))
         start = stop
     return ranges
-
-
-def shard_devices(device: torch.device, gpu_ids: list[int]) -> list[torch.device]:
-    """The devices to split the branches over: every listed GPU that exists, else ``device`` alone."""
-    if device.type != "cuda":
-        return [device]
-    present = [i for i in gpu_ids if i < torch.cuda.device_count()]
-    return [torch.device("cuda", i) for i in present] or [device]
 
 
 def describe(model: nn.Module, amp: str, world_size: int = 1) -> str:

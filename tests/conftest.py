@@ -13,6 +13,14 @@ REPO = Path(__file__).resolve().parents[1]
 os.environ.setdefault("OMP_NUM_THREADS", "2")
 
 
+@pytest.fixture(scope="session", autouse=True)
+def terminal_logging():
+    """Library messages reach stdout/stderr as under the CLI, so tests read them as a user would."""
+    from reir.cliutil import configure_logging
+
+    configure_logging()
+
+
 @pytest.fixture(scope="session")
 def digits_root(tmp_path_factory) -> Path:
     """A data folder with digits written once for the whole test session."""

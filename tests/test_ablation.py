@@ -123,3 +123,15 @@ def test_same_images_under_another_data_root_compare_equal(pair, tmp_path_factor
                              "--retrieval_num", "2"], capsys)
     assert code == 0, err
     assert "better wins 5, worse wins 0" in out
+
+
+def test_the_same_database_twice_is_refused_and_identical_embeddings_are_named(pair, tmp_path_factory, capsys):
+    root, better, worse = pair
+    code, out, err = invoke(["--better_data_base", str(better), "--worse_data_base", str(better)], capsys)
+    assert code == 2 and "are the same file" in err and len(err.strip().splitlines()) == 1 and not out
+    copy = make_database(tmp_path_factory.mktemp("copy"), "copy", {"test": (BETTER_ANGLES, TEST_LABELS)},
+                         image_folder=root / "images")
+    code, out, err = invoke(["--better_data_base", str(better), "--worse_data_base", str(copy)], capsys)
+    assert code == 0 and "identical embeddings" in err and "GE rate: 100.00%" in out
+    code, out, err = invoke(["--better_data_base", str(better), "--worse_data_base", str(worse)], capsys)
+    assert code == 0 and "identical" not in err

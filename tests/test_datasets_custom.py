@@ -82,16 +82,22 @@ def test_folder_layout_reads_every_pillow_format_as_rgb(tmp_path, capsys):
     assert prepared.root == root / ".reir" / "custom"
 
 
-def test_training_reuses_a_current_preparation_and_redoes_a_stale_one(tmp_path, capsys):
+def test_training_reuses_a_current_preparation_and_redoes_a_stale_one_saying_so(tmp_path, capsys):
     root = make_custom_folder(tmp_path / "own")
+    assert prepare_main(["--data_name", "custom", "--data_path", str(root), "--resize", "24"]) == 0
     first = load_custom(root, "uncropped")
     capsys.readouterr()
     again = load_custom(root, "uncropped")
     assert "Preparing" not in capsys.readouterr().out and again.splits == first.splits
     write_image(root / "test" / "owl" / "late.jpg", 99)
     updated = load_custom(root, "uncropped")
-    assert "Preparing" in capsys.readouterr().out
+    captured = capsys.readouterr()
+    assert "Preparing" in captured.out
+    warning = captured.err.strip().splitlines()[0]
+    assert "changed since it was prepared" in warning and "21 listed then, 22 now" in warning, warning
+    assert "--resize 24" in warning and "data_utils.py" in warning
     assert len(updated.splits["test"]) == len(first.splits["test"]) + 1
+    assert updated.info["image_size"] == 24
 
 
 def test_read_only_source_uses_the_user_cache(tmp_path, monkeypatch):
@@ -192,5 +198,8 @@ def test_truncated_custom_image_keeps_the_previous_list(tmp_path, capsys):
     victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 3])
     capsys.readouterr()
     code = train_main(tiny_args(root, tmp_path / "out", "--data_name", "custom"))
-    one_line_error(capsys, code, 1, victim.name, "cannot be read")
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 1 and len(err) == 2, err
+    assert "changed since it was prepared" in err[0]  # why it is prepared again
+    assert err[1].startswith("error:") and victim.name in err[1] and "cannot be read" in err[1]
     assert target.read_bytes() == before

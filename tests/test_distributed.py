@@ -10,8 +10,7 @@ import sys
 import pytest
 import torch
 
-from reir.data.images import CappedClassSampler
-from reir.distributed import Context, RankSampler
+from reir.data.sampling import CappedClassSampler, RankSampler
 from tests.conftest import REPO, tiny_args
 
 
@@ -20,7 +19,7 @@ def test_rank_shares_rebuild_every_single_process_batch(total, batch, world):
     sampler = CappedClassSampler(torch.arange(total) % 3, cap=100, seed=5)
     sampler.set_epoch(2)
     single = sampler.indices()
-    shares = [RankSampler(sampler, batch, Context(rank, world)) for rank in range(world)]
+    shares = [RankSampler(sampler, batch, rank, world) for rank in range(world)]
     per_rank = [share.indices() for share in shares]
     assert [len(s) for s in shares] == [len(p) for p in per_rank]
     batches = [[p[i:i + batch] for i in range(0, len(p), batch)] for p in per_rank]
@@ -34,7 +33,7 @@ def test_rank_shares_rebuild_every_single_process_batch(total, batch, world):
 
 
 def test_rank_shares_follow_the_epoch():
-    sampler = RankSampler(CappedClassSampler(torch.arange(50) % 5, cap=100, seed=1), 4, Context(1, 2))
+    sampler = RankSampler(CappedClassSampler(torch.arange(50) % 5, cap=100, seed=1), 4, 1, 2)
     sampler.set_epoch(1)
     first = sampler.indices()
     sampler.set_epoch(2)

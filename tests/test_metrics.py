@@ -1,10 +1,11 @@
-"""Every metric against pytorch-metric-learning's AccuracyCalculator, and the ``reir eval`` command."""
+"""Every metric against pytorch-metric-learning's AccuracyCalculator and against the k-NN lists, and ``reir eval``."""
 
 import pytest
 import torch
 from pytorch_metric_learning.utils.accuracy_calculator import AccuracyCalculator
 
 from reir.database import Database
+from reir.knn import knn
 from reir.metrics import evaluate_embeddings, relevant_counts, retrieval_metrics
 from conftest import run_script
 
@@ -38,11 +39,11 @@ def brute_recall(query, query_labels, reference, reference_labels, ks, exclude_s
     return {k: (reference_labels[order[:, :k]] == query_labels[:, None]).any(1).double().mean().item() for k in ks}
 
 
-@pytest.mark.parametrize("backend", ["torch", "faiss"])
+@pytest.mark.parametrize("chunk_size", [64, 2048])
 @pytest.mark.parametrize("kind", ["random", "clustered"])
-def test_self_retrieval_equals_pytorch_metric_learning(kind, backend):
+def test_self_retrieval_equals_pytorch_metric_learning(kind, chunk_size):
     features, labels = embeddings(kind, 400, seed=3)
-    ours = evaluate_embeddings(features, labels, (1, 2, 4, 8), backend=backend, chunk_size=64)
+    ours = evaluate_embeddings(features, labels, (1, 2, 4, 8), chunk_size=chunk_size)
     theirs = pml(features, labels)
     for name, pml_name in PML_NAMES.items():
         assert ours[name] == pytest.approx(theirs[pml_name], abs=1e-6), name
@@ -63,6 +64,85 @@ def test_query_gallery_equals_pytorch_metric_learning(kind):
         assert ours[name] == pytest.approx(theirs[pml_name], abs=1e-6), name
     expected = brute_recall(query, query_labels, gallery, gallery_labels, (1, 10), exclude_self=False)
     assert [ours["recall@1"], ours["recall@10"]] == pytest.approx(list(expected.values()), abs=1e-12)
+
+
+def from_neighbour_lists(query, query_labels, recalls, gallery=None, gallery_labels=None):
+    """The same metrics from the k-NN path's neighbour lists (K = max(largest recall, largest R))."""
+    self_retrieval = gallery is None
+    references, reference_labels = (query, query_labels) if self_retrieval else (gallery, gallery_labels)
+    r = relevant_counts(query_labels, reference_labels, self_retrieval)
+    _, indices = knn(query, references, max(max(recalls), int(r.max())), self_retrieval, backend="torch")
+    hits = reference_labels[indices] == query_labels[:, None]
+    metrics = {f"recall@{k}": hits[:, :k].any(dim=1).double().mean().item() for k in recalls}
+    hits, r = hits[r > 0], r[r > 0].double()
+    ranks = torch.arange(1, hits.shape[1] + 1, dtype=torch.float64)
+    within = hits & (ranks[None] <= r[:, None])
+    metrics["precision@1"] = hits[:, 0].double().mean().item()
+    metrics["r_precision"] = (within.sum(dim=1) / r).mean().item()
+    metrics["map@r"] = ((within.cumsum(dim=1) / ranks * within).sum(dim=1) / r).mean().item()
+    return metrics
+
+
+def tied_embeddings(kind, n, seed):
+    """Exactly equal scores: integer-valued vectors (every score exact) or duplicated random ones,
+    with labels that are arbitrary ints, lone queries and a class of n - 120 images (several 64-row tiles)."""
+    generator = torch.Generator().manual_seed(seed)
+    labels = torch.randint(-6, 9, (n,), generator=generator) * 1009
+    labels[:4] = torch.tensor([-1, 7, 123456789, 5])
+    labels[120:] = 42
+    if kind == "integer":
+        features = torch.randint(-2, 3, (n, 4, 3), generator=generator).float()
+    else:
+        centres = torch.randn(20, 4, 3, generator=generator)
+        features = torch.nn.functional.normalize(centres[labels % 20] + torch.randn(n, 4, 3, generator=generator), dim=-1)
+    features[n // 2:n // 2 + n // 4] = features[:n // 4]  # duplicates, most of them in other classes
+    return features, labels
+
+
+@pytest.mark.parametrize("chunk_size", [64, 2048])  # 64: the large class spans more tiles than are kept
+@pytest.mark.parametrize("kind", ["integer", "duplicated"])
+def test_equals_the_neighbour_lists_with_ties_in_both_protocols(kind, chunk_size):
+    features, labels = tied_embeddings(kind, 420, seed=len(kind) + chunk_size)
+    recalls = (1, 2, 3, 10, 100, 1000)  # 1000: more than there are references
+    expected = from_neighbour_lists(features, labels, recalls)
+    assert retrieval_metrics(features, labels, recalls, chunk_size=chunk_size) == pytest.approx(expected, abs=1e-12)
+    # query -> gallery: the gallery lacks a query class (lone queries) and has classes no query has
+    queries = torch.arange(len(labels)) % 3 == 0
+    query, query_labels = features[queries], labels[queries]
+    gallery_keep = ~queries & (labels != labels[3]) & (labels != labels[6])
+    gallery, gallery_labels = features[gallery_keep], labels[gallery_keep]
+    expected = from_neighbour_lists(query, query_labels, recalls, gallery, gallery_labels)
+    ours = retrieval_metrics(query, query_labels, recalls, gallery, gallery_labels, chunk_size=chunk_size)
+    assert ours == pytest.approx(expected, abs=1e-12)
+
+
+def test_ties_follow_the_reference_index():
+    """Three references score the same; the query's relevant one has the middle index: one ahead of it."""
+    gallery = torch.tensor([[1.0, 0.0], [1.0, 0.0], [1.0, 0.0], [0.0, 1.0]])
+    values = retrieval_metrics(torch.tensor([[1.0, 0.0]]), torch.tensor([4]), (1, 2), gallery,
+                               torch.tensor([3, 4, 3, 4]))
+    assert values == pytest.approx({"recall@1": 0, "recall@2": 1, "precision@1": 0, "r_precision": 0.5,
+                                    "map@r": 0.25})
+
+
+def test_only_lone_queries():
+    features = torch.nn.functional.normalize(torch.randn(5, 2, 3), dim=-1)
+    values = retrieval_metrics(features, torch.arange(5), (1, 4))
+    assert values["recall@1"] == values["recall@4"] == 0
+    assert all(values[name] != values[name] for name in ("precision@1", "r_precision", "map@r"))  # NaN
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("kind", ["integer", "duplicated"])
+def test_cuda_equals_cpu(kind):
+    features, labels = tied_embeddings(kind, 3000, seed=9)
+    recalls = (1, 10, 100)
+    cpu = retrieval_metrics(features, labels, recalls, chunk_size=256)
+    assert retrieval_metrics(features, labels, recalls, device="cuda", chunk_size=256) == pytest.approx(cpu, abs=1e-12)
+    assert retrieval_metrics(features[:1000], labels[:1000], recalls, features[1000:], labels[1000:],
+                             device="cuda") == pytest.approx(
+        retrieval_metrics(features[:1000], labels[:1000], recalls, features[1000:], labels[1000:]), abs=1e-12)
 
 
 def test_hand_computed_ranking():
@@ -121,5 +201,5 @@ def test_eval_command_errors_are_one_line(tmp_path):
     path = tmp_path / "x_data_base.safetensors"
     write_database(path, False)
     before = path.read_bytes()
-    bad = run_script("reir", "eval", "--data_base", str(path), "--backend", "annoy")
-    assert bad.returncode == 2 and "invalid choice" in bad.stderr and path.read_bytes() == before
+    bad = run_script("reir", "eval", "--data_base", str(path), "--recalls", "0,5")
+    assert bad.returncode == 2 and "positive integers" in bad.stderr and path.read_bytes() == before

@@ -11,8 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from reir.checkpoint import EpochProgress, StopRequest, TrainingStopped, pack, unpack
+from reir.checkpoint import pack, unpack
 from reir.fileio import load_tensors
+from reir.signals import StopRequest, TrainingStopped
 from conftest import run_script, tiny_args
 
 NAME = "digits_uncropped_fixed_random_layer4_resnet18_3_2"
@@ -25,19 +26,12 @@ def train_args(data: Path, workers: int, *extra: str) -> list[str]:
 
 
 def run(folder: Path, data: Path, workers: int, kill_at: str | None = None, resume: bool = False):
+    """train.py, or with ``kill_at`` (``event:n[:signal]``) a run that kills itself there."""
     folder.mkdir(exist_ok=True)
-    env = {k: v for k, v in os.environ.items() if k != "REIR_TEST_KILL_AT"}
+    flags = train_args(data, workers, *(["--resume", "auto"] if resume else []))
     if kill_at:
-        env["REIR_TEST_KILL_AT"] = kill_at
-    saved = os.environ.copy()
-    os.environ.clear()
-    os.environ.update(env)
-    try:
-        return run_script("train.py", *train_args(data, workers, *(["--resume", "auto"] if resume else [])),
-                          cwd=folder)
-    finally:
-        os.environ.clear()
-        os.environ.update(saved)
+        return run_script("tests/train_with_kill.py", kill_at, *flags, cwd=folder)
+    return run_script("train.py", *flags, cwd=folder)
 
 
 def outputs(folder: Path) -> dict[str, object]:
@@ -68,15 +62,15 @@ def test_killed_anywhere_resumed_with_any_worker_count_gives_the_same_files(smal
     """One run interrupted five times; the worker count changes between resumes (0 and 2)."""
     data = small_digits_root
     # 40 train images in batches of 10: 4 steps an epoch. SIGKILL mid-epoch 2 (2 workers).
-    assert run(tmp_path, data, 2, "train_step:6").returncode == -9
+    assert run(tmp_path, data, 2, "step:6").returncode == -9
     # Resumes at the end of epoch 1; SIGTERM after step 2 of epoch 2 saves a mid-epoch checkpoint.
-    stopped = run(tmp_path, data, 0, "train_step:2:TERM", resume=True)
+    stopped = run(tmp_path, data, 0, "step:2:TERM", resume=True)
     assert "1 epochs done" in stopped.stdout and stopped.returncode == 143, stopped.stderr
     message = stopped.stderr.strip().splitlines()[-1]
     assert message.startswith("error: stopped by SIGTERM in epoch 2 after step 2;") and "--resume auto" in message
     assert "Traceback" not in stopped.stderr
-    # SIGKILL while evaluating (2 workers), then while saving (no workers): each resumes mid-epoch 2.
-    for workers, kill_at in ((2, "eval_batch:2"), (0, "save:2")):
+    # SIGKILL while evaluating (2 workers), then while saving the model (no workers): each resumes mid-epoch 2.
+    for workers, kill_at in ((2, "eval_batch:2"), (0, "save:3")):
         killed = run(tmp_path, data, workers, kill_at, resume=True)
         assert killed.returncode == -9, killed.stderr
         assert "1 epochs done, 2 steps into the next" in killed.stdout
@@ -92,13 +86,12 @@ def test_a_signal_before_training_stops_at_once_and_during_training_after_the_st
     with stop.installed():
         with pytest.raises(KeyboardInterrupt):
             os.kill(os.getpid(), signal.SIGINT)
-        progress = EpochProgress()
-        stop.arm(progress)
+        stop.check()  # nothing requested yet
+        stop.arm()
         os.kill(os.getpid(), signal.SIGTERM)
         assert stop.signum == signal.SIGTERM
         with pytest.raises(TrainingStopped):
-            progress.after_step(1.0, 1, 1)
-        assert progress.step == 1
+            stop.check()
         with pytest.raises(KeyboardInterrupt):  # a second signal: stop now
             os.kill(os.getpid(), signal.SIGINT)
     assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
@@ -126,3 +119,33 @@ def test_optimizer_and_scheduler_states_survive_the_json_round_trip():
             assert torch.equal(restored_optimizer["state"][index][key], value)
     with pytest.raises(TypeError):
         pack(object(), {}, "x")
+
+
+def test_the_fp16_loss_scale_is_checkpointed_and_a_resume_must_keep_the_precision(tmp_path):
+    from reir.checkpoint import MUST_MATCH, TrainingState, find_checkpoint, load_checkpoint, save_checkpoint
+    from reir.config import TrainConfig
+    from reir.errors import ReirError
+    from reir.precision import precision_for
+
+    def trainables():
+        torch.manual_seed(0)
+        model = torch.nn.Linear(3, 2)
+        optimizer = torch.optim.Adam(model.parameters())
+        return model, optimizer, torch.optim.lr_scheduler.MultiStepLR(optimizer, [1]), precision_for("fp16", "cpu")
+
+    model, optimizer, scheduler, precision = trainables()
+    scaled = {**precision.scaler.state_dict(), "scale": 1024.0, "_growth_tracker": 7}  # after overflows
+    precision.scaler.load_state_dict(scaled)
+    config = TrainConfig(data_name="digits", amp="fp16", seed=3, output_dir=str(tmp_path))
+    run_config = {**config.to_dict(), "save_name": config.save_name}
+    path = save_checkpoint(tmp_path / "checkpoints" / f"{config.save_name}_checkpoint.safetensors", model, optimizer,
+                           scheduler, precision.scaler, TrainingState(epoch=1), torch.zeros(2, 4, dtype=torch.long),
+                           ["a", "b", "c", "d"], run_config)
+    model, optimizer, scheduler, fresh = trainables()
+    assert fresh.scaler.state_dict()["scale"] != 1024.0
+    load_checkpoint(path).restore(model, optimizer, scheduler, fresh.scaler)
+    assert fresh.scaler.state_dict() == scaled
+    assert "amp" in MUST_MATCH
+    with pytest.raises(ReirError, match="--amp 'fp16' \\(not 'bf16'\\)"):
+        find_checkpoint("auto", tmp_path, config.save_name, config.replace(amp="bf16").to_dict())
+    assert find_checkpoint("auto", tmp_path, config.save_name, config.to_dict()).meta["epoch"] == 1

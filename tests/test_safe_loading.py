@@ -12,7 +12,8 @@ import torch
 from reir import cli
 from reir.cliutil import reports_errors
 from reir.database import load_database
-from reir.train import main as train_main, save_name, get_args_parser
+from reir.config import TrainConfig
+from reir.train import main as train_main, get_args_parser
 from reir.checkpoint import checkpoint_path
 from conftest import run_script, tiny_args
 
@@ -71,7 +72,7 @@ def test_a_pickle_under_a_database_name_is_refused(tmp_path, capsys, torch_forma
 def test_a_pickle_under_the_checkpoint_name_is_refused_by_resume_auto(small_digits_root, tmp_path):
     marker = tmp_path / "ran"
     args = tiny_args(small_digits_root, tmp_path / "out", "--resume", "auto")
-    plant(checkpoint_path(tmp_path / "out", save_name(get_args_parser().parse_args(args))), marker, True)
+    plant(checkpoint_path(tmp_path / "out", TrainConfig.from_args(get_args_parser().parse_args(args)).save_name), marker, True)
     result = run_script("train.py", *args)
     line = assert_refused(result.returncode, result.stderr, marker)
     assert "checkpoint" in line and "not a REIR safetensors file" in line

@@ -7,7 +7,6 @@ import os
 import re
 import subprocess
 import sys
-import time
 
 import httpx
 import numpy as np
@@ -65,11 +64,16 @@ def assert_one_line_error(response, status):
 
 def test_index_reports_recall_and_speed_of_approximate_indexes(served_model, tmp_path):
     result = run_script("reir", "index", "--data_base", str(served_model.database), "--factory", "HNSW8",
-                        "--output", str(tmp_path / "hnsw.faiss"))
+                        "--efSearch", "7", "--output", str(tmp_path / "hnsw.faiss"))
     assert result.returncode == 0, result.stderr
     recall = re.search(r"Recall@10 against exact search: ([\d.]+)% on \d+ queries; ([\d,]+) queries/s", result.stdout)
     assert recall and 0 < float(recall.group(1)) <= 100
     assert (tmp_path / "hnsw.faiss").stat().st_size > 0 and (tmp_path / "hnsw.faiss.ids.json").is_file()
+    import faiss
+
+    from reir.api import Index
+
+    assert faiss.downcast_index(Index.load(tmp_path / "hnsw.faiss").faiss_index).hnsw.efSearch == 7
     bad = run_script("reir", "index", "--data_base", str(served_model.database), "--factory", "IVF100000,Flat",
                      "--output", str(tmp_path / "ivf.faiss"))
     assert bad.returncode == 1 and bad.stderr.count("\n") == 1 and "cannot train" in bad.stderr

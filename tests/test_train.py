@@ -1,4 +1,4 @@
-"""train.py end to end on digits, its flags, and Recall@K against brute force."""
+"""train.py end to end on digits and its flags."""
 
 import csv
 
@@ -7,8 +7,10 @@ import torch
 
 from reir.database import load_database
 from reir.fileio import load_tensors
-from reir.metrics import retrieval_recalls
-from reir.train import get_args_parser, resolve_device
+from reir.config import TrainConfig
+from reir.devices import parse_device, training_devices
+from reir.errors import ReirError
+from reir.train import get_args_parser
 from conftest import run_script, tiny_args
 
 ORIGINAL_DEFAULTS = {
@@ -42,42 +44,20 @@ def test_bad_flag_value_is_one_line_usage_error():
     assert len(result.stderr.strip().splitlines()) == 1 and "invalid choice" in result.stderr
 
 
-def test_absent_gpu_ids_do_not_crash(monkeypatch, capsys):
+def test_absent_gpu_ids_do_not_crash_and_cuda_n_means_that_gpu(monkeypatch, capsys):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
-    device = resolve_device(None, [0, 3])
-    assert device == torch.device("cuda", 0)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert training_devices(None, [0, 3]) == [torch.device("cuda", 0)]
     assert "[3] do not exist" in capsys.readouterr().err
+    assert training_devices("cuda", [0, 1]) == [torch.device("cuda", 0), torch.device("cuda", 1)]
+    assert training_devices("cuda:1", [0, 1]) == [torch.device("cuda", 1)]  # was cuda:0 and cuda:1
+    assert training_devices("cpu", [0, 1]) == [torch.device("cpu")]
+    with pytest.raises(ReirError, match="cuda:2 does not exist"):
+        parse_device("cuda:2")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert resolve_device(None, [0, 1]) == torch.device("cpu")
-
-
-def brute_recall(features, labels, ks, gallery=None, gallery_labels=None):
-    """Full similarity matrix: mean over branches of per-branch cosine, argsort."""
-    ref, ref_labels = (features, labels) if gallery is None else (gallery, gallery_labels)
-    sim = torch.einsum("qec,rec->qr", features, ref) / features.shape[1]
-    if gallery is None:
-        sim.fill_diagonal_(-float("inf"))
-    order = sim.argsort(dim=1, descending=True)
-    return {k: (ref_labels[order[:, :k]] == labels[:, None]).any(1).float().mean().item() for k in ks}
-
-
-@pytest.mark.parametrize("protocol", ["self", "query_gallery"])
-def test_recall_matches_brute_force(protocol):
-    torch.manual_seed(0)
-    features = torch.nn.functional.normalize(torch.randn(300, 4, 5), dim=-1)
-    labels = torch.randint(0, 20, (300,))
-    ks = [1, 2, 4, 8, 16]
-    if protocol == "self":
-        ours = retrieval_recalls(features, labels, ks)
-        expected = brute_recall(features, labels, ks)
-    else:
-        gallery = torch.nn.functional.normalize(torch.randn(200, 4, 5), dim=-1)
-        gallery_labels = torch.randint(0, 20, (200,))
-        ours = retrieval_recalls(features, labels, ks, gallery, gallery_labels)
-        expected = brute_recall(features, labels, ks, gallery, gallery_labels)
-    assert ours == pytest.approx(expected, abs=1e-6)  # brute force averages in float32
-    assert 0 < ours[1] < ours[16] <= 1
+    assert training_devices(None, [0, 1]) == [torch.device("cpu")]
+    with pytest.raises(ReirError, match="no CUDA GPU"):
+        training_devices("cuda:0", [0])
 
 
 def test_params_command_prints_the_table_cell():
@@ -130,3 +110,93 @@ def test_meta_class_size_too_large_is_refused(digits_root, tmp_path):
     result = run_script("train.py", *tiny_args(digits_root, tmp_path, "--meta_class_size", "5"))
     assert result.returncode == 2
     assert result.stderr.strip().count("\n") == 0 and "smaller than the 5 training classes" in result.stderr
+
+
+def test_the_config_is_the_command_line_and_python_values_follow_the_same_rules():
+    import dataclasses
+
+    from reir.errors import UsageError
+
+    flags = {a.dest for a in get_args_parser()._actions if a.dest != "help"}
+    assert flags == {f.name for f in dataclasses.fields(TrainConfig)}
+    assert TrainConfig.from_args(get_args_parser().parse_args([])) == TrainConfig()
+    assert TrainConfig(recalls=[8, 1, 2]).recalls == [1, 2, 8]  # the first recall picks the best epoch
+    for bad, field in ((dict(batch_size=0), "batch_size"), (dict(model_type="vgg"), "model_type"),
+                       (dict(recalls=[0]), "recalls"), (dict(seed=-1), "seed")):
+        with pytest.raises(UsageError, match=field):
+            TrainConfig(**bad)
+
+
+class _Table(torch.nn.Module):
+    """A "model" whose logits for image ``i`` are row ``i`` of a fixed table."""
+
+    def __init__(self, rows: torch.Tensor):
+        super().__init__()
+        self.rows = torch.nn.Parameter(rows)
+
+    def forward(self, index: torch.Tensor) -> torch.Tensor:
+        return self.rows[index.flatten()]
+
+
+class _Indexed(torch.utils.data.Dataset):
+    def __init__(self, labels: list[str]):
+        self.labels = labels
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, item: int):
+        return torch.tensor([item]), 0
+
+
+def test_evaluation_under_amp_ranks_in_fp32_as_reir_eval_does():
+    """Cosines 0.9990 and 0.9995 are one value in bf16; the epoch's statistics must still rank them apart."""
+    from reir.database import shared_label_ids
+    from reir.metrics import evaluate_embeddings
+    from reir.precision import precision_for
+    from reir.train import evaluate_splits
+
+    angles = torch.tensor([0.0, float(torch.acos(torch.tensor(0.9990))), float(torch.acos(torch.tensor(0.9995)))])
+    rows = torch.stack([angles.cos(), angles.sin()], dim=1)[:, None, :]  # [3 images, 1 branch, 2]
+    labels = ["a", "b", "b"]
+    loader = torch.utils.data.DataLoader(_Indexed(labels), batch_size=2)
+    bf16 = precision_for("bf16", "cpu")
+    metrics, features = evaluate_splits(_Table(rows), {"test": loader}, [1], torch.device("cpu"), False, bf16)
+    (ids,) = shared_label_ids(labels)
+    fp32 = evaluate_embeddings(features["test"], ids, [1], with_nmi=False)
+    with bf16.autocast():  # the search inside autocast, as training evaluated before
+        rounded = evaluate_embeddings(features["test"], ids, [1], with_nmi=False)
+    assert rounded["recall@1"] != fp32["recall@1"], "the control: bf16 must change this ranking"
+    assert metrics == fp32 and fp32["recall@1"] == pytest.approx(2 / 3)
+
+
+def test_training_from_python_with_callbacks_saves_its_resolved_config_and_tensorboard(small_digits_root, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from reir.train import train
+
+    events = []
+    config = TrainConfig(data_name="digits", data_path=str(small_digits_root), output_dir=str(tmp_path),
+                         weights="none", share_type="layer4", ensemble_size=3, meta_class_size=2, image_size=16,
+                         batch_size=16,
+                         num_epochs=2, num_workers=0, device="cpu", nmi_every=0, tensorboard=True)
+    result = train(config, callbacks=[events.append])
+    assert config.seed is None and isinstance(result.config.seed, int)  # drawn, recorded, the input untouched
+    assert TrainConfig.load(result.statistics.with_name(f"{config.save_name}_config.json")) == result.config
+    assert result.database.is_file() and result.model.is_file() and 0 <= result.best_recall <= 1
+    # 40 training images in batches of 16: three steps an epoch.
+    assert [(e.epoch, e.step) for e in events if e.kind == "step"] == [(1, 1), (1, 2), (1, 3), (2, 1), (2, 2), (2, 3)]
+    assert sum(e.kind == "eval_batch" for e in events) == 2 * 3  # 40 test images
+    rows = [e.row for e in events if e.kind == "epoch"]
+    assert [r["epoch"] for r in rows] == [1, 2]
+    assert rows[0]["learning_rate"] == pytest.approx(1e-4) and rows[1]["learning_rate"] < 1e-4
+    with open(result.statistics) as handle:
+        assert [float(r["train_loss"]) for r in csv.DictReader(handle)] == [r["train_loss"] for r in rows]
+    board = EventAccumulator(str(tmp_path / "tensorboard" / config.save_name))
+    board.Reload()
+    expected = {"train/loss", "train/accuracy", "learning_rate", "test/recall@1", "test/recall@8",
+                "test/precision@1", "test/r_precision", "test/map@r"}
+    assert expected <= set(board.Tags()["scalars"])
+    logged = board.Scalars("train/loss")
+    assert [s.step for s in logged] == [1, 2]
+    assert [s.value for s in logged] == pytest.approx([r["train_loss"] for r in rows])

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import logging
 import os
 import secrets
 import shutil
@@ -27,6 +28,8 @@ from tqdm import tqdm
 from ..errors import ReirError
 from ..fileio import atomic_write, ensure_dir
 from .splits import Split, SplitList, load_split_list, save_split_list
+
+log = logging.getLogger(__name__)
 
 GENERATION_MARKER = ".reir-generation"
 LOSSLESS = {".png"}
@@ -219,11 +222,11 @@ def remove_old_generations(folder: Path, crop_type: str, keep: Path | None) -> N
 
 
 def summarize(split_list: SplitList, published: dict[str, tuple[int, int]] | None, label: str) -> str | None:
-    """Print images and classes per split; return a warning when they differ from the published counts."""
+    """Log images and classes per split; return a warning when they differ from the published counts."""
     counts = {name: (len(s), len(set(s.labels))) for name, s in split_list.splits.items()}
     size = split_list.info.get("image_size")
-    print(f"{label}: " + ", ".join(f"{name} {n:,} images / {c:,} classes" for name, (n, c) in counts.items())
-          + (f" (resized to {size}x{size})" if size else ""))
+    log.info(f"{label}: " + ", ".join(f"{name} {n:,} images / {c:,} classes" for name, (n, c) in counts.items())
+             + (f" (resized to {size}x{size})" if size else ""))
     wrong = [f"{name} {counts.get(name, (0, 0))[0]:,} images / {counts.get(name, (0, 0))[1]:,} classes "
              f"(published {n:,} / {c:,})" for name, (n, c) in (published or {}).items() if counts.get(name) != (n, c)]
     if wrong:
@@ -249,19 +252,18 @@ def unanswerable(split_list: SplitList, label: str) -> list[str]:
 
 
 def report(result: Result, published, label: str) -> None:
-    """Counts on stdout; skipped images, clamped boxes, unanswerable queries and count mismatches on stderr."""
+    """Counts as information; skipped images, clamped boxes, unanswerable queries and count mismatches as warnings."""
     for message in result.skipped[:5]:
-        print(f"skipped: {message}", file=sys.stderr)
+        log.warning("skipped %s", message)
     if result.skipped:
-        print(f"warning: {label}: skipped {len(result.skipped)} unreadable images (--skip_bad)", file=sys.stderr)
+        log.warning("%s: skipped %d unreadable images (--skip_bad)", label, len(result.skipped))
     if result.clamped:
-        print(f"note: {label}: {result.clamped} bounding boxes reached outside their image and were clamped",
-              file=sys.stderr)
+        log.warning("%s: %d bounding boxes reached outside their image and were clamped", label, result.clamped)
     mismatch = summarize(result.split_list, published, label)
     for warning in unanswerable(result.split_list, label):
-        print(f"warning: {warning}", file=sys.stderr)
+        log.warning(warning)
     if mismatch:
-        print(f"\n*** WARNING: {mismatch}\n", file=sys.stderr)
+        log.warning(mismatch, extra={"loud": True})
 
 
 def probe_writable(folder: Path) -> bool:

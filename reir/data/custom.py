@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import logging
 import os
-import sys
 from pathlib import Path
 
 from PIL import Image
@@ -21,6 +21,8 @@ from ..errors import ReirError, UsageError
 from .build import Record, build_split_list, probe_writable, report
 from .registry import IMAGENET_MEAN, IMAGENET_STD
 from .splits import SplitList, load_split_list, split_list_path
+
+log = logging.getLogger(__name__)
 
 SPLITS = ("train", "test", "query", "gallery")
 BOX_COLUMNS = ("x1", "y1", "x2", "y2")
@@ -91,7 +93,7 @@ def read_folder(root: Path) -> list[Record]:
                 continue
             records.append(Record(split, path, relative.parts[0], f"{split}/{relative.as_posix()}"))
     if ignored:
-        print(f"note: ignored {ignored} files in {root} that are not images inside a class folder", file=sys.stderr)
+        log.warning("ignored %d files in %s that are not images inside a class folder", ignored, root)
     return records
 
 
@@ -129,7 +131,7 @@ def fingerprint(records: list[Record]) -> str:
 def prepare_custom(source: str | Path, crop_type: str, resize: int = 0, skip_bad: bool = False,
                    imagenet_norm: bool = False, workers: int | None = None,
                    records: list[Record] | None = None) -> SplitList:
-    """Prepare ``source`` into a split list (see the module docstring for where) and print its counts."""
+    """Prepare ``source`` into a split list (see the module docstring for where) and log its counts."""
     source = Path(source)
     if records is None:
         records, boxed = read_source(source)
@@ -154,19 +156,19 @@ def prepare_custom(source: str | Path, crop_type: str, resize: int = 0, skip_bad
     for name in result.split_list.eval_splits:
         evaluated |= set(result.split_list.splits[name].labels)
     if train & evaluated:
-        print(f"note: {len(train & evaluated)} classes appear in both training and evaluation splits "
-              "(allowed; the benchmarks keep them disjoint)", file=sys.stderr)
-    print(f"mean {_fmt(result.split_list.mean)}, std {_fmt(result.split_list.std)} "
-          f"({'ImageNet' if imagenet_norm else 'measured on the training split'}); split list {result.split_list.root}")
+        log.warning("%d classes appear in both training and evaluation splits "
+                    "(allowed; the benchmarks keep them disjoint)", len(train & evaluated))
+    log.info(f"mean {_fmt(result.split_list.mean)}, std {_fmt(result.split_list.std)} "
+             f"({'ImageNet' if imagenet_norm else 'measured on the training split'}); split list {result.split_list.root}")
     return result.split_list
 
 
 def load_custom(source: str | Path, crop_type: str) -> SplitList:
-    """For training: reuse a preparation of ``source`` that is still current, else prepare it again."""
+    """For training: reuse a preparation of ``source`` that is still current, else prepare it, saying why."""
     source = Path(source)
     records, _ = read_source(source)
     current = fingerprint(records)
-    options = {}
+    stale = None
     for base in cache_bases(source):
         path = split_list_path(base, "custom", crop_type)
         if not path.is_file():
@@ -177,9 +179,23 @@ def load_custom(source: str | Path, crop_type: str) -> SplitList:
             continue
         if prepared.info.get("fingerprint") == current:
             return prepared
-        options = options or dict(prepared.info.get("options") or {})
-    print(f"Preparing custom data {source} ({crop_type})")
+        stale = stale or prepared
+    options = dict(stale.info.get("options") or {}) if stale else {}
+    if stale:
+        listed = sum(len(split) for split in stale.splits.values())
+        log.warning("custom data %s changed since it was prepared (images added, removed, relabelled or modified: "
+                    "%d listed then, %d now); preparing it again with the options it was prepared with (%s). "
+                    "To choose others, run data_utils.py --data_name custom first", source, listed, len(records),
+                    option_flags(options))
+    log.info("Preparing custom data %s (%s)", source, crop_type)
     return prepare_custom(source, crop_type, records=records, **options)
+
+
+def option_flags(options: dict) -> str:
+    """``{"resize": 40, "imagenet_norm": True}`` as the data_utils.py flags that give it."""
+    flags = [f"--{name} {value}" if not isinstance(value, bool) else f"--{name}"
+             for name, value in options.items() if value]
+    return " ".join(flags) or "no options"
 
 
 def _fmt(values) -> str:

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
-from torch.utils.data import Dataset, Sampler
+from torch.utils.data import Dataset
 from torchvision import transforms
 
 from ..errors import ReirError
@@ -48,32 +47,3 @@ class ImageList(Dataset):
 
     def __getitem__(self, item: int):
         return self.transform(load_rgb(self.paths[item])), self.targets[item]
-
-
-class CappedClassSampler(Sampler[int]):
-    """Each epoch, at most ``cap`` randomly chosen images of every class, in random order.
-
-    Deterministic given ``seed`` and the epoch set with :meth:`set_epoch`, so a resumed or
-    distributed run draws the same images.
-    """
-
-    def __init__(self, targets: torch.Tensor, cap: int = 300, seed: int = 0):
-        self.by_class = [np.flatnonzero(targets.numpy() == c) for c in np.unique(targets.numpy())]
-        self.cap = cap
-        self.seed = seed
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def indices(self) -> list[int]:
-        rng = np.random.default_rng([self.seed, self.epoch])
-        chosen = [rng.choice(members, size=min(self.cap, len(members)), replace=False) for members in self.by_class]
-        picked = np.concatenate(chosen) if chosen else np.zeros(0, dtype=np.int64)
-        return rng.permutation(picked).tolist()
-
-    def __iter__(self):
-        return iter(self.indices())
-
-    def __len__(self) -> int:
-        return sum(min(self.cap, len(m)) for m in self.by_class)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import sys
+import logging
 from pathlib import Path
 
 from ..errors import ReirError
@@ -12,6 +12,7 @@ from .glyphs import prepare_glyphs
 from .registry import BENCHMARKS, dataset_info
 from .splits import SplitList, load_split_list, split_list_path
 
+log = logging.getLogger(__name__)
 # Datasets generated on first use, with no download.
 EMBEDDED = {"digits": prepare_digits, "glyphs": prepare_glyphs}
 
@@ -20,8 +21,8 @@ def load_dataset(data_name: str, data_path: str | Path, crop_type: str, image_si
     split_list = _load(data_name, data_path, crop_type)
     cached = split_list.info.get("image_size")
     if image_size and cached and image_size > cached:
-        print(f"note: {split_list.root} holds images resized to {cached}x{cached}; --image_size {image_size} "
-              f"upsamples them: prepare with --resize {image_size} (or 0 for the originals)", file=sys.stderr)
+        log.warning(f"{split_list.root} holds images resized to {cached}x{cached}; --image_size {image_size} "
+                    f"upsamples them: prepare with --resize {image_size} (or 0 for the originals)")
     return split_list
 
 
