@@ -1,8 +1,9 @@
 """``make demo``: train a small REIR on the embedded glyphs and show what learning bought.
 
-It trains from random weights on the CPU on 200 of the glyph training characters (each drawn in
-12 to 21 fonts), then prints Recall@1/2/4/8 and MAP@R on 200 unseen test characters for the trained
-model, for raw pixels and for the same network untrained, all on the same test split.
+It trains from random weights on the CPU on the 300 glyph training characters with the lowest code
+points (each drawn in 12 to 21 fonts), then prints Recall@1/2/4/8 and MAP@R on the 300 lowest unseen
+test characters for the trained model, for raw pixels and for the same network untrained, all on the
+same test split.
 
     python -m reir.demo --output_dir demo_output
 """
@@ -30,9 +31,11 @@ RECALLS = (1, 2, 4, 8)
 # so that training fits in about two minutes of a 2-core CPU.
 CONFIG = ModelConfig("resnet18", "layer4", ensemble_size=48, meta_class_size=12)
 IMAGE_SIZE = 32
-# A seeded subset of the glyph classes keeps training near two minutes of a 2-core CPU.
-TRAIN_CLASSES = 200
-TEST_CLASSES = 200
+# The 300 characters with the lowest code points of each split keep training near two minutes of a
+# 2-core CPU; they are the hard part of the set (Latin letters with every diacritic, then Greek and
+# Cyrillic), where raw pixels reach about the R@1 they reach on all 1,143 test characters.
+TRAIN_CLASSES = 300
+TEST_CLASSES = 300
 
 
 def training_arguments(args, source) -> list[str]:
@@ -59,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
 
     start = time.perf_counter()
     source = write_subset_csv(load_dataset("glyphs", args.data_path, "uncropped"),
-                              Path(args.output_dir) / "glyphs_subset.csv", TRAIN_CLASSES, TEST_CLASSES, args.seed)
+                              Path(args.output_dir) / "glyphs_subset.csv", TRAIN_CLASSES, TEST_CLASSES, seed=None)
     split_list = load_custom(source, "uncropped")
     prepared = time.perf_counter()
     config = TrainConfig.from_args(train.get_args_parser().parse_args(training_arguments(args, source)))

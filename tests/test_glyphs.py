@@ -59,6 +59,11 @@ def test_a_class_subset_is_seeded_and_keeps_the_split_of_every_class(glyphs_root
     assert len(chosen["train"]) == 3 and len(chosen["test"]) == 2
     assert chosen["train"] <= set(split_list.splits["train"].classes)
     assert chosen["test"] <= set(split_list.splits["test"].classes)
+    lowest = glyphs.write_subset_csv(split_list, tmp_path / "c.csv", 2, 2, seed=None)
+    rows = [line.split(",") for line in lowest.read_text().splitlines()[1:]]
+    for split in ("train", "test"):
+        points = sorted(int(name[2:], 16) for name in split_list.splits[split].classes)
+        assert {int(label[2:], 16) for _, label, s in rows if s == split} == set(points[:2])
 
 
 def test_blank_renderings_are_refused():
