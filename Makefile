@@ -26,8 +26,9 @@ browser:
 	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
 		{ $(SUDO) apt-get update -qq && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver; }
 
+# One test per core (pytest-xdist); the slowest tests are listed so the suite's time stays visible.
 test: $(STAMP) browser
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n auto --durations=15
 
 clean:
 	rm -rf $(VENV) demo_output

@@ -10,7 +10,9 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-os.environ.setdefault("OMP_NUM_THREADS", "2")
+# One thread per process: pytest-xdist runs a test per core, and tests start their own processes. Two
+# threads per process on a busy machine spin in OpenMP barriers: measured ten times the CPU per step.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 @pytest.fixture(scope="session", autouse=True)

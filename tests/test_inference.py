@@ -158,12 +158,12 @@ def test_error_paths_are_one_line_and_write_nothing(toy, capsys, tmp_path_factor
 
 
 @pytest.fixture(scope="module")
-def trained(digits_root, tmp_path_factory):
+def trained(small_digits_root, tmp_path_factory):
     """A real tiny database, trained for one epoch through train.py (16 px, branches = classifiers: fast)."""
     from reir.train import main as train_main
 
     output = tmp_path_factory.mktemp("trained")
-    assert train_main(tiny_args(digits_root, output, "--image_size", "16", "--share_type", "layer4")) == 0
+    assert train_main(tiny_args(small_digits_root, output, "--image_size", "16", "--share_type", "layer4")) == 0
     return output
 
 

@@ -147,9 +147,9 @@ def test_train_one_epoch_runs_under_bf16():
     assert all(not torch.equal(a, b) for a, b in zip(before, model.parameters()) if a.ndim > 1)
 
 
-def test_unknown_amp_is_a_usage_error(digits_root, tmp_path, capsys):
+def test_unknown_amp_is_a_usage_error(small_digits_root, tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
-        train_main(tiny_args(digits_root, tmp_path, "--amp", "fp8"))
+        train_main(tiny_args(small_digits_root, tmp_path, "--amp", "fp8"))
     assert exit_info.value.code == 2
     assert "--amp" in capsys.readouterr().err
     assert not (tmp_path / "epochs").exists()

@@ -10,7 +10,7 @@ from reir.fileio import load_tensors
 from reir.config import TrainConfig
 from reir.devices import parse_device, training_devices
 from reir.errors import ReirError
-from reir.train import get_args_parser
+from reir.train import get_args_parser, main as train_main
 from conftest import run_script, tiny_args
 
 ORIGINAL_DEFAULTS = {
@@ -65,9 +65,9 @@ def test_params_command_prints_the_table_cell():
     assert result.returncode == 0 and result.stdout.strip() == "1,168,150,592"
 
 
-def test_training_on_digits_writes_every_output(digits_root, tmp_path):
+def test_training_on_digits_writes_every_output(small_digits_root, tmp_path):
     out = tmp_path / "out"
-    result = run_script("train.py", *tiny_args(digits_root, out, "--num_epochs", "2", "--with_random",
+    result = run_script("train.py", *tiny_args(small_digits_root, out, "--num_epochs", "2", "--with_random",
                                                       "--nmi_every", "2"))
     assert result.returncode == 0, result.stderr
     name = "digits_uncropped_fixed_random_layer1_resnet18_3_2"
@@ -92,22 +92,24 @@ def test_training_on_digits_writes_every_output(digits_root, tmp_path):
     assert "Best R@1" in result.stdout
 
 
-def test_load_ids_reuses_saved_assignment(digits_root, tmp_path):
+def test_load_ids_reuses_saved_assignment(small_digits_root, tmp_path, capsys):
     out = tmp_path / "out"
-    first = run_script("train.py", *tiny_args(digits_root, out, "--label_type", "random"))
-    assert first.returncode == 0, first.stderr
+    assert train_main(tiny_args(small_digits_root, out, "--label_type", "random")) == 0, capsys.readouterr().err
     ids_file = out / "results" / "digits_uncropped_3_2_ids.json"
     before = ids_file.read_bytes()
-    again = run_script("train.py", *tiny_args(digits_root, out, "--label_type", "random", "--load_ids", "--seed", "5"))
-    assert again.returncode == 0, again.stderr
-    assert "Loaded random meta-class ids" in again.stdout and ids_file.read_bytes() == before
-    missing = run_script("train.py", *tiny_args(digits_root, tmp_path / "other", "--load_ids"))
-    assert missing.returncode == 1 and "no saved ids" in missing.stderr
-    assert "Traceback" not in missing.stderr
+    capsys.readouterr()
+    again = train_main(tiny_args(small_digits_root, out, "--label_type", "random", "--load_ids", "--seed", "5"))
+    again_out, again_err = capsys.readouterr()
+    assert again == 0, again_err
+    assert "Loaded random meta-class ids" in again_out and ids_file.read_bytes() == before
+    missing = train_main(tiny_args(small_digits_root, tmp_path / "other", "--load_ids"))
+    missing_err = capsys.readouterr().err
+    assert missing == 1 and "no saved ids" in missing_err
+    assert "Traceback" not in missing_err
 
 
-def test_meta_class_size_too_large_is_refused(digits_root, tmp_path):
-    result = run_script("train.py", *tiny_args(digits_root, tmp_path, "--meta_class_size", "5"))
+def test_meta_class_size_too_large_is_refused(small_digits_root, tmp_path):
+    result = run_script("train.py", *tiny_args(small_digits_root, tmp_path, "--meta_class_size", "5"))
     assert result.returncode == 2
     assert result.stderr.strip().count("\n") == 0 and "smaller than the 5 training classes" in result.stderr
 
