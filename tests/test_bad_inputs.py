@@ -199,7 +199,7 @@ CASES = {
                                            "cannot create folder"),
     "disk full": train_case(lambda c: c.train(), 1, "No space left on device", disk_full),
     # the reir command
-    "reir: unknown command": ("reir", lambda c: ["serve"], 2, "unknown command", None),
+    "reir: unknown command": ("reir", lambda c: ["frobnicate"], 2, "unknown command", None),
     "reir params: zero branches": ("reir", lambda c: ["params", "--ensemble_size", "0"], 2, "must be >= 1", None),
     "reir params: unknown share type": ("reir", lambda c: ["params", "--share_type", "layer9"], 2, "invalid choice",
                                         None),
