@@ -15,11 +15,10 @@ $(STAMP): requirements.txt pyproject.toml
 
 install: $(STAMP)
 
-# A small REIR (resnet18, 8 branches, 3 meta classes, 32 px, random init) on the embedded digits, on the CPU.
+# A small REIR (resnet18 shared, 48 heads x 12 meta classes, 32 px, random init) on the embedded glyphs,
+# on the CPU, next to raw pixels and the untrained network (reir/demo.py).
 demo: $(STAMP)
-	$(PY) train.py --data_name digits --weights none --model_type resnet18 --ensemble_size 8 \
-		--meta_class_size 3 --image_size 32 --batch_size 32 --num_epochs 4 --num_workers 0 \
-		--seed 0 --device cpu --output_dir demo_output
+	$(PY) -m reir.demo --output_dir demo_output
 
 # Headless Chromium and its driver for the browser tests, from Debian's packages (skipped when present).
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)

@@ -22,6 +22,7 @@ from .labels import LABEL_TYPES
 from .model import MODEL_TYPES, SHARE_TYPES, ModelConfig
 from .branches import BATCHING_MODES
 from .precision import AMP_DTYPES
+from .recipe import RECIPES
 
 GROUPS = {"original": "flags of the original train.py", "extra": "REIR extras",
           "speed": "speed and scale-out (none changes what is computed in fp32)"}
@@ -58,6 +59,8 @@ class TrainConfig:
     gpu_ids: list[int] = flag([0, 1], "selected GPUs", "original")
     # REIR extras
     weights: str = flag("imagenet", "backbone init: imagenet, none (random) or a state-dict file")
+    recipe: str = flag("auto", "optimiser and schedule: auto = original with pretrained weights, scratch with "
+                               "--weights none (docs/ACCURACY.md)", choices=RECIPES)
     seed: int | None = flag(None, "random seed (default: drawn at random and recorded)", minimum=0)
     image_size: int = flag(256, "images are resized to this square", minimum=1)
     data_path: str = flag("data", "folder holding the prepared datasets")

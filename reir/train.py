@@ -36,6 +36,7 @@ from .labels import assign_meta_labels, check_sizes, ids_path, load_ids, save_id
 from .metrics import evaluate_embeddings, format_metrics
 from .model import REIRNet, count_parameters, create_model, embedding_from_logits
 from .plot import plot_statistics
+from .recipe import recipe_for
 from .precision import Precision, precision_for
 from .rng import fresh_seed, seed_everything
 from .sharding import describe
@@ -188,11 +189,8 @@ def train_transform(config: TrainConfig, split_list: SplitList):
 
 
 def build_optimizer(config: TrainConfig, model: torch.nn.Module):
-    """The original's Adam at 1e-4, divided by 10 at half and at 70% of the epochs."""
-    # fused: one pass over each parameter instead of ~10, a large share of a CPU step (docs/SCALING.md)
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-4, fused=True)
-    milestones = [int(config.num_epochs * 0.5), int(config.num_epochs * 0.7)]
-    return optimizer, torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=milestones, gamma=0.1)
+    """The recipe's optimiser and scheduler: the original's with pretrained weights, reir/recipe.py's from scratch."""
+    return recipe_for(config.recipe, config.weights).optimizer(model.parameters(), config.num_epochs)
 
 
 def train(config: TrainConfig, callbacks: Sequence[Callback] = ()) -> TrainResult:
@@ -260,7 +258,8 @@ def _run(config: TrainConfig, stop: StopRequest, context: distributed.Context, d
     tensorboard = TensorBoardWriter(output / "tensorboard" / name) if config.tensorboard and context.is_main else None
     if tensorboard:
         callbacks.append(tensorboard)
-    log.info("%s: %d train images in %d classes, %s parameters, %s", name, len(train_set), len(train_set.classes),
+    log.info("%s: %d train images in %d classes, %s recipe, %s parameters, %s", name, len(train_set),
+             len(train_set.classes), recipe_for(config.recipe, config.weights).name,
              f"{sum(p.numel() for p in model.parameters()):,}", describe(model, config.amp, context.world_size))
 
     def notify(event: Event) -> None:

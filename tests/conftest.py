@@ -39,6 +39,16 @@ def digits_root(tmp_path_factory) -> Path:
     return root
 
 
+@pytest.fixture(scope="session")
+def glyphs_root(tmp_path_factory) -> Path:
+    """A data folder holding the first 12 glyph classes (6 train, 6 test), generated once."""
+    from reir.data.glyphs import prepare_glyphs
+
+    root = tmp_path_factory.mktemp("glyphs_data")
+    prepare_glyphs(root, limit=12)
+    return root
+
+
 def tiny_args(data_path: Path, output_dir: Path, *extra: str) -> list[str]:
     """A REIR small enough to train an epoch on digits in seconds on a CPU."""
     return ["--data_name", "digits", "--data_path", str(data_path), "--output_dir", str(output_dir),

@@ -15,6 +15,7 @@ from ..cliutil import ArgumentParser, non_negative_int, reports_errors
 from ..errors import ReirError, UsageError
 from .build import build_split_list, report
 from .registry import BENCHMARKS
+from .sources import EMBEDDED
 from .splits import SplitList, split_list_path
 
 DEFAULT_RESIZE = 256
@@ -48,7 +49,7 @@ def get_args_parser() -> ArgumentParser:
                             "your own CSV/folders -> split lists (JSON) that train.py reads.")
     parser.add_argument("--data_path", default="data",
                         help="folder holding car/, cub/, sop/, isc/; for custom: a CSV file or a folder")
-    parser.add_argument("--data_name", default="all", choices=("all", *BENCHMARKS, "custom", "digits"),
+    parser.add_argument("--data_name", default="all", choices=("all", *BENCHMARKS, "custom", *EMBEDDED),
                         help="one dataset, or all benchmarks present under --data_path (default)")
     parser.add_argument("--crop_type", default="both", choices=CROP_CHOICES,
                         help="car, cub and custom with boxes: which lists to write (default both)")
@@ -69,11 +70,10 @@ def main(argv: list[str] | None = None) -> int:
     args = get_args_parser().parse_args(argv)
     if args.imagenet_norm and args.data_name != "custom":
         raise UsageError("--imagenet_norm only applies to --data_name custom; benchmarks use the original's mean/std")
-    if args.data_name == "digits":
-        from .digits import prepare_digits
-
-        prepare_digits(args.data_path)
-        print(f"digits ready in {split_list_path(args.data_path, 'digits', 'uncropped')}")
+    if args.data_name in EMBEDDED:
+        split_list = EMBEDDED[args.data_name](args.data_path)
+        sizes = ", ".join(f"{name} {len(s)} images in {len(s.classes)} classes" for name, s in split_list.splits.items())
+        print(f"{args.data_name} ready in {split_list_path(args.data_path, args.data_name, 'uncropped')}: {sizes}")
         return 0
     if args.data_name == "custom":
         from .custom import read_source, prepare_custom

@@ -29,6 +29,7 @@ BENCHMARKS = {
 # Embedded and user datasets: mean/std are computed from the training split when prepared.
 OTHERS = {
     "digits": DatasetInfo("digits", None, None, (1, 2, 4, 8)),
+    "glyphs": DatasetInfo("glyphs", None, None, (1, 2, 4, 8)),
     "custom": DatasetInfo("custom", None, None, (1, 2, 4, 8), croppable=True),
 }
 DATA_NAMES = tuple(BENCHMARKS) + tuple(OTHERS)

@@ -8,10 +8,13 @@ from pathlib import Path
 from ..errors import ReirError
 from .custom import load_custom
 from .digits import prepare_digits
+from .glyphs import prepare_glyphs
 from .registry import BENCHMARKS, dataset_info
 from .splits import SplitList, load_split_list, split_list_path
 
 log = logging.getLogger(__name__)
+# Datasets generated on first use, with no download.
+EMBEDDED = {"digits": prepare_digits, "glyphs": prepare_glyphs}
 
 
 def load_dataset(data_name: str, data_path: str | Path, crop_type: str, image_size: int | None = None) -> SplitList:
@@ -27,8 +30,8 @@ def _load(data_name: str, data_path: str | Path, crop_type: str) -> SplitList:
     if crop_type == "cropped" and not dataset_info(data_name).croppable:
         raise ReirError(f"--crop_type cropped only applies to car, cub and custom, not {data_name}; "
                         "use --crop_type uncropped", 2)
-    if data_name == "digits":
-        return prepare_digits(data_path)
+    if data_name in EMBEDDED:
+        return EMBEDDED[data_name](data_path)
     if data_name in BENCHMARKS:
         path = split_list_path(data_path, data_name, crop_type)
         if not path.is_file():

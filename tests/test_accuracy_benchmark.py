@@ -1,0 +1,68 @@
+"""benchmarks/accuracy.py on a tiny setting: every method runs and the tables are complete."""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import importlib.util
+import struct
+
+import numpy as np
+import pytest
+
+from conftest import REPO
+
+
+@pytest.fixture(scope="module")
+def accuracy():
+    spec = importlib.util.spec_from_file_location("accuracy_benchmark", REPO / "benchmarks" / "accuracy.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_every_method_yields_a_complete_row(accuracy, glyphs_root, tmp_path):
+    markdown, plot = tmp_path / "tables.md", tmp_path / "ensemble.png"
+    assert accuracy.main(["--datasets", "glyphs", "--data_path", str(glyphs_root), "--train_classes", "4",
+                          "--test_classes", "4", "--image_size", "16", "--epochs", "1", "--ensemble_size", "3",
+                          "--meta_class_size", "2", "--batch_size", "16", "--markdown", str(markdown),
+                          "--plot", str(plot)]) == 0
+    lines = markdown.read_text().splitlines()
+    rows = {line.split("|")[1].strip(): line.split("|")[2:-1] for line in lines if line.startswith("| ")}
+    for method in accuracy.METHODS:
+        cells = rows[method]
+        assert len(cells) == 8
+        assert all(float(cell) >= 0 for cell in cells[:5])
+    trained = ("REIR fixed", "REIR random", "REIR fixed (original recipe)", "softmax", "ProxyAnchor",
+               "MultiSimilarity")
+    assert all(rows[method][5].strip() for method in trained)
+    assert [name for name in rows if name.startswith("first")] == ["first 1", "first 2", "first 3"]
+    assert "each branch alone (min / mean / max)" in rows
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def write_idx(path, array: np.ndarray) -> None:
+    header = struct.pack(">BBBB", 0, 0, 8, array.ndim) + b"".join(struct.pack(">I", n) for n in array.shape)
+    with gzip.open(path, "wb") as handle:
+        handle.write(header + array.astype(np.uint8).tobytes())
+
+
+def test_fashion_mnist_files_become_class_folders(accuracy, tmp_path, monkeypatch):
+    source = tmp_path / "fashion-mnist"
+    source.mkdir()
+    labels = np.repeat(np.arange(10), 3)
+    for prefix in ("train", "t10k"):
+        write_idx(source / f"{prefix}-images-idx3-ubyte.gz", np.random.default_rng(0).integers(0, 255, (30, 28, 28)))
+        write_idx(source / f"{prefix}-labels-idx1-ubyte.gz", labels)
+    monkeypatch.setattr(accuracy, "FASHION_MNIST", source)
+    root = accuracy.fashion_source(tmp_path / "work", None, argparse.Namespace(train_images=2, test_images=1))
+    assert sorted(p.name for p in (root / "train").iterdir()) == ["0", "1", "2", "3", "4"]
+    assert sorted(p.name for p in (root / "test").iterdir()) == ["5", "6", "7", "8", "9"]
+    assert all(len(list(folder.iterdir())) == 2 for folder in (root / "train").iterdir())
+    assert all(len(list(folder.iterdir())) == 1 for folder in (root / "test").iterdir())
+
+
+def test_missing_fashion_mnist_says_how_to_install(accuracy, tmp_path, monkeypatch):
+    monkeypatch.setattr(accuracy, "FASHION_MNIST", tmp_path / "absent")
+    with pytest.raises(SystemExit, match="apt-get install -y dataset-fashion-mnist"):
+        accuracy.fashion_source(tmp_path, None, argparse.Namespace(train_images=1, test_images=1))

@@ -1,0 +1,132 @@
+"""The embedded glyphs dataset, the training recipes and the demo, on a few characters."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from reir import demo, recipe
+from reir.data import glyphs
+from reir.data.prepare import main as prepare_main
+from reir.data.splits import load_split_list, split_list_path
+from reir.train import main as train_main
+
+CHARACTERS = 12  # as conftest's glyphs_root
+
+
+def digest(root: Path) -> dict[str, str]:
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted((root / "glyphs").rglob("*")) if p.is_file()}
+
+
+def test_generation_is_deterministic(glyphs_root, tmp_path):
+    glyphs.prepare_glyphs(tmp_path, limit=CHARACTERS)
+    assert digest(tmp_path) == digest(glyphs_root)
+
+
+def test_classes_are_disjoint_characters_each_drawn_by_many_fonts(glyphs_root):
+    split_list = load_split_list(split_list_path(glyphs_root, "glyphs", "uncropped"))
+    train, test = split_list.splits["train"], split_list.splits["test"]
+    assert train.classes and test.classes and not set(train.classes) & set(test.classes)
+    for split in (train, test):
+        for name in split.classes:
+            assert split.labels.count(name) >= glyphs.MIN_FONTS
+    for path in split_list.absolute("train") + split_list.absolute("test"):
+        pixels = np.asarray(Image.open(path))
+        assert pixels.shape == (glyphs.IMAGE_SIZE, glyphs.IMAGE_SIZE) and pixels.max() > 0
+
+
+def test_character_maps_leave_room_for_500_classes_a_side():
+    drawn = glyphs.font_characters(glyphs.font_folder())
+    train, test = glyphs.split_classes(glyphs.candidate_characters(drawn))
+    assert min(len(train), len(test)) >= 500 and not set(train) & set(test)
+    # Computer Modern's TeX-encoded maps contribute letters and digits only.
+    assert all(drawn[name] <= glyphs.ALPHANUMERIC for name in glyphs.COMPUTER_MODERN)
+
+
+def test_a_class_subset_is_seeded_and_keeps_the_split_of_every_class(glyphs_root, tmp_path):
+    split_list = load_split_list(split_list_path(glyphs_root, "glyphs", "uncropped"))
+    first = glyphs.write_subset_csv(split_list, tmp_path / "a.csv", 3, 2, seed=1)
+    again = glyphs.write_subset_csv(split_list, tmp_path / "b.csv", 3, 2, seed=1)
+    assert first.read_text() == again.read_text()
+    rows = [line.split(",") for line in first.read_text().splitlines()[1:]]
+    chosen = {split: {label for _, label, s in rows if s == split} for split in ("train", "test")}
+    assert len(chosen["train"]) == 3 and len(chosen["test"]) == 2
+    assert chosen["train"] <= set(split_list.splits["train"].classes)
+    assert chosen["test"] <= set(split_list.splits["test"].classes)
+    lowest = glyphs.write_subset_csv(split_list, tmp_path / "c.csv", 2, 2, seed=None)
+    rows = [line.split(",") for line in lowest.read_text().splitlines()[1:]]
+    for split in ("train", "test"):
+        points = sorted(int(name[2:], 16) for name in split_list.splits[split].classes)
+        assert {int(label[2:], 16) for _, label, s in rows if s == split} == set(points[:2])
+
+
+def test_blank_renderings_are_refused():
+    font = glyphs.ImageFont.truetype(str(glyphs.font_folder() / glyphs.FONTS[0]), glyphs.FONT_SIZE)
+    assert glyphs.render(font, ord(" ")) is None
+    assert glyphs.render(font, ord("A")).max() > 0
+
+
+def test_prepare_command_reports_the_dataset(glyphs_root, capsys):
+    assert prepare_main(["--data_name", "glyphs", "--data_path", str(glyphs_root)]) == 0
+    assert "glyphs ready" in capsys.readouterr().out
+
+
+def test_missing_fonts_are_one_line_errors(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(glyphs, "font_folder", lambda: tmp_path / "no-fonts")
+    assert prepare_main(["--data_name", "glyphs", "--data_path", str(tmp_path / "data")]) == 1
+    error = capsys.readouterr().err.strip()
+    assert "\n" not in error and "matplotlib" in error
+    assert not split_list_path(tmp_path / "data", "glyphs", "uncropped").exists()
+
+
+def test_a_damaged_split_list_is_reported_not_replaced(glyphs_root, tmp_path, capsys):
+    data = tmp_path / "data"
+    (data / "glyphs").mkdir(parents=True)
+    damaged = split_list_path(data, "glyphs", "uncropped")
+    damaged.write_text("{not json")
+    assert train_main(["--data_name", "glyphs", "--data_path", str(data), "--output_dir", str(tmp_path / "out"),
+                       "--weights", "none", "--device", "cpu"]) == 1
+    error = capsys.readouterr().err.strip()
+    assert "\n" not in error and str(damaged) in error
+    assert damaged.read_text() == "{not json"
+
+
+def test_recipe_follows_the_weights_and_keeps_the_original_with_imagenet():
+    assert recipe.recipe_for("auto", "imagenet") is recipe.ORIGINAL
+    assert recipe.recipe_for("auto", "weights.safetensors") is recipe.ORIGINAL
+    assert recipe.recipe_for("auto", "none") is recipe.SCRATCH
+    assert recipe.recipe_for("original", "none") is recipe.ORIGINAL
+    model = torch.nn.Linear(2, 2)
+    optimizer, scheduler = recipe.ORIGINAL.optimizer(model.parameters(), 10)
+    assert type(optimizer) is torch.optim.Adam and optimizer.param_groups[0]["lr"] == 1e-4
+    assert isinstance(scheduler, torch.optim.lr_scheduler.MultiStepLR) and sorted(scheduler.milestones) == [5, 7]
+
+
+def test_scratch_recipe_decays_its_rate_over_the_epochs():
+    model = torch.nn.Linear(2, 2)
+    optimizer, scheduler = recipe.SCRATCH.optimizer(model.parameters(), 4)
+    rates = []
+    for _ in range(4):
+        rates.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    assert rates[0] == recipe.SCRATCH.learning_rate and rates == sorted(rates, reverse=True) and rates[-1] > 0
+    assert type(optimizer) is torch.optim.AdamW and optimizer.param_groups[0]["weight_decay"] == 0.05
+
+
+def test_demo_prints_learned_and_baseline_rows(glyphs_root, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(demo, "CONFIG", demo.ModelConfig("resnet18", "layer4", ensemble_size=3, meta_class_size=2))
+    monkeypatch.setattr(demo, "IMAGE_SIZE", 16)
+    assert demo.main(["--data_path", str(glyphs_root), "--output_dir", str(tmp_path), "--num_epochs", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "scratch recipe" in out
+    table = [line for line in out.splitlines() if line.startswith("| ") and "embedding" not in line]
+    assert [line.split("|")[1].strip().split(" (")[0].split(",")[0] for line in table] == [
+        "REIR", "raw pixels", "same network"]
+    assert all(len(line.split("|")) == 8 for line in table)
