@@ -66,6 +66,18 @@ def test_a_class_subset_is_seeded_and_keeps_the_split_of_every_class(glyphs_root
         assert {int(label[2:], 16) for _, label, s in rows if s == split} == set(points[:2])
 
 
+def test_a_subset_of_a_relative_data_path_loads_from_another_folder(glyphs_root, tmp_path, monkeypatch):
+    """The demo writes its CSV under the output folder while the data lives under ./data."""
+    from reir.data.custom import load_custom
+
+    monkeypatch.chdir(glyphs_root.parent)
+    split_list = load_split_list(split_list_path(Path(glyphs_root.name), "glyphs", "uncropped"))
+    source = glyphs.write_subset_csv(split_list, tmp_path / "out" / "subset.csv", 2, 2, seed=None)
+    loaded = load_custom(source, "uncropped")
+    assert len(loaded.splits["train"].classes) == 2 and len(loaded.splits["test"].classes) == 2
+    assert all(Path(p).is_file() for p in loaded.absolute("train") + loaded.absolute("test"))
+
+
 def test_blank_renderings_are_refused():
     font = glyphs.ImageFont.truetype(str(glyphs.font_folder() / glyphs.FONTS[0]), glyphs.FONT_SIZE)
     assert glyphs.render(font, ord(" ")) is None

@@ -202,6 +202,7 @@ def write_subset_csv(split_list: SplitList, target: str | Path, train_classes: i
             chosen = set(classes[:count])
         else:
             chosen = set(rng.choice(classes, size=min(count, len(classes)), replace=False).tolist())
-        writer.writerows([path, label, split] for path, label in
+        # Absolute paths: the CSV lives elsewhere than the data, and custom CSV paths are relative to the CSV.
+        writer.writerows([os.path.abspath(path), label, split] for path, label in
                          zip(split_list.absolute(split), split_list.splits[split].labels) if label in chosen)
     return atomic_write(target, rows.getvalue())
