@@ -10,7 +10,6 @@ cannot be read are skipped, counted and listed, never fatal.
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import json
 import os
@@ -60,24 +59,18 @@ def from_folder(folder: Path, split: str, labels_from_folders: bool) -> Collecti
 
 def from_csv(path: Path, split: str) -> Collection:
     """``path`` column (relative to the CSV's folder or absolute), optional ``label`` column."""
-    try:
-        with open(path, encoding="utf-8-sig", newline="") as handle:
-            reader = csv.DictReader(handle)
-            columns = [c.strip() for c in reader.fieldnames or []]
-            reader.fieldnames = columns
-            if "path" not in columns:
-                raise ReirError(f"{path} has no path column: its first line must name path (and optionally label)")
-            paths, labels = [], []
-            for row in reader:
-                image = (row.get("path") or "").strip()
-                if not image:
-                    raise ReirError(f"{path} line {reader.line_num}: empty path; every row needs one")
-                paths.append(str((path.parent / image).resolve()) if not os.path.isabs(image) else image)
-                labels.append((row.get("label") or "").strip())
-    except UnicodeDecodeError as exc:
-        raise ReirError(f"{path} is not UTF-8 text ({exc.reason}); save the CSV as UTF-8") from None
-    except csv.Error as exc:
-        raise ReirError(f"{path} is not a valid CSV ({exc}); check its quoting") from None
+    from .data.custom import open_user_csv
+
+    with open_user_csv(path) as reader:
+        if "path" not in reader.fieldnames:
+            raise ReirError(f"{path} has no path column: its first line must name path (and optionally label)")
+        paths, labels = [], []
+        for row in reader:
+            image = (row.get("path") or "").strip()
+            if not image:
+                raise ReirError(f"{path} line {reader.line_num}: empty path; every row needs one")
+            paths.append(str((path.parent / image).resolve()) if not os.path.isabs(image) else image)
+            labels.append((row.get("label") or "").strip())
     if not paths:
         raise ReirError(f"{path} lists no images; add rows with a path")
     return Collection([split] * len(paths), paths, labels, str(path.resolve()))

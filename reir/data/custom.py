@@ -9,11 +9,13 @@ and the source is never written to. Training reuses a preparation while the sour
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
 import logging
 import os
 from pathlib import Path
+from typing import Iterator
 
 from PIL import Image
 
@@ -28,48 +30,55 @@ SPLITS = ("train", "test", "query", "gallery")
 BOX_COLUMNS = ("x1", "y1", "x2", "y2")
 
 
-def read_csv(path: Path) -> tuple[list[Record], bool]:
-    """Rows of ``path,label,split`` (paths relative to the CSV); also: does every row carry a box?"""
+@contextlib.contextmanager
+def open_user_csv(path: Path) -> Iterator[csv.DictReader]:
+    """A reader over a user's CSV with trimmed column names; bad text or quoting is a one-line error."""
     try:
         with open(path, encoding="utf-8-sig", newline="") as handle:
             reader = csv.DictReader(handle)
-            columns = [c.strip() for c in reader.fieldnames or []]
-            reader.fieldnames = columns
-            missing = [c for c in ("path", "label", "split") if c not in columns]
-            if missing:
-                raise ReirError(f"{path} lacks the column(s) {', '.join(missing)}: the first line must name "
-                                "path,label,split (and optionally x1,y1,x2,y2)")
-            has_box_columns = set(BOX_COLUMNS) <= set(columns)
-            records, boxed = [], has_box_columns
-            for row in reader:
-                n = reader.line_num
-                if not any((v or "").strip() for v in row.values() if isinstance(v, str)):
-                    continue
-                where = f"{path.name} line {n}"
-                image, label, split = ((row.get(c) or "").strip() for c in ("path", "label", "split"))
-                if not image or not label:
-                    raise ReirError(f"{path} line {n}: empty path or label; every row needs both")
-                if split not in SPLITS:
-                    raise ReirError(f"{path} line {n}: split {split!r} must be one of {', '.join(SPLITS)}")
-                box = None
-                if has_box_columns:
-                    values = [(row.get(c) or "").strip() for c in BOX_COLUMNS]
-                    if any(values):
-                        try:
-                            box = tuple(float(v) for v in values)
-                        except ValueError:
-                            raise ReirError(f"{path} line {n}: box {','.join(values)!r} must be four numbers "
-                                            "x1,y1,x2,y2 (pixels)") from None
-                        if box[2] <= box[0] or box[3] <= box[1]:
-                            raise ReirError(f"{path} line {n}: box {','.join(values)} is empty; "
-                                            "x2 must exceed x1 and y2 exceed y1")
-                    boxed = boxed and box is not None
-                source = Path(image) if os.path.isabs(image) else path.parent / image
-                records.append(Record(split, source, label, where, box))
+            reader.fieldnames = [c.strip() for c in reader.fieldnames or []]
+            yield reader
     except UnicodeDecodeError as exc:
         raise ReirError(f"{path} is not UTF-8 text ({exc.reason}); save the CSV as UTF-8") from None
     except csv.Error as exc:
         raise ReirError(f"{path} is not a valid CSV ({exc}); check its quoting") from None
+
+
+def read_csv(path: Path) -> tuple[list[Record], bool]:
+    """Rows of ``path,label,split`` (paths relative to the CSV); also: does every row carry a box?"""
+    with open_user_csv(path) as reader:
+        columns = reader.fieldnames
+        missing = [c for c in ("path", "label", "split") if c not in columns]
+        if missing:
+            raise ReirError(f"{path} lacks the column(s) {', '.join(missing)}: the first line must name "
+                            "path,label,split (and optionally x1,y1,x2,y2)")
+        has_box_columns = set(BOX_COLUMNS) <= set(columns)
+        records, boxed = [], has_box_columns
+        for row in reader:
+            n = reader.line_num
+            if not any((v or "").strip() for v in row.values() if isinstance(v, str)):
+                continue
+            where = f"{path.name} line {n}"
+            image, label, split = ((row.get(c) or "").strip() for c in ("path", "label", "split"))
+            if not image or not label:
+                raise ReirError(f"{path} line {n}: empty path or label; every row needs both")
+            if split not in SPLITS:
+                raise ReirError(f"{path} line {n}: split {split!r} must be one of {', '.join(SPLITS)}")
+            box = None
+            if has_box_columns:
+                values = [(row.get(c) or "").strip() for c in BOX_COLUMNS]
+                if any(values):
+                    try:
+                        box = tuple(float(v) for v in values)
+                    except ValueError:
+                        raise ReirError(f"{path} line {n}: box {','.join(values)!r} must be four numbers "
+                                        "x1,y1,x2,y2 (pixels)") from None
+                    if box[2] <= box[0] or box[3] <= box[1]:
+                        raise ReirError(f"{path} line {n}: box {','.join(values)} is empty; "
+                                        "x2 must exceed x1 and y2 exceed y1")
+                boxed = boxed and box is not None
+            source = Path(image) if os.path.isabs(image) else path.parent / image
+            records.append(Record(split, source, label, where, box))
     if not records:
         raise ReirError(f"{path} lists no images; add rows of path,label,split")
     return records, boxed
