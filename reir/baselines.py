@@ -12,14 +12,14 @@ from torch.utils.data import DataLoader
 
 from .data.images import ImageList, build_transform
 from .data.splits import SplitList
+from .database import shared_label_ids
 from .model import ModelConfig, create_model, embedding_from_logits
 
 BATCH_SIZE = 128
 
 
 def label_ids(split_list: SplitList, split: str) -> torch.Tensor:
-    classes = {name: i for i, name in enumerate(split_list.splits[split].classes)}
-    return torch.tensor([classes[label] for label in split_list.splits[split].labels])
+    return shared_label_ids(split_list.splits[split].labels)[0]
 
 
 def raw_pixel_features(split_list: SplitList, split: str, image_size: int) -> torch.Tensor:
