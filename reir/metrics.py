@@ -15,8 +15,14 @@ reference index). MAP@R and R-precision need only the top R. So references are
 ordered by class and cut into square tiles of one size; one pass of tile GEMMs
 (only the upper triangle in self-retrieval, since the scores are symmetric) keeps,
 per query, those counts and a top-R list, looking only at the few scores at or
-above a per-query threshold. Every score comes from a GEMM of the same shape, so a
-pair scores the same in whichever tile it lies and ties resolve exactly.
+above a per-query threshold.
+
+On the CPU (``_CompiledRanking``) the tiles come from a bf16 GEMM where the CPU has
+native bf16 arithmetic (fp32 elsewhere) and are scanned by compiled code
+(``reir.tilescan``); every score that decides a metric is recomputed exactly in
+float64 whenever the tile's rounding (bounded per pair) could change the decision.
+On other devices (``_TensorRanking``) the scores are the fp32 tile GEMM's, each from a
+GEMM of the same shape, so that a pair scores the same in whichever tile it lies.
 """
 
 from __future__ import annotations
@@ -37,12 +43,14 @@ TILE = 2048
 MIN_TILE = 64
 # A block's tiles that hold its own classes are kept (not recomputed) up to this many.
 KEPT_OWN_TILES = 4
+# Devices ranked by ``_CompiledRanking`` (compiled scan, exact float64 rescoring); others by ``_TensorRanking``.
+COMPILED_SCAN_DEVICES = ("cpu",)
 
 
 def relevant_counts(query_labels: torch.Tensor, reference_labels: torch.Tensor, self_retrieval: bool) -> torch.Tensor:
     """R per query: reference images of its class, not counting the query itself."""
     classes, counts = torch.unique(reference_labels, return_counts=True)
-    position = torch.searchsorted(classes, query_labels).clamp(max=len(classes) - 1)
+    position = torch.searchsorted(classes, query_labels.contiguous()).clamp(max=len(classes) - 1)
     r = torch.where(classes[position] == query_labels, counts[position], 0)
     return r - 1 if self_retrieval else r
 
@@ -66,8 +74,10 @@ def retrieval_metrics(query_features: torch.Tensor, query_labels: torch.Tensor, 
         gallery_labels = query_labels
     query_labels, gallery_labels = query_labels.cpu().long(), gallery_labels.cpu().long()
     recalls = sorted(set(recalls))
-    ranking = _Ranking(queries, query_labels, references, gallery_labels, self_retrieval, max(recalls),
-                       torch.device(device) if device is not None else queries.device, chunk_size or TILE)
+    device = torch.device(device) if device is not None else queries.device
+    ranking = (_CompiledRanking if device.type in COMPILED_SCAN_DEVICES else _TensorRanking)(
+        queries, query_labels, references, gallery_labels, self_retrieval, max(recalls), device, chunk_size or TILE)
+    ranking.rank()
     return ranking.metrics(recalls)
 
 
@@ -77,7 +87,10 @@ class _Ranking:
     Queries and references are sorted by class and split into blocks of at most ``tile``
     rows that hold whole classes (a larger class spans several blocks of its own), padded
     to ``tile`` rows so that every GEMM has one shape. Row state is kept per padded row.
+    Subclasses fill the state in ``rank``.
     """
+
+    score_dtype = torch.float32
 
     def __init__(self, queries, query_labels, references, reference_labels, self_retrieval, max_recall, device, tile):
         self.self_retrieval, self.device = self_retrieval, device
@@ -116,9 +129,7 @@ class _Ranking:
         self.query_index = _block_index(query_order, self.query_blocks, tile).to(device)
         self.reference_index = self.query_index if self_retrieval else _block_index(
             reference_order, self.reference_blocks, tile).to(device)
-        self.row_features = torch.zeros(tile, queries.shape[1], device=device)
-        self.column_features = torch.zeros(tile, queries.shape[1], device=device)
-        self.loaded = [None, None]  # which block each buffer holds
+        self.loaded = [None, None]  # which block each tile buffer holds
         padded_rows = self.query_index.numel()
         valid = self.query_index >= 0
         self.valid = valid.flatten()
@@ -129,23 +140,56 @@ class _Ranking:
         self.relevant = torch.where(valid, relevant[self.query_index.clamp(min=0)], 0).flatten()
         self.max_recall = max_recall
         self.k = max(1, int(self.relevant.max()) if padded_rows else 1)
-        inf = float("inf")
-        self.best_score = torch.full((padded_rows,), -inf, device=device)
+        inf, scores = float("inf"), dict(device=device, dtype=self.score_dtype)
+        self.best_score = torch.full((padded_rows,), -inf, **scores)
         self.best_index = torch.full((padded_rows,), len(references), device=device)
-        self.top_bound = torch.full((padded_rows,), -inf, device=device)  # at most the R-th best score
+        self.top_bound = torch.full((padded_rows,), -inf, **scores)  # at most the R-th best score
         self.before = torch.zeros(padded_rows, dtype=torch.long, device=device)
-        self.threshold = torch.full((padded_rows,), inf, device=device)
-        self.top_scores = torch.full((padded_rows, self.k), -inf, device=device)
+        self.threshold = torch.full((padded_rows,), inf, **scores)
+        self.top_scores = torch.full((padded_rows, self.k), -inf, **scores)
         self.top_index = torch.full((padded_rows, self.k), len(references), device=device)
-        self.buffer = torch.empty(tile, tile, device=device)
-        self.mask = torch.empty(tile, tile, dtype=torch.bool, device=device)
+
+    def _rows(self, block: int) -> slice:
+        return slice(block * self.tile, (block + 1) * self.tile)
+
+    def _open(self, block: int) -> bool:
+        return bool(torch.isfinite(self.threshold[self._rows(block)]).any())
+
+    def metrics(self, recalls: list[int]) -> dict[str, float]:
+        valid = self.valid
+        relevant, before = self.relevant[valid], self.before[valid]
+        queries = len(relevant)
+        metrics = {f"recall@{k}": ((relevant > 0) & (before < k)).double().mean().item() if queries else float("nan")
+                   for k in recalls}
+        scored = torch.nonzero(self.valid & (self.relevant > 0)).flatten()
+        if not len(scored):
+            return {**metrics, "precision@1": float("nan"), "r_precision": float("nan"), "map@r": float("nan")}
+        ranks = torch.arange(1, self.k + 1, dtype=torch.float64, device=self.device)
+        sums = torch.zeros(3, dtype=torch.float64, device=self.device)
+        for rows in scored.split(8192):  # in chunks: [queries, R] temporaries would add to the peak memory
+            relevant = self.relevant[rows].double()
+            top = self.top_index[rows].clamp(max=len(self.reference_ids) - 1)
+            hits = self.reference_ids[top] == self.row_class[rows][:, None]
+            hits &= (ranks[None] <= relevant[:, None]) & (self.before[rows] < self.relevant[rows])[:, None]
+            sums += torch.stack([hits[:, 0].double().sum(), (hits.sum(dim=1) / relevant).sum(),
+                                 ((hits.cumsum(dim=1) / ranks * hits).sum(dim=1) / relevant).sum()])
+        metrics["precision@1"], metrics["r_precision"], metrics["map@r"] = (sums / len(scored)).tolist()
+        return metrics
+
+
+class _TensorRanking(_Ranking):
+    """fp32 tile GEMMs and tensor operations (devices other than the CPU)."""
+
+    def rank(self) -> None:
+        tile = self.tile
+        self.row_features = torch.zeros(tile, self.queries.shape[1], device=self.device)
+        self.column_features = torch.zeros(tile, self.queries.shape[1], device=self.device)
+        self.buffer = torch.empty(tile, tile, device=self.device)
+        self.mask = torch.empty(tile, tile, dtype=torch.bool, device=self.device)
         self.done: set[tuple[int, int]] = set()
         for block in range(len(self.query_blocks)):
             self._own_tiles(block)
         self._remaining_tiles()
-
-    def _rows(self, block: int) -> slice:
-        return slice(block * self.tile, (block + 1) * self.tile)
 
     def _score_tile(self, block: int, reference_block: int, out: torch.Tensor | None = None) -> torch.Tensor:
         """Scores of a query block against a reference block; padding and the query itself at -inf."""
@@ -200,7 +244,7 @@ class _Ranking:
         self.top_bound[rows] = torch.maximum(self.top_bound[rows], worst)
         self._update_thresholds(rows)
         for reference_block, scores in kept:
-            self._scan(scores, block, reference_block, transposed=False)
+            self._scan(scores, block, reference_block, rows=True, columns=False)
             self.done.add((block, reference_block))
 
     def _remaining_tiles(self) -> None:
@@ -212,20 +256,20 @@ class _Ranking:
                 # in self-retrieval the tile also serves the reference block's queries (transposed)
                 columns = (self.self_retrieval and reference_block != block
                            and (reference_block, block) not in self.done and self._open(reference_block))
-                if not (rows or columns):
-                    continue
-                scores = self._score_tile(block, reference_block, self.buffer)
-                if rows:
-                    self._scan(scores, block, reference_block, transposed=False)
-                if columns:
-                    self._scan(scores, reference_block, block, transposed=True)
+                if rows or columns:
+                    self._scan(self._score_tile(block, reference_block, self.buffer), block, reference_block,
+                               rows, columns)
 
-    def _open(self, block: int) -> bool:
-        return bool(torch.isfinite(self.threshold[self._rows(block)]).any())
+    def _scan(self, scores: torch.Tensor, block: int, reference_block: int, rows: bool, columns: bool) -> None:
+        """Visit the scores at or above each query's threshold: count those before its best relevant one,
+        keep those that may be in its top R. ``rows``: for the block's queries; ``columns``: for the
+        reference block's queries (self-retrieval)."""
+        if rows:
+            self._scan_direction(scores, block, reference_block, transposed=False)
+        if columns:
+            self._scan_direction(scores, reference_block, block, transposed=True)
 
-    def _scan(self, scores: torch.Tensor, block: int, reference_block: int, transposed: bool) -> None:
-        """Take the scores at or above each query's threshold: count those before its best relevant one,
-        merge those that may be in its top R."""
+    def _scan_direction(self, scores: torch.Tensor, block: int, reference_block: int, transposed: bool) -> None:
         rows = self._rows(block)
         threshold = self.threshold[rows]
         mask = torch.ge(scores, threshold[None] if transposed else threshold[:, None], out=self.mask)
@@ -279,24 +323,91 @@ class _Ranking:
                                 torch.where(before < self.max_recall, self.best_score[rows], float("inf")))
         self.threshold[rows] = torch.where(relevant > 0, threshold, float("inf"))
 
-    def metrics(self, recalls: list[int]) -> dict[str, float]:
-        valid = self.valid
-        relevant, before = self.relevant[valid], self.before[valid]
-        queries = len(relevant)
-        metrics = {f"recall@{k}": ((relevant > 0) & (before < k)).double().mean().item() if queries else float("nan")
-                   for k in recalls}
-        scored = relevant > 0
-        if not scored.any():
-            return {**metrics, "precision@1": float("nan"), "r_precision": float("nan"), "map@r": float("nan")}
-        relevant = relevant[scored].double()
-        top = self.top_index[valid][scored]
-        hits = self.reference_ids[top.clamp(max=len(self.reference_ids) - 1)] == self.row_class[valid][scored][:, None]
-        ranks = torch.arange(1, self.k + 1, dtype=torch.float64, device=self.device)
-        hits &= (ranks[None] <= relevant[:, None]) & (before[scored] < relevant)[:, None]
-        metrics["precision@1"] = hits[:, 0].double().mean().item()
-        metrics["r_precision"] = (hits.sum(dim=1) / relevant).mean().item()
-        metrics["map@r"] = ((hits.cumsum(dim=1) / ranks * hits).sum(dim=1) / relevant).mean().item()
-        return metrics
+class _CompiledRanking(_Ranking):
+    """Fast tile GEMMs, scanned by ``reir.tilescan``; decisive scores recomputed exactly (CPU)."""
+
+    score_dtype = torch.float64
+
+    def rank(self) -> None:
+        # the tile GEMMs must run in the precision their error bound assumes
+        precision = torch.get_float32_matmul_precision()
+        torch.set_float32_matmul_precision("highest")
+        try:
+            with torch.autocast("cpu", enabled=False):
+                self._rank_tiles()
+        finally:
+            torch.set_float32_matmul_precision(precision)
+
+    def _rank_tiles(self) -> None:
+        from . import tilescan
+
+        tile, dim = self.tile, self.queries.shape[1]
+        queries, references = self.queries.contiguous().numpy(), self.references.contiguous().numpy()
+        bf16 = native_bf16()
+        shift, tile_dtype, bits = (16, torch.bfloat16, (torch.int16, np.uint16)) if bf16 else (
+            0, torch.float32, (torch.int32, np.uint32))
+        accumulation, output = tile_error(dim, bf16)
+        query_bits, reference_bits = queries.view(np.uint32), references.view(np.uint32)
+        query_bounds = tilescan.error_bounds(query_bits, shift)
+        reference_bounds = query_bounds if self.self_retrieval else tilescan.error_bounds(reference_bits, shift)
+        query_index, reference_index = self.query_index.numpy(), self.reference_index.numpy()
+        # [blocks, tile, 3]: the bounds of each block row (padding rows are never visited)
+        row_bounds = query_bounds[np.maximum(query_index, 0)]
+        column_bounds = row_bounds if self.self_retrieval else reference_bounds[np.maximum(reference_index, 0)]
+        state = tuple(t.numpy() for t in (self.threshold, self.best_score, self.best_index, self.before, self.relevant,
+                                          self.row_class, self.top_scores, self.top_index, self.top_bound))
+        tilescan.best_relevant(queries, references, query_index.reshape(-1), self.reference_order.numpy(),
+                               self.class_start.numpy(), self.class_stop.numpy(), self.sorted_position.numpy(),
+                               self.self_retrieval, state[1], state[2], state[8])
+        # every relevant score is at least the worst one, so the R-th best score is too
+        self.threshold.copy_(torch.where(self.relevant > 0, self.top_bound, float("inf")))
+        row_tile, column_tile = (torch.zeros(tile, dim, dtype=tile_dtype) for _ in range(2))
+        scores = torch.empty(tile, tile, dtype=tile_dtype)
+        row_rounded, column_rounded, score_bits = (t.view(bits[0]).numpy().view(bits[1])
+                                                   for t in (row_tile, column_tile, scores))
+        # the blocks' fp32 rows, for the scores computed one by one (the tiles themselves when fp32)
+        row_exact, column_exact = (np.zeros((tile, dim), np.uint32) for _ in range(2)) if bf16 else (
+            row_rounded, column_rounded)
+        row_class, column_class = self.row_class.view(-1, tile).numpy(), self.column_class.numpy()
+        for block, (start, stop) in enumerate(self.query_blocks):
+            first = block if self.self_retrieval else 0
+            for reference_block in range(first, len(self.reference_blocks)):
+                diagonal = self.self_retrieval and reference_block == block
+                rows = self._open(block)
+                columns = self.self_retrieval and not diagonal and self._open(reference_block)
+                if not (rows or columns):
+                    continue
+                if self.loaded[0] != block:
+                    tilescan.gather_tile(query_bits, query_index[block], stop - start, row_exact, row_rounded, shift)
+                    self.loaded[0] = block
+                reference_start, reference_stop = self.reference_blocks[reference_block]
+                if not diagonal and self.loaded[1] != reference_block:
+                    tilescan.gather_tile(reference_bits, reference_index[reference_block],
+                                         reference_stop - reference_start, column_exact, column_rounded, shift)
+                    self.loaded[1] = reference_block
+                torch.mm(row_tile, (row_tile if diagonal else column_tile).T, out=scores)
+                tilescan.scan_tile(
+                    score_bits, shift, stop - start, reference_stop - reference_start, diagonal, block * tile,
+                    reference_block * tile, query_index[block], reference_index[reference_block], row_class[block],
+                    column_class[reference_block], row_exact.view(np.float32),
+                    (row_exact if diagonal else column_exact).view(np.float32), row_bounds[block],
+                    column_bounds[reference_block], rows, columns, state, self.max_recall, accumulation, output)
+
+
+def native_bf16() -> bool:
+    """Whether this CPU multiplies bf16 natively (AVX512-BF16, AMX): then bf16 tiles are about 2.5x
+    faster than fp32 ones; elsewhere bf16 would be emulated, and tiles stay fp32."""
+    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+def tile_error(dim: int, bf16: bool) -> tuple[float, float]:
+    """Rounding-error coefficients of a tile score: ``accumulation`` (fp32 sums of ``dim`` exact
+    products, times the norms of the rounded rows) and ``output`` (times |tile score|: the bf16
+    rounding of the result)."""
+    unit = 2.0 ** -24
+    accumulation = dim * unit / (1 - dim * unit)
+    output = 2.0 ** -8 / (1 - 2.0 ** -8) if bf16 else 0.0
+    return accumulation, output
 
 
 @contextmanager

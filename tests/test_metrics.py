@@ -1,16 +1,29 @@
 """Every metric against pytorch-metric-learning's AccuracyCalculator and against the k-NN lists, and ``reir eval``."""
 
+import numpy as np
 import pytest
 import torch
 from pytorch_metric_learning.utils.accuracy_calculator import AccuracyCalculator
 
+from reir import metrics, tilescan
 from reir.database import Database
-from reir.knn import knn
+from reir.knn import flatten, knn
 from reir.metrics import evaluate_embeddings, relevant_counts, retrieval_metrics
 from conftest import run_script
 
 PML_NAMES = {"precision@1": "precision_at_1", "r_precision": "r_precision", "map@r": "mean_average_precision_at_r",
              "nmi": "NMI"}
+
+
+@pytest.fixture(params=["compiled-bf16", "compiled-fp32", "tensor"])
+def ranking(request, monkeypatch):
+    """Every way the CPU can rank: compiled, with bf16 or fp32 tiles (which one runs by default depends
+    on the CPU), or the tensor operations that other devices use."""
+    if request.param == "tensor":
+        monkeypatch.setattr(metrics, "COMPILED_SCAN_DEVICES", ())
+    else:
+        monkeypatch.setattr(metrics, "native_bf16", lambda: request.param == "compiled-bf16")
+    return request.param
 
 
 def embeddings(kind, n, seed):
@@ -41,7 +54,7 @@ def brute_recall(query, query_labels, reference, reference_labels, ks, exclude_s
 
 @pytest.mark.parametrize("chunk_size", [64, 2048])
 @pytest.mark.parametrize("kind", ["random", "clustered"])
-def test_self_retrieval_equals_pytorch_metric_learning(kind, chunk_size):
+def test_self_retrieval_equals_pytorch_metric_learning(kind, chunk_size, ranking):
     features, labels = embeddings(kind, 400, seed=3)
     ours = evaluate_embeddings(features, labels, (1, 2, 4, 8), chunk_size=chunk_size)
     theirs = pml(features, labels)
@@ -55,7 +68,7 @@ def test_self_retrieval_equals_pytorch_metric_learning(kind, chunk_size):
 
 
 @pytest.mark.parametrize("kind", ["random", "clustered"])
-def test_query_gallery_equals_pytorch_metric_learning(kind):
+def test_query_gallery_equals_pytorch_metric_learning(kind, ranking):
     features, labels = embeddings(kind, 500, seed=4)
     query, query_labels, gallery, gallery_labels = features[:180], labels[:180], features[180:], labels[180:]
     ours = evaluate_embeddings(query, query_labels, (1, 10), gallery, gallery_labels, chunk_size=50)
@@ -66,13 +79,21 @@ def test_query_gallery_equals_pytorch_metric_learning(kind):
     assert [ours["recall@1"], ours["recall@10"]] == pytest.approx(list(expected.values()), abs=1e-12)
 
 
-def from_neighbour_lists(query, query_labels, recalls, gallery=None, gallery_labels=None):
-    """The same metrics from the k-NN path's neighbour lists (K = max(largest recall, largest R))."""
+def from_neighbour_lists(query, query_labels, recalls, gallery=None, gallery_labels=None, float64=False):
+    """The same metrics from the k-NN path's neighbour lists (K = max(largest recall, largest R)) or, with
+    ``float64``, from every reference sorted by a float64 score, then by index."""
     self_retrieval = gallery is None
     references, reference_labels = (query, query_labels) if self_retrieval else (gallery, gallery_labels)
     r = relevant_counts(query_labels, reference_labels, self_retrieval)
-    _, indices = knn(query, references, max(max(recalls), int(r.max())), self_retrieval, backend="torch")
-    hits = reference_labels[indices] == query_labels[:, None]
+    if float64:
+        scores = flatten(query).double() @ flatten(references).double().T
+        if self_retrieval:
+            scores.fill_diagonal_(-float("inf"))
+        order = torch.sort(scores, dim=1, descending=True, stable=True).indices
+        hits = (reference_labels[order] == query_labels[:, None])[:, :-1 if self_retrieval else None]
+    else:
+        _, indices = knn(query, references, max(max(recalls), int(r.max())), self_retrieval, backend="torch")
+        hits = reference_labels[indices] == query_labels[:, None]
     metrics = {f"recall@{k}": hits[:, :k].any(dim=1).double().mean().item() for k in recalls}
     hits, r = hits[r > 0], r[r > 0].double()
     ranks = torch.arange(1, hits.shape[1] + 1, dtype=torch.float64)
@@ -101,7 +122,7 @@ def tied_embeddings(kind, n, seed):
 
 @pytest.mark.parametrize("chunk_size", [64, 2048])  # 64: the large class spans more tiles than are kept
 @pytest.mark.parametrize("kind", ["integer", "duplicated"])
-def test_equals_the_neighbour_lists_with_ties_in_both_protocols(kind, chunk_size):
+def test_equals_the_neighbour_lists_with_ties_in_both_protocols(kind, chunk_size, ranking):
     features, labels = tied_embeddings(kind, 420, seed=len(kind) + chunk_size)
     recalls = (1, 2, 3, 10, 100, 1000)  # 1000: more than there are references
     expected = from_neighbour_lists(features, labels, recalls)
@@ -116,7 +137,7 @@ def test_equals_the_neighbour_lists_with_ties_in_both_protocols(kind, chunk_size
     assert ours == pytest.approx(expected, abs=1e-12)
 
 
-def test_ties_follow_the_reference_index():
+def test_ties_follow_the_reference_index(ranking):
     """Three references score the same; the query's relevant one has the middle index: one ahead of it."""
     gallery = torch.tensor([[1.0, 0.0], [1.0, 0.0], [1.0, 0.0], [0.0, 1.0]])
     values = retrieval_metrics(torch.tensor([[1.0, 0.0]]), torch.tensor([4]), (1, 2), gallery,
@@ -125,7 +146,7 @@ def test_ties_follow_the_reference_index():
                                     "map@r": 0.25})
 
 
-def test_only_lone_queries():
+def test_only_lone_queries(ranking):
     features = torch.nn.functional.normalize(torch.randn(5, 2, 3), dim=-1)
     values = retrieval_metrics(features, torch.arange(5), (1, 4))
     assert values["recall@1"] == values["recall@4"] == 0
@@ -145,7 +166,7 @@ def test_cuda_equals_cpu(kind):
         retrieval_metrics(features[:1000], labels[:1000], recalls, features[1000:], labels[1000:]), abs=1e-12)
 
 
-def test_hand_computed_ranking():
+def test_hand_computed_ranking(ranking):
     """One query whose two relevant images sit at ranks 1 and 3: AP@R = (1/1 + 0) / 2, RP = 1/2."""
     gallery = torch.tensor([[1.0, 0.0], [0.9, 0.44], [0.8, 0.6], [0.0, 1.0]])
     gallery = torch.nn.functional.normalize(gallery, dim=-1)
@@ -153,6 +174,64 @@ def test_hand_computed_ranking():
                                torch.tensor([7, 1, 7, 2]))
     assert values == pytest.approx({"recall@1": 1, "recall@2": 1, "recall@3": 1, "precision@1": 1,
                                     "r_precision": 0.5, "map@r": 0.5})
+
+
+@pytest.mark.parametrize("ranking", ["compiled-bf16", "compiled-fp32"], indirect=True)
+@pytest.mark.parametrize("protocol", ["self", "gallery"])
+def test_scores_closer_than_any_tile_rounding_rank_exactly(ranking, protocol):
+    """Six clusters of nearly equal embeddings (spread 1e-3 down to 1e-9, far below bf16's and even fp32's
+    resolution) with labels mixed inside each: only the exact rescoring orders them right."""
+    generator = torch.Generator().manual_seed(11)
+    centres = torch.nn.functional.normalize(torch.randn(6, 40, generator=generator), dim=-1)
+    spread = 10.0 ** -torch.randint(3, 10, (300, 1), generator=generator).float()
+    features = centres.repeat_interleave(50, dim=0) + spread * torch.randn(300, 40, generator=generator)
+    labels = torch.randint(0, 30, (300,), generator=generator)
+    recalls = (1, 2, 4, 8, 16)
+    if protocol == "self":
+        assert retrieval_metrics(features, labels, recalls, chunk_size=64) == pytest.approx(
+            from_neighbour_lists(features, labels, recalls, float64=True), abs=1e-12)
+    else:
+        query, gallery = features[::3], features[1::3]
+        expected = from_neighbour_lists(query, labels[::3], recalls, gallery, labels[1::3], float64=True)
+        ours = retrieval_metrics(query, labels[::3], recalls, gallery, labels[1::3], chunk_size=64)
+        assert ours == pytest.approx(expected, abs=1e-12)
+
+
+@pytest.mark.parametrize("bf16", [True, False])
+def test_tile_scores_stay_within_their_error_bound(bf16):
+    """The bound that lets a tile score settle a decision, on unit rows, rows scaled by 1e3 and 1e-3,
+    rows whose entries span twelve orders of magnitude, and entries exactly halfway between two bf16
+    numbers; the tile rows are rounded exactly as torch rounds."""
+    generator = torch.Generator().manual_seed(5)
+    dim = 96
+    sign, exponent, mantissa = (torch.randint(low, high, (50, dim), generator=generator, dtype=torch.int64)
+                                for low, high in ((0, 2), (118, 131), (0, 128)))
+    halfway = ((sign << 31) | (exponent << 23) | (mantissa << 16) | 0x8000).to(torch.int32)  # low half 0x8000
+    features = torch.cat([
+        torch.nn.functional.normalize(torch.randn(150, dim, generator=generator), dim=-1),
+        torch.randn(50, dim, generator=generator) * 1e3,
+        torch.randn(50, dim, generator=generator) * 1e-3,
+        torch.randn(50, dim, generator=generator) * torch.logspace(-6, 6, dim),
+        halfway.view(torch.float32),
+    ]).contiguous()
+    shift, tile_dtype = (16, torch.bfloat16) if bf16 else (0, torch.float32)
+    bits = features.numpy().view(np.uint32)
+    rounded = torch.zeros(len(features), dim, dtype=tile_dtype)
+    exact_rows = np.zeros((len(features), dim), np.uint32)
+    tilescan.gather_tile(bits, np.arange(len(features)), len(features), exact_rows,
+                         rounded.view(torch.int16 if bf16 else torch.int32).numpy().view(
+                             np.uint16 if bf16 else np.uint32), shift)
+    assert torch.equal(rounded, features.to(tile_dtype)) and np.array_equal(exact_rows, bits)
+    tile = torch.mm(rounded, rounded.T).double()
+    exact = features.double() @ features.double().T
+    accumulation, output = metrics.tile_error(dim, bf16)
+    norm, error, rounded_norm = torch.from_numpy(tilescan.error_bounds(bits, shift)).T
+    bound = (error[:, None] * norm[None] + norm[:, None] * error[None] + error[:, None] * error[None]
+             + accumulation * rounded_norm[:, None] * rounded_norm[None] + output * tile.abs())
+    actual = (tile - exact).abs()
+    assert (actual <= bound).all()
+    unit = slice(0, 150)
+    assert actual[unit, unit].max() > bound[unit, unit].max() / 100  # a bound, but not a vacuous one
 
 
 def test_relevant_counts_exclude_the_query_and_unknown_classes():

@@ -152,13 +152,17 @@ class _Indexed(torch.utils.data.Dataset):
         return torch.tensor([item]), 0
 
 
-def test_evaluation_under_amp_ranks_in_fp32_as_reir_eval_does():
-    """Cosines 0.9990 and 0.9995 are one value in bf16; the epoch's statistics must still rank them apart."""
+def test_evaluation_under_amp_ranks_in_fp32_as_reir_eval_does(monkeypatch):
+    """Cosines 0.9990 and 0.9995 are one value in bf16; the epoch's statistics must still rank them apart.
+    Ranked by tensor operations, as on a GPU, where autocast would reach the score GEMMs (the compiled
+    CPU ranking rescores close scores exactly, autocast or not)."""
+    from reir import metrics as metrics_module
     from reir.database import shared_label_ids
     from reir.metrics import evaluate_embeddings
     from reir.precision import precision_for
     from reir.train import evaluate_splits
 
+    monkeypatch.setattr(metrics_module, "COMPILED_SCAN_DEVICES", ())
     angles = torch.tensor([0.0, float(torch.acos(torch.tensor(0.9990))), float(torch.acos(torch.tensor(0.9995)))])
     rows = torch.stack([angles.cos(), angles.sin()], dim=1)[:, None, :]  # [3 images, 1 branch, 2]
     labels = ["a", "b", "b"]
@@ -171,6 +175,9 @@ def test_evaluation_under_amp_ranks_in_fp32_as_reir_eval_does():
         rounded = evaluate_embeddings(features["test"], ids, [1], with_nmi=False)
     assert rounded["recall@1"] != fp32["recall@1"], "the control: bf16 must change this ranking"
     assert metrics == fp32 and fp32["recall@1"] == pytest.approx(2 / 3)
+    monkeypatch.undo()
+    with bf16.autocast():
+        assert evaluate_embeddings(features["test"], ids, [1], with_nmi=False) == fp32
 
 
 def test_training_from_python_with_callbacks_saves_its_resolved_config_and_tensorboard(small_digits_root, tmp_path):
