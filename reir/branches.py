@@ -16,10 +16,12 @@ from torchvision.models.resnet import BasicBlock, Bottleneck
 from .errors import ReirError
 
 BATCHING_MODES = ("auto", "loop", "grouped")
-# Measured with benchmarks/train_throughput.py (docs/SCALING.md): on the CPU grouped training steps
-# took 0.37x and 0.67x the loop's time (resnet18 x 12, 128 px, batch 16); on an H200 grouped ran
-# 2.0x the loop's images/s in fp32 and 3.6x in bf16 (resnet18 x 48, 256 px).
-DEFAULT_BATCHING = {"cpu": "grouped", "cuda": "grouped"}
+# Measured with benchmarks/train_throughput.py (docs/SCALING.md): on an idle 2-core CPU the loop ran
+# 1.63x grouped's images/s (resnet18 x 12, layer1 shared, 128 px), 2.26x (layer3 shared, 64 px) and
+# 1.14x (the demo: layer4 shared, 48 heads, 32 px): oneDNN's dense convolutions beat its grouped ones
+# and the loop needs no weight concatenation. On an H200 grouped ran 2.0x the loop's images/s in fp32
+# and 3.6x in bf16 (resnet18 x 48, 256 px): there the loop's many small kernels are launch-bound.
+DEFAULT_BATCHING = {"cpu": "loop", "cuda": "grouped"}
 
 
 def resolve_batching(mode: str, device: torch.device) -> str:
