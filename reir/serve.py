@@ -287,6 +287,9 @@ def main(argv: list[str] | None = None) -> int:
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind((args.host, args.port))
+        # listening before the address is printed: a client that connects as soon as it reads it
+        # waits in the backlog until uvicorn accepts, instead of being refused
+        sock.listen(2048)
     except OSError as exc:
         raise ReirError(f"cannot listen on {args.host}:{args.port} ({exc.strerror}); choose another --port") from None
     port = sock.getsockname()[1]

@@ -5,6 +5,7 @@ import io
 import json
 import os
 import re
+import socket
 import subprocess
 import sys
 
@@ -36,10 +37,12 @@ def server(index_file):
     process = subprocess.Popen(command, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)},
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     line = process.stdout.readline()
-    found = re.search(r"at (http://127\.0\.0\.1:\d+)/", line)
+    found = re.search(r"at (http://127\.0\.0\.1:(\d+))/", line)
     if not found:
         process.kill()
         pytest.fail(f"reir serve did not start: {line}{process.stdout.read()}")
+    # the printed address takes connections at once (it once was bound but not yet listening)
+    socket.create_connection(("127.0.0.1", int(found.group(2))), timeout=5).close()
     yield found.group(1)
     process.terminate()
     process.wait(timeout=30)
