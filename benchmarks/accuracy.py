@@ -67,9 +67,9 @@ PROXY_LEARNING_RATE = 1e-2
 
 
 def glyphs_source(work: Path, data_path: Path, args) -> Path:
-    """A CSV over a seeded subset of the glyph classes."""
+    """A CSV over some glyph classes: the demo's block of look-alikes, or a seeded random choice."""
     return write_subset_csv(prepare_glyphs(data_path), work / "glyphs.csv", args.train_classes, args.test_classes,
-                            args.seed)
+                            None if args.glyph_classes == "lowest" else args.seed)
 
 
 def read_idx(path: Path) -> np.ndarray:
@@ -329,8 +329,11 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help="comma-separated: glyphs, fashion-mnist (skipped with a note when not installed)")
     parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of the methods")
     parser.add_argument("--data_path", default=None, help="where glyphs is generated (default: a scratch folder)")
-    parser.add_argument("--train_classes", type=int, default=100, help="glyphs: training classes used")
-    parser.add_argument("--test_classes", type=int, default=100, help="glyphs: test classes used")
+    parser.add_argument("--train_classes", type=int, default=300, help="glyphs: training classes used")
+    parser.add_argument("--test_classes", type=int, default=300, help="glyphs: test classes used")
+    parser.add_argument("--glyph_classes", choices=("lowest", "random"), default="lowest",
+                        help="glyphs: the classes with the lowest code points (the demo's look-alikes, where raw "
+                             "pixels are weak) or a seeded random choice (easier: raw pixels near the ceiling)")
     parser.add_argument("--train_images", type=int, default=150, help="fashion-mnist: images per training class")
     parser.add_argument("--test_images", type=int, default=150, help="fashion-mnist: images per test class")
     parser.add_argument("--image_size", type=int, default=32)
