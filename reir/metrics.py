@@ -104,10 +104,8 @@ class _Ranking:
         self.query_blocks = _class_blocks(query_ids[query_order], class_starts, tile)
         self.reference_blocks = self.query_blocks if self_retrieval else [
             (start, min(start + tile, len(references))) for start in range(0, len(references), tile)]
-        # own reference range of each query block: the references of its classes
         sorted_query_ids = query_ids[query_order]
-        self.own_ranges = [(int(class_starts[sorted_query_ids[start]]), int(class_starts[sorted_query_ids[stop - 1] + 1]))
-                           for start, stop in self.query_blocks]
+        self.class_starts, self.sorted_query_ids = class_starts, sorted_query_ids
         # each query's relevant references are one run of sorted reference positions
         sorted_position = torch.full((len(self.query_blocks), tile), -1, dtype=torch.long)
         for block, (start, stop) in enumerate(self.query_blocks):
@@ -116,12 +114,6 @@ class _Ranking:
         self.class_start = torch.where(sorted_position >= 0, class_starts[row_ids], 0).flatten().to(device)
         self.class_stop = torch.where(sorted_position >= 0, class_starts[row_ids + 1], 0).flatten().to(device)
         self.sorted_position = sorted_position.flatten().to(device)
-        self.widest = max(1, int((class_starts[1:] - class_starts[:-1]).max()))
-        position_block = torch.empty(len(references), dtype=torch.long)
-        position_column = torch.empty(len(references), dtype=torch.long)
-        for block, (start, stop) in enumerate(self.reference_blocks):
-            position_block[start:stop], position_column[start:stop] = block, torch.arange(stop - start)
-        self.position_block, self.position_column = position_block.to(device), position_column.to(device)
         self.reference_order = reference_order.to(device)
         # blocks are gathered tile by tile into two buffers: no sorted copy of the embeddings
         self.queries = queries.detach().to(device, torch.float32)
@@ -181,7 +173,17 @@ class _TensorRanking(_Ranking):
     """fp32 tile GEMMs and tensor operations (devices other than the CPU)."""
 
     def rank(self) -> None:
-        tile = self.tile
+        tile, class_starts, ids = self.tile, self.class_starts, self.sorted_query_ids
+        # own reference range of each query block (the references of its classes), the widest class,
+        # and the block and column of every sorted reference position: how _own_tiles finds them
+        self.own_ranges = [(int(class_starts[ids[start]]), int(class_starts[ids[stop - 1] + 1]))
+                           for start, stop in self.query_blocks]
+        self.widest = max(1, int((class_starts[1:] - class_starts[:-1]).max()))
+        position_block = torch.empty(len(self.references), dtype=torch.long)
+        position_column = torch.empty(len(self.references), dtype=torch.long)
+        for block, (start, stop) in enumerate(self.reference_blocks):
+            position_block[start:stop], position_column[start:stop] = block, torch.arange(stop - start)
+        self.position_block, self.position_column = position_block.to(self.device), position_column.to(self.device)
         self.row_features = torch.zeros(tile, self.queries.shape[1], device=self.device)
         self.column_features = torch.zeros(tile, self.queries.shape[1], device=self.device)
         self.buffer = torch.empty(tile, tile, device=self.device)

@@ -250,7 +250,7 @@ def scan_tile(scores, shift, rows, columns, diagonal, row_base, column_base, row
     column queries it is reference ``row_reference[a]`` of class ``row_class[a]``. Likewise for
     columns. ``diagonal``: the tile pairs a block with itself; row ``a`` must not retrieve column ``a``.
     """
-    threshold, best_score, _, before, relevant = state[:5]
+    threshold, best_score, best_index, before, relevant, query_class = state[:6]
     largest_column, largest_row = _largest(column_bounds, columns), _largest(row_bounds, rows)
     inf32 = np.float32(INF)
     # the column queries' marks and counts, local for the tile; "alive" ones go through _visit
@@ -289,7 +289,7 @@ def scan_tile(scores, shift, rows, columns, diagonal, row_base, column_base, row
             ahead -= values[a] > row_high
             flags[a] = False
         row_before += ahead
-        best, best_at, own_class = state[1][query], state[2][query], state[5][query]
+        best, best_at, own_class = best_score[query], best_index[query], query_class[query]
         for word in range(words):
             if flag_words[word] == 0:
                 continue
@@ -325,9 +325,9 @@ def scan_tile(scores, shift, rows, columns, diagonal, row_base, column_base, row
                             column_alive[b] = column_before[b] < relevant[column_query]
                             column_low[b] = _low_mark(threshold[column_query], _tile_reach(
                                 column_bounds, b, largest_row, accumulation), output)
-                    elif row_class[a] != state[5][column_query]:
+                    elif row_class[a] != query_class[column_query]:
                         column_before[b] += _ranks_before(value, delta, best_score[column_query],
-                                                          state[2][column_query], row_at, column_features, b,
+                                                          best_index[column_query], row_at, column_features, b,
                                                           row_features, a, fine)
             if not row_alive and row_before >= max_recall:
                 row_low = row_high = inf32
