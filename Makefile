@@ -18,7 +18,7 @@ install: $(STAMP)
 # A small REIR (resnet18 shared, 48 heads x 12 meta classes, 32 px, random init) on the embedded glyphs,
 # on the CPU, next to raw pixels and the untrained network (reir/demo.py).
 demo: $(STAMP)
-	$(PY) -m reir.demo --output_dir demo_output
+	$(PY) -m reir.cli.demo --output_dir demo_output
 
 # Headless Chromium and its driver for the browser tests, from Debian's packages (skipped when present).
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)

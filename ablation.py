@@ -2,7 +2,7 @@
 
 import sys
 
-from reir.ablation import main
+from reir.cli.ablation import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -2,7 +2,7 @@
 
 import sys
 
-from reir.data.prepare import main
+from reir.cli.prepare import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -2,7 +2,7 @@
 
 import sys
 
-from reir.inference import main
+from reir.cli.search import main
 
 if __name__ == "__main__":
     sys.exit(main())

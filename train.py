@@ -2,7 +2,7 @@
 
 import sys
 
-from reir.train import main
+from reir.cli.train import main
 
 if __name__ == "__main__":
     sys.exit(main())

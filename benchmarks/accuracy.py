@@ -10,7 +10,7 @@ Methods (resnet18 from random initialisation everywhere):
 - pytorch-metric-learning's ProxyAnchor and MultiSimilarity (+ its miner) losses with their published
   default hyperparameters, a 512-d linear head and an m-per-class sampler.
 
-Every trained method uses the same recipe (reir.recipe, the one ``--weights none`` selects), batch
+Every trained method uses the same recipe (reir.training.recipe, the one ``--weights none`` selects), batch
 size and number of epochs, is evaluated on the test classes after every epoch and reports its best
 epoch, as train.py does (the original's protocol; optimistic in the same way for every method); the
 last epoch's R@1 is printed beside it. REIR trains through ``reir train``'s entry point.
@@ -46,14 +46,14 @@ from PIL import Image  # noqa: E402
 from torch import nn  # noqa: E402
 
 from reir import cli  # noqa: E402
-from reir.baselines import label_ids, network_features, raw_pixel_features, untrained_features  # noqa: E402
 from reir.data.custom import load_custom  # noqa: E402
 from reir.data.glyphs import prepare_glyphs, write_subset_csv  # noqa: E402
 from reir.data.images import ImageList, build_transform  # noqa: E402
-from reir.database import load_database  # noqa: E402
-from reir.metrics import retrieval_metrics  # noqa: E402
-from reir.model import ModelConfig, build_backbone  # noqa: E402
-from reir.recipe import SCRATCH  # noqa: E402
+from reir.model.network import ModelConfig, build_backbone  # noqa: E402
+from reir.retrieval.baselines import label_ids, network_features, raw_pixel_features, untrained_features  # noqa: E402
+from reir.retrieval.database import load_database  # noqa: E402
+from reir.retrieval.metrics import retrieval_metrics  # noqa: E402
+from reir.training.recipe import SCRATCH  # noqa: E402
 
 FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 RECALLS = (1, 2, 4, 8)

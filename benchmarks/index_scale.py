@@ -6,7 +6,7 @@ per-branch cosines as in REIR. They are drawn around class centres (``--per_clas
 per class, noise ``--noise``) so that neighbours exist, as in a trained model; pure noise
 would be a worst case for every approximate index. Queries are fresh draws from the same
 classes. Every index is built through :class:`reir.Index` and its Recall@10 measured
-against exact search (:func:`reir.knn.knn`). Printed per size and index: build seconds,
+against exact search (:func:`reir.retrieval.similarity.knn`). Printed per size and index: build seconds,
 index bytes (FAISS's serialised size), search queries/s (all queries in one call) and
 Recall@10; the process's peak RSS at the end.
 
@@ -27,9 +27,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from reir.api import Index  # noqa: E402
-from reir.indexing import recall_against_exact  # noqa: E402
-from reir.knn import knn  # noqa: E402
+from reir.cli.index import recall_against_exact  # noqa: E402
+from reir.retrieval.index import Index# noqa: E402
+from reir.retrieval.similarity import knn  # noqa: E402
 
 ENSEMBLE, META = 48, 12
 
@@ -86,7 +86,7 @@ def run_size(count: int, args) -> list[dict]:
         label = factory + "".join(f" {k}={v}" for k, v in tuning.items())
         rows.append(measure(label, index, queries, exact_ids, build, args.k))
         del index
-    rows.insert(0, {"index": "exact knn (reir.knn)", "build_s": 0.0, "bytes": vectors.numel() * 4,
+    rows.insert(0, {"index": "exact knn (reir.retrieval.similarity)", "build_s": 0.0, "bytes": vectors.numel() * 4,
                     "qps": len(queries) / exact_seconds, "recall": 1.0})
     return rows
 

@@ -40,9 +40,9 @@ def synthetic_setup(folder: Path, ensemble: int, image_size: int, images: int) -
     """A random-init model file and a Flat index of random embeddings of its shape."""
     import torch
 
-    from reir.api import Index
+    from reir.retrieval.index import Index
     from reir.fileio import save_tensors
-    from reir.model import ModelConfig, create_model
+    from reir.model.network import ModelConfig, create_model
 
     config = ModelConfig("resnet18", "layer1", ensemble, 12)
     model_file = folder / "synthetic_model.safetensors"

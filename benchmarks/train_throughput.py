@@ -33,8 +33,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from reir.model import MODEL_TYPES, SHARE_TYPES, ModelConfig, create_model  # noqa: E402
-from reir.precision import AMP_DTYPES, precision_for  # noqa: E402
+from reir.model.network import MODEL_TYPES, SHARE_TYPES, ModelConfig, create_model  # noqa: E402
+from reir.training.precision import AMP_DTYPES, precision_for  # noqa: E402
 
 ADAM_IMPLEMENTATIONS = {"adam-loop": {"foreach": False}, "adam-foreach": {"foreach": True},
                         "adam-fused": {"fused": True}}

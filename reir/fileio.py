@@ -18,7 +18,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open, save
 
-from .errors import ReirError
+from reir.errors import ReirError
 
 METADATA_KEY = "reir"
 # mkstemp creates files only the owner can read; finished files get the usual permissions.

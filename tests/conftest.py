@@ -24,7 +24,7 @@ def pytest_collection_modifyitems(items):
 @pytest.fixture(scope="session", autouse=True)
 def terminal_logging():
     """Library messages reach stdout/stderr as under the CLI, so tests read them as a user would."""
-    from reir.cliutil import configure_logging
+    from reir.cli.common import configure_logging
 
     configure_logging()
 
@@ -95,7 +95,7 @@ def served_model(small_digits_root, tmp_path_factory):
     """One tiny model trained once (16 px, 4 branches), shared by the API, embed, serve and report tests."""
     from types import SimpleNamespace
 
-    from reir.train import main as train_main
+    from reir.cli.train import main as train_main
 
     out = tmp_path_factory.mktemp("served_model")
     args = tiny_args(small_digits_root, out, "--image_size", "16", "--ensemble_size", "4", "--meta_class_size", "3",

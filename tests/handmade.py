@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from reir.database import SUFFIX, Database
+from reir.retrieval.database import SUFFIX, Database
 
 
 def angles_to_features(degrees: list[float]) -> torch.Tensor:

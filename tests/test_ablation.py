@@ -6,8 +6,8 @@ import pytest
 import torch
 from PIL import Image
 
-from reir import viz
-from reir.ablation import compare, main
+from reir.cli.ablation import compare, main
+from reir.plots import grids
 from conftest import run_script
 from handmade import BETTER_ANGLES, TEST_LABELS, WORSE_ANGLES, make_database
 
@@ -56,15 +56,15 @@ def test_figures_and_comparison_images_on_known_databases(pair):
     assert (summary["better_wins"], summary["worse_wins"], summary["better_ratio"]) == (5, 0, None)
 
     picture = Image.open(pictures[0])  # query 0 (A at 0 deg): better gets 5, 10 (A, A); worse 40, 300 (B, C)
-    assert picture.size == viz.grid_size(2, 3, title=True)
-    x, y = viz.cell_origin(0, 0, title=True)
-    assert picture.getpixel((x + 1, y + 1)) == viz.BLUE
-    for row, colours in ((0, [viz.GREEN, viz.GREEN]), (1, [viz.RED, viz.RED])):
+    assert picture.size == grids.grid_size(2, 3, title=True)
+    x, y = grids.cell_origin(0, 0, title=True)
+    assert picture.getpixel((x + 1, y + 1)) == grids.BLUE
+    for row, colours in ((0, [grids.GREEN, grids.GREEN]), (1, [grids.RED, grids.RED])):
         for column, colour in enumerate(colours, start=1):
-            x, y = viz.cell_origin(row, column, title=True)
+            x, y = grids.cell_origin(row, column, title=True)
             assert picture.getpixel((x + 1, y + 1)) == colour
-    x, y = viz.cell_origin(1, 0, title=True)
-    assert picture.getpixel((x + 1, y + 1)) == viz.BACKGROUND  # no query repeated under it
+    x, y = grids.cell_origin(1, 0, title=True)
+    assert picture.getpixel((x + 1, y + 1)) == grids.BACKGROUND  # no query repeated under it
 
 
 def test_swapped_roles_give_the_mirror_figures(pair, capsys):

@@ -9,9 +9,9 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 import reir
-from reir.database import load_database
 from reir.errors import ReirError
-from reir.knn import knn
+from reir.retrieval.database import load_database
+from reir.retrieval.similarity import knn
 
 from conftest import REPO
 

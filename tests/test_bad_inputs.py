@@ -16,13 +16,13 @@ import pytest
 import torch
 
 from reir import cli
-from reir.checkpoint import checkpoint_path
-from reir.cliutil import reports_errors
+from reir.cli.common import reports_errors
+from reir.cli.train import main as train_main
 from reir.data.splits import load_split_list, save_split_list, split_list_path
-from reir.database import load_database, resolve_database_path
 from reir.fileio import save_tensors
-from reir.labels import ids_path
-from reir.train import main as train_main
+from reir.model.meta_labels import ids_path
+from reir.retrieval.database import load_database, resolve_database_path
+from reir.training.checkpoint import checkpoint_path
 from conftest import run_script, tiny_args
 
 NAME = "digits_uncropped_fixed_unrandom_layer4_resnet18_3_2"

@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from reir.cli.prepare import main as prepare_main, prepare_benchmark
+from reir.cli.train import main as train_main
 from reir.data import BENCHMARKS, load_split_list, split_list_path
 from reir.data.images import build_transform, load_rgb
-from reir.data.prepare import main as prepare_main, prepare_benchmark
-from reir.train import main as train_main
 from conftest import run_script, tiny_args
 from dataset_fixtures import PER_CLASS, WIDTH, make_car, make_cub, make_isc, make_sop
 

@@ -10,12 +10,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from reir.cli.prepare import main as prepare_main
+from reir.cli.train import main as train_main
 from reir.data import custom
 from reir.data.custom import load_custom
 from reir.data.images import load_rgb
-from reir.data.prepare import main as prepare_main
 from reir.data.registry import IMAGENET_MEAN, IMAGENET_STD
-from reir.train import main as train_main
 from conftest import tiny_args
 from dataset_fixtures import box_for, make_custom_csv, make_custom_folder, write_image
 from test_datasets import FAST, one_line_error
@@ -125,7 +125,7 @@ def test_folders_train_and_evaluate_end_to_end(tmp_path):
 
 
 def test_query_gallery_folders_train_and_retrieve_query_against_gallery(tmp_path, capsys):
-    from reir.database import load_database
+    from reir.retrieval.database import load_database
 
     root = make_custom_folder(tmp_path / "own", query_gallery=True)
     prepared = load_custom(root, "uncropped")

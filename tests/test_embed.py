@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from conftest import REPO, run_script
-from reir.database import load_database
+from reir.retrieval.database import load_database
 
 IMAGES = 240
 BROKEN = ("a/broken.jpg", "b/empty.png")

@@ -8,7 +8,7 @@ import torch
 
 import reir
 from conftest import run_script
-from reir.database import load_database
+from reir.retrieval.database import load_database
 
 
 @pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated:FutureWarning")

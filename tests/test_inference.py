@@ -8,9 +8,9 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from reir import viz
-from reir.database import load_database
-from reir.inference import main, rank
+from reir.cli.search import main, rank
+from reir.plots import grids
+from reir.retrieval.database import load_database
 from conftest import run_script, tiny_args
 from handmade import make_database
 
@@ -51,8 +51,8 @@ def toy(tmp_path):
 
 
 def border_colour(image, row, column, title=False):
-    x, y = viz.cell_origin(row, column, title)
-    return image.getpixel((x + viz.BORDER // 2, y + viz.BORDER // 2))
+    x, y = grids.cell_origin(row, column, title)
+    return image.getpixel((x + grids.BORDER // 2, y + grids.BORDER // 2))
 
 
 def test_rank_matches_brute_force_and_never_returns_the_excluded_row():
@@ -84,10 +84,10 @@ def test_query_in_database_excludes_itself_draws_grid_and_writes_files(toy, caps
     assert marks == ["correct" if r["correct"] else "wrong" for r in report["results"]]
 
     grid = Image.open(folder / "grid.png")
-    assert grid.size == viz.grid_size(1, 5)
-    assert border_colour(grid, 0, 0) == viz.BLUE
+    assert grid.size == grids.grid_size(1, 5)
+    assert border_colour(grid, 0, 0) == grids.BLUE
     for column, result in enumerate(report["results"], start=1):
-        assert border_colour(grid, 0, column) == (viz.GREEN if result["correct"] else viz.RED)
+        assert border_colour(grid, 0, column) == (grids.GREEN if result["correct"] else grids.RED)
     assert (folder / "query_img.jpg").is_file()
     for r in report["results"]:
         assert (folder / f"retrieval_img_{r['rank']}_{r['score']:.4f}_{r['correct']}.jpg").is_file()
@@ -105,7 +105,7 @@ def test_original_name_train_split_and_json_on_stdout(toy, capsys):
     assert report["split"] == "train" and report["json"] is None
     assert not any(r["correct"] for r in report["results"])  # train classes differ from test classes
     assert not (root / "results" / "test_000" / "results.json").exists()
-    assert Image.open(root / "results" / "test_000" / "grid.png").size == viz.grid_size(1, 7)
+    assert Image.open(root / "results" / "test_000" / "grid.png").size == grids.grid_size(1, 7)
 
 
 def test_rerun_replaces_per_image_files_and_long_lists_wrap(toy, capsys):
@@ -114,7 +114,7 @@ def test_rerun_replaces_per_image_files_and_long_lists_wrap(toy, capsys):
     assert invoke(base + ["--retrieval_num", "9"], capsys)[0] == 0
     folder = root / "results" / "test_005"
     assert len(list(folder.glob("retrieval_img_*.jpg"))) == 9
-    assert Image.open(folder / "grid.png").size == viz.grid_size(2, 9)  # query + 9 results in rows of 9
+    assert Image.open(folder / "grid.png").size == grids.grid_size(2, 9)  # query + 9 results in rows of 9
     assert invoke(base + ["--retrieval_num", "2"], capsys)[0] == 0
     assert len(list(folder.glob("retrieval_img_*.jpg"))) == 2
 
@@ -160,7 +160,7 @@ def test_error_paths_are_one_line_and_write_nothing(toy, capsys, tmp_path_factor
 @pytest.fixture(scope="module")
 def trained(small_digits_root, tmp_path_factory):
     """A real tiny database, trained for one epoch through train.py (16 px, branches = classifiers: fast)."""
-    from reir.train import main as train_main
+    from reir.cli.train import main as train_main
 
     output = tmp_path_factory.mktemp("trained")
     assert train_main(tiny_args(small_digits_root, output, "--image_size", "16", "--share_type", "layer4")) == 0
@@ -182,7 +182,7 @@ def test_end_to_end_in_database_and_outside_image(trained, tmp_path):
     stem = query.rsplit("/", 1)[1].rsplit(".", 1)[0]
     folder = trained / "results" / stem
     inside = json.loads((folder / "results.json").read_text())
-    assert Image.open(folder / "grid.png").size == viz.grid_size(1, 6)
+    assert Image.open(folder / "grid.png").size == grids.grid_size(1, 6)
 
     copy = tmp_path / "my_digit.png"
     shutil.copyfile(query, copy)  # same pixels, a path the database does not know

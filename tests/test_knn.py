@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from reir.errors import ReirError
-from reir.knn import choose_backend, flatten, iter_knn, knn
+from reir.retrieval.similarity import choose_backend, flatten, iter_knn, knn
 
 
 def brute(queries, references, k, exclude_self):
@@ -70,7 +70,7 @@ def test_backend_choice_and_errors(monkeypatch):
         choose_backend("annoy", 1, 1, cpu)
     with pytest.raises(ReirError, match="same model"):
         knn(torch.randn(3, 4), torch.randn(3, 5), 1)
-    monkeypatch.setattr("reir.knn.faiss_available", lambda: False)
+    monkeypatch.setattr("reir.retrieval.similarity.faiss_available", lambda: False)
     assert choose_backend("auto", 60_000, 60_000, cpu) == "torch"
     with pytest.raises(ReirError, match="pip install faiss-cpu"):
         choose_backend("faiss", 1, 1, cpu)

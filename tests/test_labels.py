@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from reir.errors import ReirError
-from reir.labels import (assign_meta_labels, distinct_assignment, ids_path, load_ids, min_hamming_distance,
+from reir.model.meta_labels import (assign_meta_labels, distinct_assignment, ids_path, load_ids, min_hamming_distance,
                          save_ids)
 
 

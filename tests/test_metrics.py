@@ -4,10 +4,10 @@ import numpy as np
 import pytest
 import torch
 
-from reir import metrics
-from reir.database import Database
-from reir.knn import flatten, knn
-from reir.metrics import evaluate_embeddings, relevant_counts, retrieval_metrics
+from reir.retrieval import metrics
+from reir.retrieval.database import Database
+from reir.retrieval.metrics import evaluate_embeddings, relevant_counts, retrieval_metrics
+from reir.retrieval.similarity import flatten, knn
 from conftest import run_script
 
 PML_NAMES = {"precision@1": "precision_at_1", "r_precision": "r_precision", "map@r": "mean_average_precision_at_r",
@@ -206,7 +206,7 @@ def test_tile_scores_stay_within_their_error_bound(bf16):
     """The bound that lets a tile score settle a decision, on unit rows, rows scaled by 1e3 and 1e-3,
     rows whose entries span twelve orders of magnitude, and entries exactly halfway between two bf16
     numbers; the tile rows are rounded exactly as torch rounds."""
-    from reir import tilescan  # numba: imported here so that the GPU check can collect this file without it
+    from reir.retrieval import tilescan  # numba: imported here so that the GPU check can collect this file without it
     generator = torch.Generator().manual_seed(5)
     dim = 96
     sign, exponent, mantissa = (torch.randint(low, high, (50, dim), generator=generator, dtype=torch.int64)

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from reir.errors import ReirError
-from reir.model import ModelConfig, count_parameters, create_model, embedding_from_logits
+from reir.model.network import ModelConfig, count_parameters, create_model, embedding_from_logits
 
 # The original's table (REIR.md): defaults share_type layer1, ensemble 48.
 TABLE = {

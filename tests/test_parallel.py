@@ -9,11 +9,12 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
-from reir.branches import DEFAULT_BATCHING, resolve_batching
-from reir.model import ModelConfig, create_model
-from reir.precision import precision_for
-from reir.sharding import describe, split_evenly
-from reir.train import main as train_main, train_one_epoch
+from reir.cli.train import main as train_main
+from reir.model.branches import DEFAULT_BATCHING, resolve_batching
+from reir.model.network import ModelConfig, create_model
+from reir.model.sharding import describe, split_evenly
+from reir.training.precision import precision_for
+from reir.training.train import train_one_epoch
 from tests.conftest import tiny_args
 
 CPU = torch.device("cpu")

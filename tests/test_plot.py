@@ -5,8 +5,9 @@ import math
 import pytest
 from PIL import Image
 
+from reir.cli.plot import main
 from reir.errors import ReirError
-from reir.plot import build_figure, main, read_statistics
+from reir.plots.curves import build_figure, read_statistics
 from conftest import run_script
 
 CSV = ("epoch,train_loss,train_accuracy,test_recall@1,test_recall@10,test_recall@2,test_nmi\n"

@@ -6,7 +6,7 @@ import pytest
 
 from browser import chromium, screenshot
 from conftest import run_script
-from reir.database import load_database
+from reir.retrieval.database import load_database
 
 
 @pytest.fixture(scope="module")

@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from reir.checkpoint import pack, unpack
 from reir.fileio import load_tensors
-from reir.signals import StopRequest, TrainingStopped
+from reir.training.checkpoint import pack, unpack
+from reir.training.signals import StopRequest, TrainingStopped
 from conftest import run_script, tiny_args
 
 NAME = "digits_uncropped_fixed_random_layer4_resnet18_3_2"
@@ -123,10 +123,10 @@ def test_optimizer_and_scheduler_states_survive_the_json_round_trip():
 
 
 def test_the_fp16_loss_scale_is_checkpointed_and_a_resume_must_keep_the_precision(tmp_path):
-    from reir.checkpoint import MUST_MATCH, TrainingState, find_checkpoint, load_checkpoint, save_checkpoint
-    from reir.config import TrainConfig
+    from reir.training.checkpoint import MUST_MATCH, TrainingState, find_checkpoint, load_checkpoint, save_checkpoint
+    from reir.training.config import TrainConfig
     from reir.errors import ReirError
-    from reir.precision import precision_for
+    from reir.training.precision import precision_for
 
     def trainables():
         torch.manual_seed(0)

@@ -10,11 +10,11 @@ import pytest
 import torch
 
 from reir import cli
-from reir.cliutil import reports_errors
-from reir.database import load_database
-from reir.config import TrainConfig
-from reir.train import main as train_main, get_args_parser
-from reir.checkpoint import checkpoint_path
+from reir.cli.common import reports_errors
+from reir.cli.train import main as train_main, get_args_parser
+from reir.retrieval.database import load_database
+from reir.training.checkpoint import checkpoint_path
+from reir.training.config import TrainConfig
 from conftest import run_script, tiny_args
 
 

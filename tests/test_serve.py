@@ -74,7 +74,7 @@ def test_index_reports_recall_and_speed_of_approximate_indexes(served_model, tmp
     assert (tmp_path / "hnsw.faiss").stat().st_size > 0 and (tmp_path / "hnsw.faiss.ids.json").is_file()
     import faiss
 
-    from reir.api import Index
+    from reir.retrieval.index import Index
 
     assert faiss.downcast_index(Index.load(tmp_path / "hnsw.faiss").faiss_index).hnsw.efSearch == 7
     bad = run_script("reir", "index", "--data_base", str(served_model.database), "--factory", "IVF100000,Flat",
@@ -84,7 +84,7 @@ def test_index_reports_recall_and_speed_of_approximate_indexes(served_model, tmp
 
 
 def test_search_returns_ranked_database_images(server, served_model):
-    from reir.database import load_database
+    from reir.retrieval.database import load_database
 
     db = load_database(served_model.database)
     query = db.paths("test")[3]
@@ -153,7 +153,7 @@ def test_page_uploads_an_image_shows_the_grid_and_searches_a_clicked_result(serv
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
-    from reir.database import load_database
+    from reir.retrieval.database import load_database
 
     db = load_database(served_model.database)
     expected = search(server, open(db.paths("test")[0], "rb").read(), k="6").json()["results"]

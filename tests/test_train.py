@@ -5,12 +5,12 @@ import csv
 import pytest
 import torch
 
-from reir.database import load_database
-from reir.fileio import load_tensors
-from reir.config import TrainConfig
-from reir.devices import parse_device, training_devices
+from reir.cli.train import get_args_parser, main as train_main
 from reir.errors import ReirError
-from reir.train import get_args_parser, main as train_main
+from reir.fileio import load_tensors
+from reir.retrieval.database import load_database
+from reir.training.config import TrainConfig
+from reir.training.devices import parse_device, training_devices
 from conftest import run_script, tiny_args
 
 ORIGINAL_DEFAULTS = {
@@ -156,11 +156,11 @@ def test_evaluation_under_amp_ranks_in_fp32_as_reir_eval_does(monkeypatch):
     """Cosines 0.9990 and 0.9995 are one value in bf16; the epoch's statistics must still rank them apart.
     Ranked by tensor operations, as on a GPU, where autocast would reach the score GEMMs (the compiled
     CPU ranking rescores close scores exactly, autocast or not)."""
-    from reir import metrics as metrics_module
-    from reir.database import shared_label_ids
-    from reir.metrics import evaluate_embeddings
-    from reir.precision import precision_for
-    from reir.train import evaluate_splits
+    from reir.retrieval import metrics as metrics_module
+    from reir.retrieval.database import shared_label_ids
+    from reir.retrieval.metrics import evaluate_embeddings
+    from reir.training.precision import precision_for
+    from reir.training.train import evaluate_splits
 
     monkeypatch.setattr(metrics_module, "COMPILED_SCAN_DEVICES", ())
     angles = torch.tensor([0.0, float(torch.acos(torch.tensor(0.9990))), float(torch.acos(torch.tensor(0.9995)))])
@@ -183,7 +183,7 @@ def test_evaluation_under_amp_ranks_in_fp32_as_reir_eval_does(monkeypatch):
 def test_training_from_python_with_callbacks_saves_its_resolved_config_and_tensorboard(small_digits_root, tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    from reir.train import train
+    from reir.training.train import train
 
     events = []
     config = TrainConfig(data_name="digits", data_path=str(small_digits_root), output_dir=str(tmp_path),

@@ -2,7 +2,7 @@
 
     python tests/train_with_kill.py EVENT:N[:SIGNAL] <train.py flags>
 
-``step`` and ``eval_batch`` come from :func:`reir.train.train`'s callbacks; ``save`` is the moment
+``step`` and ``eval_batch`` come from :func:`reir.training.train.train`'s callbacks; ``save`` is the moment
 a file is completely written but not yet renamed into place (every output is renamed with
 ``os.replace``). The signal defaults to KILL: a real, unannounced death of the process.
 """
@@ -13,9 +13,10 @@ import os
 import signal
 import sys
 
-from reir.cliutil import reports_errors
-from reir.config import TrainConfig
-from reir.train import get_args_parser, train
+from reir.cli.common import reports_errors
+from reir.cli.train import get_args_parser
+from reir.training.config import TrainConfig
+from reir.training.train import train
 
 
 def main() -> int:

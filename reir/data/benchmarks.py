@@ -11,8 +11,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import ReirError
-from .build import Record
+from reir.data.build import Record
+from reir.errors import ReirError
 
 FULL_NAMES = {"car": "CARS196", "cub": "CUB200-2011", "sop": "Stanford Online Products", "isc": "In-shop Clothes"}
 CAR_FIELDS = ("relative_im_path", "bbox_x1", "bbox_y1", "bbox_x2", "bbox_y2", "class")

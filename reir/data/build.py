@@ -25,9 +25,9 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
-from ..errors import ReirError
-from ..fileio import atomic_write, ensure_dir
-from .splits import Split, SplitList, load_split_list, save_split_list
+from reir.data.splits import Split, SplitList, load_split_list, save_split_list
+from reir.errors import ReirError
+from reir.fileio import atomic_write, ensure_dir
 
 log = logging.getLogger(__name__)
 

@@ -19,10 +19,10 @@ from typing import Iterator
 
 from PIL import Image
 
-from ..errors import ReirError, UsageError
-from .build import Record, build_split_list, probe_writable, report
-from .registry import IMAGENET_MEAN, IMAGENET_STD
-from .splits import SplitList, load_split_list, split_list_path
+from reir.data.build import Record, build_split_list, probe_writable, report
+from reir.data.registry import IMAGENET_MEAN, IMAGENET_STD
+from reir.data.splits import SplitList, load_split_list, split_list_path
+from reir.errors import ReirError, UsageError
 
 log = logging.getLogger(__name__)
 

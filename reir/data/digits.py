@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from ..fileio import atomic_write_with, ensure_dir
-from .splits import Split, load_split_list, save_split_list, split_list_path, SplitList
+from reir.data.splits import Split, load_split_list, save_split_list, split_list_path, SplitList
+from reir.fileio import atomic_write_with, ensure_dir
 
 
 def prepare_digits(data_path: str | Path) -> SplitList:

@@ -23,9 +23,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from ..errors import ReirError
-from ..fileio import atomic_write, ensure_dir
-from .splits import Split, SplitList, load_split_list, save_split_list, split_list_path
+from reir.data.splits import Split, SplitList, load_split_list, save_split_list, split_list_path
+from reir.errors import ReirError
+from reir.fileio import atomic_write, ensure_dir
 
 IMAGE_SIZE = 32
 # The glyph is drawn at this em size, then shrunk only if its ink would not fit the image.

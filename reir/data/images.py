@@ -7,8 +7,8 @@ from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 from torchvision import transforms
 
-from ..errors import ReirError
-from .splits import SplitList
+from reir.data.splits import SplitList
+from reir.errors import ReirError
 
 
 def build_transform(image_size: int, mean, std, train: bool) -> transforms.Compose:

@@ -5,12 +5,12 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from ..errors import ReirError
-from .custom import load_custom
-from .digits import prepare_digits
-from .glyphs import prepare_glyphs
-from .registry import BENCHMARKS, dataset_info
-from .splits import SplitList, load_split_list, split_list_path
+from reir.data.custom import load_custom
+from reir.data.digits import prepare_digits
+from reir.data.glyphs import prepare_glyphs
+from reir.data.registry import BENCHMARKS, dataset_info
+from reir.data.splits import SplitList, load_split_list, split_list_path
+from reir.errors import ReirError
 
 log = logging.getLogger(__name__)
 # Datasets generated on first use, with no download.

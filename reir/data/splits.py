@@ -16,8 +16,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..errors import ReirError
-from ..fileio import read_json, write_json
+from reir.errors import ReirError
+from reir.fileio import read_json, write_json
 
 FORMAT = "reir-splits/1"
 SPLIT_NAMES = ("train", "test", "query", "gallery")

@@ -1,0 +1,151 @@
+"""``reir export``: the embedding network as ONNX or TorchScript, checked against PyTorch.
+
+The exported graph takes a batch of images already resized to the model's square size and
+normalised with its mean and std (both written to ``<output>.json``) and returns the
+embeddings ``[batch, ensemble, meta]``, every branch L2-normalised, exactly what
+:func:`reir.embed` returns; the batch size is free. After writing, the file is loaded back
+(onnxruntime for ONNX) and run on a batch of a different size than the export used; the
+largest absolute difference from PyTorch is printed and must stay under ``--tolerance``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import sys
+import warnings
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from reir.api import Model, load_model
+from reir.cli.common import ArgumentParser, reports_errors
+from reir.errors import ReirError
+from reir.fileio import atomic_write, atomic_write_with
+from reir.model.network import embedding_from_logits
+
+FORMATS = ("onnx", "torchscript")
+SUFFIXES = {"onnx": ".onnx", "torchscript": ".pt"}
+
+
+class EmbeddingNetwork(nn.Module):
+    """Normalised images -> per-branch L2-normalised embeddings, the whole inference in one graph."""
+
+    def __init__(self, network: nn.Module):
+        super().__init__()
+        self.network = network
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return embedding_from_logits(self.network(images))
+
+
+def example_images(model: Model, batch: int, seed: int) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(batch, 3, model.image_size, model.image_size, generator=generator)
+
+
+@contextlib.contextmanager
+def quiet():
+    """The exporters' progress lines and deprecation warnings are not the user's business."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with contextlib.redirect_stdout(io.StringIO()):
+            yield
+
+
+def export_onnx(wrapper: EmbeddingNetwork, example: torch.Tensor, output: Path) -> None:
+    batch = torch.export.Dim("batch", min=1, max=65536)
+
+    def write(path: str) -> None:
+        torch.onnx.export(wrapper, (example,), path, input_names=["images"], output_names=["embeddings"],
+                          dynamic_shapes={"images": {0: batch}}, dynamo=True, external_data=False)
+
+    with quiet():
+        atomic_write_with(output, write)
+
+
+def run_onnx(path: Path, images: torch.Tensor) -> torch.Tensor:
+    try:
+        import onnxruntime
+    except ImportError:
+        raise ReirError("the ONNX parity check needs onnxruntime; pip install onnxruntime") from None
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return torch.from_numpy(session.run(["embeddings"], {"images": images.numpy()})[0])
+
+
+def export_torchscript(wrapper: EmbeddingNetwork, example: torch.Tensor, output: Path) -> None:
+    with quiet():
+        traced = torch.jit.trace(wrapper, example)
+        atomic_write_with(output, lambda path: torch.jit.save(traced, path))
+
+
+def run_torchscript(path: Path, images: torch.Tensor) -> torch.Tensor:
+    with quiet():
+        return torch.jit.load(str(path), map_location="cpu")(images)
+
+
+def export(model: Model, export_format: str, output: Path) -> float:
+    """Write ``output`` and its preprocessing JSON; returns the parity check's max absolute difference."""
+    if export_format not in FORMATS:
+        raise ReirError(f"--format {export_format!r} is unknown; choose {' or '.join(FORMATS)}", 2)
+    wrapper = EmbeddingNetwork(model.network.cpu()).eval()
+    example, check = example_images(model, 2, 0), example_images(model, 5, 1)
+    with torch.no_grad():
+        try:
+            if export_format == "onnx":
+                export_onnx(wrapper, example, output)
+                exported = run_onnx(output, check)
+            else:
+                export_torchscript(wrapper, example, output)
+                exported = run_torchscript(output, check)
+        except ReirError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - exporter failures are many kinds; name the first line
+            raise ReirError(f"{export_format} export failed ({type(exc).__name__}: "
+                            f"{str(exc).strip().splitlines()[0] if str(exc).strip() else ''})") from None
+        reference = wrapper(check)
+    ensemble, meta = model.embedding_shape
+    atomic_write(Path(f"{output}.json"), json.dumps({
+        "format": export_format, "model_file": str(model.path), "input": "images",
+        "input_shape": ["batch", 3, model.image_size, model.image_size], "output": "embeddings",
+        "output_shape": ["batch", ensemble, meta], "image_size": model.image_size, "mean": model.mean,
+        "std": model.std, "preprocessing": "RGB, resize to image_size x image_size, scale to [0, 1], "
+                                           "subtract mean and divide by std per channel",
+        "similarity": "sum over branches of the dot products, divided by the ensemble size"}, indent=1) + "\n")
+    return (exported - reference).abs().max().item()
+
+
+def get_args_parser() -> ArgumentParser:
+    parser = ArgumentParser(prog="reir export", description="Export the embedding network with a parity check.")
+    parser.add_argument("--model", required=True, help="an epochs/*_model.safetensors file")
+    parser.add_argument("--format", required=True, choices=FORMATS, dest="export_format")
+    parser.add_argument("--output", default=None, help="file to write (default: beside the model, .onnx or .pt)")
+    parser.add_argument("--tolerance", default=1e-4, type=float,
+                        help="largest absolute difference from PyTorch accepted (default 1e-4)")
+    return parser
+
+
+@reports_errors
+def main(argv: list[str] | None = None) -> int:
+    args = get_args_parser().parse_args(argv)
+    model = load_model(args.model)
+    default = Path(args.model).with_suffix(SUFFIXES[args.export_format])
+    output = Path(args.output) if args.output else default
+    if output.resolve() == Path(args.model).resolve():
+        raise ReirError("--output would overwrite the model file; choose another name", 2)
+    difference = export(model, args.export_format, output)
+    engine = "onnxruntime" if args.export_format == "onnx" else "TorchScript"
+    print(f"Wrote {output} ({output.stat().st_size / 2**20:.1f} MiB) and {output}.json; parity with PyTorch "
+          f"on 5 random images ({engine}): max abs diff {difference:.2e}")
+    if args.export_format == "torchscript":
+        print("note: PyTorch deprecates TorchScript; prefer --format onnx for new deployments")
+    if not difference <= args.tolerance:
+        raise ReirError(f"the exported network differs from PyTorch by {difference:.2e} > --tolerance "
+                        f"{args.tolerance:g}; do not deploy {output}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,92 @@
+"""Pictures of retrieval results: bordered tiles laid out in a grid.
+
+A green border means the result shares the query's class, red that it does not,
+grey that the query's class is unknown; the query itself gets a blue border.
+Everything is drawn with PIL so the colours in a PNG are exactly these values.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from PIL import Image, ImageDraw, ImageFont
+
+from reir.data.images import load_rgb
+from reir.fileio import atomic_write_with
+
+GREEN = (0, 170, 0)
+RED = (220, 0, 0)
+GREY = (150, 150, 150)
+BLUE = (0, 90, 220)
+BACKGROUND = (255, 255, 255)
+TEXT = (0, 0, 0)
+
+TILE = 128  # image side inside a grid cell
+BORDER = 6
+CAPTION = 18  # text strip under each cell
+TITLE = 22  # optional strip above the grid
+GAP = 4
+FILE_SIZE = 224  # side of the per-image files, as in the original
+
+
+@dataclass
+class Tile:
+    path: str
+    caption: str
+    colour: tuple[int, int, int]
+
+
+def status_colour(correct: bool | None) -> tuple[int, int, int]:
+    return GREY if correct is None else GREEN if correct else RED
+
+
+def bordered(image: Image.Image, colour: tuple[int, int, int], size: int = TILE, border: int = BORDER) -> Image.Image:
+    """``image`` resized to ``size`` squared (what the model sees) inside a ``border``-pixel frame."""
+    framed = Image.new("RGB", (size + 2 * border, size + 2 * border), colour)
+    framed.paste(image.convert("RGB").resize((size, size), Image.BILINEAR), (border, border))
+    return framed
+
+
+def cell_size() -> tuple[int, int]:
+    return TILE + 2 * BORDER, TILE + 2 * BORDER + CAPTION
+
+
+def grid_size(rows: int, columns: int, title: bool = False) -> tuple[int, int]:
+    width, height = cell_size()
+    return (GAP + columns * (width + GAP), (TITLE if title else 0) + GAP + rows * (height + GAP))
+
+
+def cell_origin(row: int, column: int, title: bool = False) -> tuple[int, int]:
+    """Top-left pixel of a cell's border."""
+    width, height = cell_size()
+    return GAP + column * (width + GAP), (TITLE if title else 0) + GAP + row * (height + GAP)
+
+
+def grid(rows: list[list[Tile | None]], title: str | None = None) -> Image.Image:
+    """Cells left to right, top to bottom; ``None`` leaves a cell blank."""
+    columns = max((len(r) for r in rows), default=0)
+    canvas = Image.new("RGB", grid_size(len(rows), columns, title is not None), BACKGROUND)
+    draw = ImageDraw.Draw(canvas)
+    font = ImageFont.load_default()
+    if title is not None:
+        draw.text((GAP, GAP), title, fill=TEXT, font=font)
+    for r, row in enumerate(rows):
+        for c, tile in enumerate(row):
+            if tile is None:
+                continue
+            x, y = cell_origin(r, c, title is not None)
+            canvas.paste(bordered(load_rgb(tile.path), tile.colour), (x, y))
+            draw.text((x + BORDER, y + TILE + 2 * BORDER + 2), tile.caption, fill=TEXT, font=font)
+    return canvas
+
+
+def wrap(tiles: list[Tile], columns: int) -> list[list[Tile | None]]:
+    return [tiles[i:i + columns] for i in range(0, len(tiles), columns)]
+
+
+def save_image(image: Image.Image, path: str | Path) -> Path:
+    """Atomically, in the format the suffix names (PNG stays lossless, so colours read back exactly)."""
+    path = Path(path)
+    image_format = "PNG" if path.suffix.lower() == ".png" else "JPEG"
+    return atomic_write_with(path, lambda tmp: image.save(tmp, format=image_format))

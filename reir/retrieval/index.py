@@ -1,0 +1,212 @@
+"""A searchable collection: REIR embeddings in a FAISS index, with the id map of paths and labels."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from reir.errors import ReirError
+from reir.fileio import atomic_write, read_json
+from reir.retrieval.database import UNLABELLED
+from reir.retrieval.similarity import flatten, knn
+
+INDEX_FORMAT = "reir-index/1"
+EXACT_FACTORY = "Flat"
+
+
+def _faiss():
+    try:
+        import faiss
+    except ImportError:
+        raise ReirError("indexes need faiss-cpu; pip install faiss-cpu") from None
+    return faiss
+
+
+class Index:
+    """Database images searchable by REIR's similarity, the mean per-branch cosine.
+
+    Vectors are the flattened, scaled embeddings (:func:`reir.retrieval.similarity.flatten`), whose inner
+    product is exactly that similarity. ``factory="Flat"`` is exact and ranks through
+    :func:`reir.retrieval.similarity.knn` (the ranking evaluation uses, ties to the lower id); any other
+    FAISS factory string (``HNSW32``, ``IVF1024,Flat``, ``IVF4096,PQ48`` ...) is an
+    approximate inner-product index, trained on the vectors it is built from.
+    Ids are positions ``0 .. len-1``; ``paths`` and ``labels`` describe them.
+    """
+
+    def __init__(self, faiss_index, factory: str, paths: list[str], labels: list[str], info: dict | None = None):
+        self.faiss_index = faiss_index
+        self.factory = factory
+        self.paths = paths
+        self.labels = labels
+        self.info = info or {}
+        self._exact_vectors: torch.Tensor | None = None
+
+    @property
+    def exact(self) -> bool:
+        return self.factory == EXACT_FACTORY
+
+    @property
+    def dim(self) -> int:
+        return self.faiss_index.d
+
+    def __len__(self) -> int:
+        return self.faiss_index.ntotal
+
+    @classmethod
+    def build(cls, features: torch.Tensor, paths: Sequence[str] | None = None, labels: Sequence[str] | None = None,
+              factory: str = EXACT_FACTORY, info: dict | None = None, train_size: int | None = None) -> "Index":
+        """An index over ``features`` (``[N, ensemble, meta]`` or flattened ``[N, D]``).
+
+        Approximate factories are trained on the features (on a random ``train_size`` of them when given).
+        """
+        faiss = _faiss()
+        vectors = _as_vectors(features)
+        try:
+            index = faiss.index_factory(vectors.shape[1], factory, faiss.METRIC_INNER_PRODUCT)
+        except RuntimeError as exc:
+            raise ReirError(f"--factory {factory!r} is not a FAISS factory string ({_faiss_message(exc)}); "
+                            "try Flat, HNSW32, IVF1024,Flat or IVF4096,PQ48", 2) from None
+        if not index.is_trained:
+            sample = vectors
+            if train_size is not None and train_size < len(vectors):
+                sample = vectors[torch.randperm(len(vectors), generator=torch.Generator().manual_seed(0))[:train_size]]
+            try:
+                index.train(sample.numpy())
+            except RuntimeError as exc:
+                raise ReirError(f"cannot train {factory!r} on {len(sample)} vectors ({_faiss_message(exc)}); "
+                                "use fewer IVF lists, a smaller PQ, or Flat for small collections") from None
+        built = cls(index, factory, [], [], info)
+        built.add(vectors, paths, labels)
+        return built
+
+    @classmethod
+    def from_database(cls, database, splits: Sequence[str] | None = None, factory: str = EXACT_FACTORY,
+                      **build_options) -> "Index":
+        """An index over a database's splits (default: every split but train, else train)."""
+        from reir.retrieval.database import Database, load_database
+
+        db = database if isinstance(database, Database) else load_database(database)
+        splits = list(splits or collection_splits(db))
+        missing = [s for s in splits if s not in db.features]
+        if missing:
+            raise ReirError(f"database has no split {', '.join(missing)}; it has {', '.join(db.features)}")
+        features = torch.cat([db.features[s] for s in splits])
+        paths = [p for s in splits for p in db.paths(s)]
+        labels = [l for s in splits for l in db.labels(s)]
+        info = {"splits": splits, "model_file": db.info.get("model_file"),
+                **({"database": str(database)} if not isinstance(database, Database) else {})}
+        return cls.build(features, paths, labels, factory, info, **build_options)
+
+    def add(self, features: torch.Tensor, paths: Sequence[str] | None = None,
+            labels: Sequence[str] | None = None) -> None:
+        vectors = _as_vectors(features)
+        if len(self) and vectors.shape[1] != self.dim:
+            raise ReirError(f"vectors of dimension {vectors.shape[1]} cannot join an index of dimension {self.dim}; "
+                            "embed with the same model")
+        paths = list(paths) if paths is not None else [""] * len(vectors)
+        labels = list(labels) if labels is not None else [UNLABELLED] * len(vectors)
+        if len(paths) != len(vectors) or len(labels) != len(vectors):
+            raise ReirError(f"{len(vectors)} vectors but {len(paths)} paths and {len(labels)} labels; give one each")
+        self.faiss_index.add(vectors.numpy())
+        self.paths += [str(p) for p in paths]
+        self.labels += [str(l) for l in labels]
+        self._exact_vectors = None
+
+    def tune(self, **parameters) -> None:
+        """Search-time FAISS parameters of approximate indexes, e.g. ``nprobe=16`` or ``efSearch=128``."""
+        space = _faiss().ParameterSpace()
+        for name, value in parameters.items():
+            try:
+                space.set_index_parameter(self.faiss_index, name, value)
+            except RuntimeError as exc:
+                raise ReirError(f"{self.factory} has no search parameter {name} ({_faiss_message(exc)})", 2) from None
+
+    def search(self, queries: torch.Tensor, k: int = 10) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(scores, ids)``, each ``[Q, k]`` best first; ids ``-1`` pad rows an approximate index could not fill."""
+        queries = _as_vectors(queries)
+        if queries.shape[1] != self.dim:
+            raise ReirError(f"queries have dimension {queries.shape[1]} but the index {self.dim}; "
+                            "embed with the model the index was built for")
+        if self.exact:
+            return knn(queries, self.vectors(), k)
+        scores, ids = self.faiss_index.search(queries.numpy(), min(k, len(self)))
+        return torch.from_numpy(scores), torch.from_numpy(ids).long()
+
+    def vectors(self) -> torch.Tensor:
+        """The stored vectors of an exact index, ``[N, D]`` (shared with FAISS, not copied)."""
+        if not self.exact:
+            raise ReirError(f"a {self.factory} index does not keep exact vectors; build a Flat index")
+        if self._exact_vectors is None:
+            faiss = _faiss()
+            flat = faiss.downcast_index(self.faiss_index)
+            array = faiss.rev_swig_ptr(flat.get_xb(), len(self) * self.dim) if len(self) else []
+            self._exact_vectors = torch.as_tensor(array, dtype=torch.float32).reshape(len(self), self.dim)
+        return self._exact_vectors
+
+    def save(self, path: str | os.PathLike) -> tuple[Path, Path]:
+        """FAISS's own file at ``path`` and the id map (paths, labels, factory) at ``<path>.ids.json``."""
+        faiss = _faiss()
+        path = Path(path)
+        atomic_write(path, faiss.serialize_index(self.faiss_index).tobytes())
+        id_map = {"format": INDEX_FORMAT, "factory": self.factory, "dim": self.dim, "count": len(self),
+                  "metric": "inner product of flattened scaled embeddings (mean per-branch cosine)",
+                  "info": self.info, "paths": self.paths, "labels": self.labels}
+        ids_path = id_map_path(path)
+        atomic_write(ids_path, json.dumps(id_map, separators=(",", ":")))
+        return path, ids_path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "Index":
+        faiss = _faiss()
+        path = Path(path)
+        id_map = read_json(id_map_path(path), "index id map")
+        if not isinstance(id_map, dict) or id_map.get("format") != INDEX_FORMAT:
+            raise ReirError(f"{id_map_path(path)} is not a REIR index id map; rebuild it with reir index")
+        if not path.is_file():
+            raise ReirError(f"index {path} does not exist; build it with reir index")
+        try:
+            index = faiss.deserialize_index(_numpy_bytes(path.read_bytes()))
+        except RuntimeError as exc:
+            raise ReirError(f"index {path} is not a FAISS index ({_faiss_message(exc)}); rebuild it with reir index") from None
+        if index.ntotal != len(id_map["paths"]) or index.ntotal != len(id_map["labels"]):
+            raise ReirError(f"index {path} holds {index.ntotal} vectors but its id map {len(id_map['paths'])}; "
+                            "rebuild both with reir index")
+        loaded = cls(index, id_map["factory"], id_map["paths"], id_map["labels"], id_map.get("info", {}))
+        loaded.tune(**loaded.info.get("search_parameters", {}))
+        return loaded
+
+
+def id_map_path(index_path: str | os.PathLike) -> Path:
+    return Path(f"{index_path}.ids.json")
+
+
+def collection_splits(database) -> list[str]:
+    """The splits that form the searchable collection: all but train, or train when it is alone."""
+    searchable = [s for s in database.features if s != "train"]
+    return searchable or list(database.features)
+
+
+def _as_vectors(features) -> torch.Tensor:
+    if not isinstance(features, torch.Tensor):
+        features = torch.as_tensor(features)
+    if features.dim() not in (2, 3):
+        raise ReirError(f"embeddings must be [N, ensemble, meta] or [N, D], not {tuple(features.shape)}")
+    return flatten(features.detach().float().cpu()).contiguous()
+
+
+def _numpy_bytes(data: bytes):
+    import numpy as np
+
+    return np.frombuffer(data, dtype=np.uint8)
+
+
+def _faiss_message(exc: Exception) -> str:
+    """FAISS errors carry a C++ location; keep the sentence that names the problem."""
+    text = str(exc).strip()
+    found = re.search(r"\.cpp:\d+: (?:Error: )?(.*)", text)
+    return (found.group(1) if found else text.splitlines()[-1] if text else type(exc).__name__).strip()

@@ -1,0 +1,1 @@
+"""Training: the loop, its configuration and recipe, numeric precision, checkpoints, devices and torchrun."""

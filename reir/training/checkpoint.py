@@ -1,0 +1,208 @@
+"""Checkpoints: what a run needs to continue exactly where it stopped, in one pickle-free file.
+
+A checkpoint is one safetensors file (``<output_dir>/checkpoints/<save name>_checkpoint.safetensors``)
+written atomically after every epoch, and mid-epoch when SIGINT/SIGTERM stops a run. Its
+tensors are the model, the optimizer's tensors and torch's RNG state; its JSON metadata
+holds everything else (epoch, step, statistics rows, best recall, meta labels, scheduler,
+fp16 loss scale, python/numpy RNG states). Nothing is unpickled, so a checkpoint from someone
+else cannot run code. Replaying the interrupted epoch is the data's job (:mod:`reir.data.sampling`).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from reir.errors import ReirError
+from reir.fileio import load_tensors, save_tensors
+from reir.training.rng import rng_state, set_rng_state
+
+log = logging.getLogger(__name__)
+
+FORMAT = "reir-checkpoint/1"
+SUFFIX = "_checkpoint.safetensors"
+# Settings that must equal the checkpoint's for a resumed run to continue the same run.
+MUST_MATCH = ("data_name", "crop_type", "label_type", "recalls", "model_type", "share_type", "with_random",
+              "batch_size", "num_epochs", "ensemble_size", "meta_class_size", "image_size", "seed", "amp")
+# What checkpoints written before a setting joined MUST_MATCH were trained with.
+EARLIER_DEFAULTS = {"amp": "off"}
+
+
+def checkpoint_path(output_dir: str | Path, name: str) -> Path:
+    return Path(output_dir) / "checkpoints" / f"{name}{SUFFIX}"
+
+
+# --- JSON + tensors: state dicts without pickle ------------------------------------------
+
+def pack(obj: Any, tensors: dict[str, torch.Tensor], key: str) -> Any:
+    """A JSON-able copy of ``obj``; tensors move to ``tensors`` under dotted keys."""
+    if isinstance(obj, torch.Tensor):
+        tensors[key] = obj.detach().cpu().clone()
+        return {"$tensor": key}
+    if isinstance(obj, dict):
+        kind = "$counter" if isinstance(obj, Counter) else "$dict"
+        return {kind: [[pack(k, tensors, f"{key}.k{i}"), pack(v, tensors, f"{key}.{i}")]
+                       for i, (k, v) in enumerate(obj.items())]}
+    if isinstance(obj, tuple):
+        return {"$tuple": [pack(v, tensors, f"{key}.{i}") for i, v in enumerate(obj)]}
+    if isinstance(obj, list):
+        return [pack(v, tensors, f"{key}.{i}") for i, v in enumerate(obj)]
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return obj
+    raise TypeError(f"cannot store {type(obj).__name__} in a checkpoint")
+
+
+def unpack(obj: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    if isinstance(obj, list):
+        return [unpack(v, tensors) for v in obj]
+    if isinstance(obj, dict):
+        ((kind, value),) = obj.items()
+        if kind == "$tensor":
+            return tensors[value]
+        if kind == "$tuple":
+            return tuple(unpack(v, tensors) for v in value)
+        pairs = ((unpack(k, tensors), unpack(v, tensors)) for k, v in value)
+        return Counter(dict(pairs)) if kind == "$counter" else dict(pairs)
+    return obj
+
+
+# --- the training state ------------------------------------------------------------------
+
+@dataclass
+class EpochProgress:
+    """Where the current epoch is: batches done and the running sums of ``train_one_epoch``."""
+
+    step: int = 0
+    total_loss: float = 0.0
+    total_correct: int = 0
+    total_seen: int = 0
+
+    def totals(self) -> tuple[float, int, int]:
+        return self.total_loss, self.total_correct, self.total_seen
+
+    def after_step(self, total_loss: float, total_correct: int, total_seen: int) -> None:
+        self.step += 1
+        self.total_loss, self.total_correct, self.total_seen = total_loss, total_correct, total_seen
+
+
+@dataclass
+class TrainingState:
+    """What a run needs besides its flags to continue: saved after each epoch."""
+
+    epoch: int = 0  # epochs completed
+    rows: list[dict] = field(default_factory=list)
+    best_recall: float = -1.0
+    progress: EpochProgress = field(default_factory=EpochProgress)  # inside epoch ``epoch + 1``
+
+    def epoch_done(self, epoch: int, best_recall: float) -> None:
+        self.epoch, self.best_recall = epoch, best_recall
+        self.progress = EpochProgress()
+
+
+def save_checkpoint(path: Path, model, optimizer, scheduler, scaler, state: TrainingState,
+                    meta_labels: torch.Tensor, classes: list[str], run_config: dict) -> Path:
+    """``scaler`` is the fp16 ``GradScaler``: its loss scale is part of the run."""
+    tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
+    p = state.progress
+    metadata = {
+        "format": FORMAT, "config": {k: run_config[k] for k in MUST_MATCH}, "save_name": run_config["save_name"],
+        "epoch": state.epoch, "rows": state.rows, "best_recall": state.best_recall,
+        "progress": {"step": p.step, "total_loss": p.total_loss, "total_correct": p.total_correct,
+                     "total_seen": p.total_seen},
+        "classes": list(classes), "meta_labels": meta_labels.cpu().tolist(),
+        "optimizer": pack(optimizer.state_dict(), tensors, "optimizer"),
+        "scheduler": pack(scheduler.state_dict(), tensors, "scheduler"),
+        "scaler": pack(scaler.state_dict(), tensors, "scaler"),
+        "rng": pack(rng_state(), tensors, "rng"),
+    }
+    return save_tensors(path, tensors, metadata)
+
+
+@dataclass
+class Checkpoint:
+    path: Path
+    tensors: dict[str, torch.Tensor]
+    meta: dict
+
+    @property
+    def seed(self) -> int:
+        return self.meta["config"]["seed"]
+
+    def meta_labels(self, classes: list[str]) -> np.ndarray:
+        if self.meta["classes"] != list(classes):
+            raise ReirError(f"checkpoint {self.path} was trained on other classes than {len(classes)} of this "
+                            "dataset; resume with the dataset it was trained on, or start without --resume")
+        return np.asarray(self.meta["meta_labels"], dtype=np.int64)
+
+    def restore(self, model, optimizer, scheduler, scaler) -> TrainingState:
+        """Load every state into the freshly built objects; the RNG last, as it was saved."""
+        state = {k[len("model."):]: v for k, v in self.tensors.items() if k.startswith("model.")}
+        try:
+            model.load_state_dict(state)
+            optimizer.load_state_dict(unpack(self.meta["optimizer"], self.tensors))
+            scheduler.load_state_dict(unpack(self.meta["scheduler"], self.tensors))
+            scaler_state = unpack(self.meta.get("scaler", {}), self.tensors)
+            if scaler_state:  # empty when the run was not fp16 (the same --amp is enforced)
+                scaler.load_state_dict(scaler_state)
+            set_rng_state(unpack(self.meta["rng"], self.tensors))
+        except (RuntimeError, KeyError, ValueError, TypeError) as exc:
+            raise ReirError(f"checkpoint {self.path} does not fit this model "
+                            f"({str(exc).splitlines()[0][:120]}); resume with the flags it was written with") from None
+        p = self.meta["progress"]
+        return TrainingState(self.meta["epoch"], self.meta["rows"], self.meta["best_recall"],
+                             EpochProgress(p["step"], p["total_loss"], p["total_correct"], p["total_seen"]))
+
+
+def load_checkpoint(path: str | Path) -> Checkpoint:
+    tensors, meta = load_tensors(path, "checkpoint")
+    keys = ("config", "epoch", "rows", "best_recall", "progress", "classes", "meta_labels", "optimizer",
+            "scheduler", "rng")
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT or any(k not in meta for k in keys):
+        raise ReirError(f"checkpoint {path} is not a REIR training checkpoint; pass a *{SUFFIX} file "
+                        "written by train.py, or --resume auto")
+    return Checkpoint(Path(path), tensors, meta)
+
+
+def find_checkpoint(resume: str | None, output_dir: str | Path, name: str, config: dict) -> Checkpoint | None:
+    """The checkpoint ``resume`` names, checked against ``config``; ``None`` starts afresh.
+
+    ``auto`` resumes this save name's checkpoint under ``output_dir`` if there is one, so the
+    same command line can be relaunched after every interruption. A ``seed`` of ``None`` in
+    ``config`` accepts the checkpoint's.
+    """
+    if resume is None:
+        return None
+    if resume == "auto":
+        path = checkpoint_path(output_dir, name)
+        if not path.is_file():
+            log.info("No checkpoint at %s; starting from epoch 1", path)
+            return None
+    else:
+        path = Path(resume)
+        if not path.is_file():
+            raise ReirError(f"--resume {path} does not exist; pass a *{SUFFIX} file or --resume auto")
+    checkpoint = load_checkpoint(path)
+    saved = {**EARLIER_DEFAULTS, **checkpoint.meta["config"]}
+    different = [k for k in MUST_MATCH if saved.get(k) != config[k] and not (k == "seed" and config[k] is None)]
+    if different:
+        flags = ", ".join(f"--{k} {saved.get(k)!r} (not {config[k]!r})" for k in different)
+        raise ReirError(f"checkpoint {path} was written with {flags}; resume with the same flags "
+                        "or start without --resume", 2)
+    remove_stale_temporaries(Path(output_dir), name)
+    log.info("Resuming from %s: %d epochs done%s", path, checkpoint.meta["epoch"],
+             f", {checkpoint.meta['progress']['step']} steps into the next" if checkpoint.meta["progress"]["step"]
+             else "")
+    return checkpoint
+
+
+def remove_stale_temporaries(output: Path, name: str) -> None:
+    """Temporary files a killed run left behind (never under a final name)."""
+    for folder in ("statistics", "epochs", "results", "checkpoints"):
+        for leftover in (output / folder).glob(f".{name}_*"):
+            leftover.unlink(missing_ok=True)

@@ -1,0 +1,325 @@
+"""Train a REIR ensemble: ``train(config)`` from Python (the command is :mod:`reir.cli.train`).
+
+Read top to bottom: ``train_one_epoch`` -> ``evaluate_splits`` -> ``train``. The flags
+are the fields of :class:`reir.training.config.TrainConfig`.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import logging
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from reir.model.branches import resolve_batching
+from reir.training import distributed
+from reir.training.checkpoint import (EpochProgress, TrainingState, checkpoint_path, find_checkpoint, save_checkpoint)
+from reir.data.images import ImageList, build_transform
+from reir.data.sampling import CappedClassSampler, RankSampler, ReplayableSampler, SeededItems, make_loader
+from reir.data.sources import load_dataset
+from reir.data.splits import SplitList
+from reir.fileio import atomic_write, ensure_dir, save_tensors, write_json
+from reir.model.meta_labels import assign_meta_labels, check_sizes, ids_path, load_ids, save_ids
+from reir.model.network import REIRNet, create_model, embedding_from_logits
+from reir.model.sharding import describe
+from reir.plots.curves import plot_statistics
+from reir.retrieval.database import SUFFIX as DATABASE_SUFFIX, Database, shared_label_ids
+from reir.retrieval.metrics import evaluate_embeddings, format_metrics
+from reir.training.config import TrainConfig
+from reir.training.devices import training_devices
+from reir.training.precision import Precision, precision_for
+from reir.training.recipe import recipe_for
+from reir.training.rng import fresh_seed, seed_everything
+from reir.training.signals import StopRequest, TrainingStopped
+from reir.training.tensorboard import TensorBoardWriter
+
+log = logging.getLogger(__name__)
+
+IMAGES_PER_CLASS = 300
+# Redraw progress bars often on a terminal, rarely in a log file.
+PROGRESS_INTERVAL = 0.5 if sys.stdout.isatty() else 30.0
+
+
+@dataclass(frozen=True)
+class Event:
+    """A point a run has reached, handed to every callback of :func:`train`.
+
+    ``step``: an optimizer step finished (``step`` counts the steps of ``epoch``), on every rank;
+    ``eval_batch``: an evaluation batch was embedded; ``epoch``: the epoch's statistics ``row`` was
+    written (losses, learning rate, every metric). Evaluation events come from the main rank only.
+    """
+
+    kind: str
+    epoch: int
+    step: int = 0
+    row: dict | None = None
+
+
+Callback = Callable[[Event], None]
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    """Where a finished run's outputs are, and its resolved configuration (the seed drawn included)."""
+
+    config: TrainConfig
+    best_recall: float
+    statistics: Path
+    model: Path
+    database: Path
+
+
+def train_one_epoch(model: REIRNet, loader: DataLoader, optimizer, meta_labels: torch.Tensor,
+                    device: torch.device, epoch: int, num_epochs: int,
+                    progress: EpochProgress | None = None,
+                    precision: Precision | None = None,
+                    after_step: Callable[[EpochProgress], None] | None = None) -> tuple[float, float]:
+    """One pass (or its rest, after ``progress``); returns mean loss and meta-class accuracy over all branches."""
+    precision = precision or precision_for("off", device)
+    model.train()
+    progress = progress or EpochProgress()
+    total_loss, total_correct, total_seen = progress.totals()
+    bar = tqdm(loader, desc=f"Train {epoch}/{num_epochs}", dynamic_ncols=True, file=sys.stdout,
+               mininterval=PROGRESS_INTERVAL)
+    for images, targets in bar:
+        images, targets = images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
+        meta_targets = meta_labels[:, targets].T  # [batch, ensemble]
+        with precision.autocast():
+            logits = model(images)  # [batch, ensemble, meta]
+            loss = F.cross_entropy(logits.flatten(0, 1).float(), meta_targets.flatten())
+        precision.step(loss, optimizer)
+        total_loss += loss.item() * len(images)
+        total_correct += (logits.argmax(-1) == meta_targets).sum().item()
+        total_seen += len(images)
+        progress.after_step(total_loss, total_correct, total_seen)
+        if after_step is not None:
+            after_step(progress)
+        bar.set_postfix_str(f"loss {total_loss / total_seen:.4f} acc "
+                            f"{100 * total_correct / (total_seen * meta_targets.shape[1]):.2f}%")
+    bar.close()
+    return total_loss / max(total_seen, 1), total_correct / max(total_seen * meta_labels.shape[0], 1)
+
+
+@torch.no_grad()
+def embed(model: REIRNet, loader: DataLoader, device: torch.device, desc: str,
+          precision: Precision | None = None,
+          after_batch: Callable[[], None] | None = None) -> torch.Tensor:
+    """Embeddings ``[N, ensemble, meta]`` in fp32, every branch L2-normalised; only the forward pass is autocast."""
+    precision = precision or precision_for("off", device)
+    model.eval()
+    chunks = []
+    for images, _ in tqdm(loader, desc=desc, dynamic_ncols=True, file=sys.stdout, leave=False,
+                          disable=not sys.stdout.isatty()):
+        with precision.autocast():
+            logits = model(images.to(device, non_blocking=True))
+        chunks.append(embedding_from_logits(logits).cpu())
+        if after_batch is not None:
+            after_batch()
+    return torch.cat(chunks)
+
+
+def evaluate_splits(model: REIRNet, loaders: dict[str, DataLoader], recalls: list[int], device: torch.device,
+                    with_nmi: bool = True, precision: Precision | None = None,
+                    after_batch: Callable[[], None] | None = None
+                    ) -> tuple[dict[str, float | None], dict[str, torch.Tensor]]:
+    """Every metric on the evaluation splits: test against itself, or query against gallery.
+
+    The search runs in fp32 whatever ``precision`` is, so the numbers are those ``reir eval``
+    computes from the saved database.
+    """
+    features = {name: embed(model, loader, device, f"Embed {name}", precision, after_batch)
+                for name, loader in loaders.items()}
+    if "query" in features:
+        query_labels, gallery_labels = shared_label_ids(loaders["query"].dataset.labels,
+                                                        loaders["gallery"].dataset.labels)
+        values = evaluate_embeddings(features["query"], query_labels, recalls, features["gallery"], gallery_labels,
+                                     with_nmi=with_nmi, device=device)
+    else:
+        (test_labels,) = shared_label_ids(loaders["test"].dataset.labels)
+        values = evaluate_embeddings(features["test"], test_labels, recalls, with_nmi=with_nmi, device=device)
+    return values, features
+
+
+def write_statistics(path: Path, rows: list[dict]) -> None:
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(rows[0]))
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write(path, buffer.getvalue())
+
+
+def meta_labels_for(config: TrainConfig, classes: list[str]) -> np.ndarray:
+    """The meta labels of a new run: loaded with ``--load_ids``, else drawn from the seed and saved."""
+    check_sizes(len(classes), config.ensemble_size, config.meta_class_size, config.label_type)
+    path = ids_path(config.output_dir, config.data_name, config.crop_type, config.ensemble_size,
+                    config.meta_class_size)
+    if config.load_ids:
+        codes, distance = load_ids(path, classes, config.ensemble_size, config.meta_class_size, config.label_type)
+        log.info("Loaded %s meta-class ids from %s", config.label_type, path)
+    else:
+        codes, distance = assign_meta_labels(len(classes), config.ensemble_size, config.meta_class_size,
+                                             config.label_type, seed=config.seed)
+        save_ids(path, codes, classes, config.label_type, distance)
+        log.info("Saved %s meta-class ids to %s", config.label_type, path)
+    unique = len({tuple(col) for col in codes.T})
+    log.info("Meta labels: %d classes, %d distinct code words, min Hamming distance %d of %d branches",
+             len(classes), unique, distance, config.ensemble_size)
+    return codes
+
+
+def train_transform(config: TrainConfig, split_list: SplitList):
+    """The augmentation of training images."""
+    return build_transform(config.image_size, split_list.mean, split_list.std, True)
+
+
+def build_optimizer(config: TrainConfig, model: torch.nn.Module):
+    """The recipe's optimiser and scheduler: the original's with pretrained weights, reir/training/recipe.py's from scratch."""
+    return recipe_for(config.recipe, config.weights).optimizer(model.parameters(), config.num_epochs)
+
+
+def train(config: TrainConfig, callbacks: Sequence[Callback] = ()) -> TrainResult:
+    """Train, evaluate after every epoch, keep the best epoch's model and database.
+
+    Every problem the user can fix raises :class:`reir.errors.ReirError`. Under ``torchrun`` each
+    process calls this with the same configuration. In the main thread SIGINT/SIGTERM stop the run
+    after the current step with a checkpoint; ``resume="auto"`` continues it.
+    """
+    context, rank_device = distributed.setup(config.device)
+    try:
+        devices = [rank_device] if rank_device is not None else training_devices(config.device, config.gpu_ids)
+        with StopRequest().installed() as stop:
+            result = _run(config, stop, context, devices, list(callbacks))
+        distributed.barrier(context)  # the other ranks wait for rank 0's last evaluation and saving
+        return result
+    finally:
+        distributed.cleanup(context)
+
+
+def _run(config: TrainConfig, stop: StopRequest, context: distributed.Context, devices: list[torch.device],
+         callbacks: list[Callback]) -> TrainResult:
+    device, name, output = devices[0], config.save_name, Path(config.output_dir)
+    resumed = find_checkpoint(config.resume, output, name, config.to_dict())
+    seed = config.seed if config.seed is not None else resumed.seed if resumed else fresh_seed()
+    config = config.replace(seed=distributed.broadcast(seed, context))
+    seed_everything(config.seed)
+
+    split_list = load_dataset(config.data_name, config.data_path, config.crop_type, config.image_size)
+    train_set = ImageList(split_list, "train", train_transform(config, split_list))
+    check_sizes(len(train_set.classes), config.ensemble_size, config.meta_class_size, config.label_type)
+    # The model before the ids: bad --weights must fail before the ids file is written.
+    model = create_model(config.model, weights=config.weights)
+    model.shard(devices)
+    model.branch_batching = resolve_batching(config.branch_batching, device)
+    if config.channels_last:
+        model.use_channels_last()
+    train_model = distributed.wrap(model, context, device)
+    train_model = torch.compile(train_model) if config.compile else train_model
+    precision = precision_for(config.amp, device)
+    if resumed:
+        codes = resumed.meta_labels(train_set.classes)
+    else:
+        codes = meta_labels_for(config, train_set.classes) if context.is_main else None
+    meta_labels = torch.as_tensor(distributed.broadcast(codes, context), device=device)
+    eval_transform = build_transform(config.image_size, split_list.mean, split_list.std, False)
+    eval_loaders = {split: make_loader(ImageList(split_list, split, eval_transform), config.batch_size,
+                                       config.num_workers, device) for split in split_list.eval_splits}
+    # Per-image seeds follow the global order, so every rank of a DDP run flips the same images
+    # a single process would; a resume skips whole global batches.
+    replay = ReplayableSampler(CappedClassSampler(train_set.targets, IMAGES_PER_CLASS, seed=config.seed),
+                               config.seed, config.batch_size * context.world_size)
+    sampler = (RankSampler(replay, config.batch_size, context.rank, context.world_size) if context.enabled
+               else replay)
+    train_loader = make_loader(SeededItems(train_set), config.batch_size, config.num_workers, device, sampler)
+    optimizer, scheduler = build_optimizer(config, model)
+
+    for folder in ("statistics", "epochs", "results"):
+        ensure_dir(output / folder)
+    statistics = output / "statistics" / f"{name}_results.csv"
+    model_file = output / "epochs" / f"{name}_model.safetensors"
+    database_file = output / "results" / f"{name}{DATABASE_SUFFIX}"
+    run_config = {**config.to_dict(), "save_name": name, "num_train_classes": len(train_set.classes)}
+    run_config.pop("resume")  # a resumed run writes the same files as an uninterrupted one
+    tensorboard = TensorBoardWriter(output / "tensorboard" / name) if config.tensorboard and context.is_main else None
+    if tensorboard:
+        callbacks.append(tensorboard)
+    log.info("%s: %d train images in %d classes, %s recipe, %s parameters, %s", name, len(train_set),
+             len(train_set.classes), recipe_for(config.recipe, config.weights).name,
+             f"{sum(p.numel() for p in model.parameters()):,}", describe(model, config.amp, context.world_size))
+
+    def notify(event: Event) -> None:
+        for callback in callbacks:
+            callback(event)
+
+    state = resumed.restore(model, optimizer, scheduler, precision.scaler) if resumed else TrainingState()
+    replay.resume_at(state.epoch + 1, state.progress.step)
+    ckpt = checkpoint_path(output, name)
+    rows, best_recall = state.rows, state.best_recall
+    stop.arm()
+    for epoch in range(state.epoch + 1, config.num_epochs + 1):
+        sampler.set_epoch(epoch)
+        learning_rate = optimizer.param_groups[0]["lr"]
+
+        def after_step(progress: EpochProgress, epoch=epoch) -> None:
+            notify(Event("step", epoch, progress.step))
+            stop.check()
+
+        try:
+            train_loss, train_accuracy = train_one_epoch(train_model, train_loader, optimizer, meta_labels, device,
+                                                         epoch, config.num_epochs, state.progress, precision,
+                                                         after_step)
+        except TrainingStopped:
+            if context.is_main:
+                save_checkpoint(ckpt, model, optimizer, scheduler, precision.scaler, state, meta_labels,
+                                train_set.classes, run_config)
+            raise stop.error(ckpt, f"in epoch {epoch} after step {state.progress.step}") from None
+        train_loss = distributed.mean_over_ranks(train_loss, len(sampler), context, device)
+        train_accuracy = distributed.mean_over_ranks(train_accuracy, len(sampler), context, device)
+        scheduler.step()
+        if not context.is_main:
+            continue
+        with_nmi = config.nmi_every > 0 and (epoch % config.nmi_every == 0 or epoch == config.num_epochs)
+        metrics, features = evaluate_splits(model, eval_loaders, config.recalls, device, with_nmi, precision,
+                                            lambda epoch=epoch: notify(Event("eval_batch", epoch)))
+        rows.append({"epoch": epoch, "train_loss": train_loss, "train_accuracy": train_accuracy,
+                     "learning_rate": learning_rate, **{f"test_{k}": v for k, v in metrics.items()}})
+        write_statistics(statistics, rows)
+        # Beside the statistics it produced; not before, so a run that fails early replaces nothing.
+        write_json(output / "statistics" / f"{name}_config.json", config.to_dict())
+        notify(Event("epoch", epoch, row=dict(rows[-1])))
+        log.info("Epoch %d/%d: loss %.4f acc %.2f%% | %s", epoch, config.num_epochs, train_loss,
+                 100 * train_accuracy, format_metrics(metrics))
+        if metrics[f"recall@{config.recalls[0]}"] > best_recall:
+            best_recall = metrics[f"recall@{config.recalls[0]}"]
+            train_eval = make_loader(ImageList(split_list, "train", eval_transform, train_set.classes),
+                                     config.batch_size, config.num_workers, device)
+            features["train"] = embed(model, train_eval, device, "Embed train", precision)
+            info = {"data_name": config.data_name, "crop_type": config.crop_type, "mean": split_list.mean,
+                    "std": split_list.std, "image_size": config.image_size, "epoch": epoch, "metrics": metrics,
+                    "classes": train_set.classes, "meta_labels": meta_labels.cpu().tolist(),
+                    "model_file": str(model_file)}
+            splits = {split: {"paths": split_list.absolute(split), "labels": split_list.splits[split].labels}
+                      for split in features}
+            save_tensors(model_file, model.state_dict(),
+                         {"format": "reir-model/1", "config": run_config, "model": asdict(config.model), "info": info})
+            Database(features, splits, run_config, info).save(database_file)
+        state.epoch_done(epoch, best_recall)
+        save_checkpoint(ckpt, model, optimizer, scheduler, precision.scaler, state, meta_labels, train_set.classes,
+                        run_config)
+        if stop.requested and epoch < config.num_epochs:
+            raise stop.error(ckpt, f"after epoch {epoch}")
+    if tensorboard:
+        tensorboard.close()
+    if context.is_main:
+        plot_statistics(statistics)
+        log.info("Best R@%d: %.2f%%. Outputs: %s, %s, %s", config.recalls[0], 100 * best_recall, statistics,
+                 model_file, database_file)
+    return TrainResult(config, best_recall, statistics, model_file, database_file)
