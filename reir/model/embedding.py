@@ -61,7 +61,8 @@ def embed(model: Model | REIRNet, images, device: torch.device | str | None = No
     ``images``: a folder (every image below it, sorted by path), one image path, a PIL image, a list
     of paths and/or PIL images (these need a :class:`Model`, whose preprocessing they get), a batch
     tensor ``[B, 3, S, S]``, or a DataLoader whose batches are transformed images or tuples starting
-    with them. ``device``: where the forward pass runs (default: the network's first device).
+    with them. ``device``: where the forward pass starts (default: the device of the network's first
+    parameters, the stem's).
     ``precision``: ``None`` for fp32, or an object whose ``autocast()`` scopes the forward pass
     (:class:`reir.training.precision.Precision`). ``progress``: ``True`` for a bar on stderr, or a bar
     of the caller's (anything with ``update(n)``), advanced per image. ``unreadable``: ``None`` makes
@@ -69,7 +70,7 @@ def embed(model: Model | REIRNet, images, device: torch.device | str | None = No
     image is left out. ``after_batch`` is called after every batch.
     """
     network = model.network if isinstance(model, Model) else model
-    device = torch.device(device) if device is not None else network.shards[0][0]
+    device = torch.device(device) if device is not None else next(network.parameters()).device
     batches, total = _batches(model, images, batch_size, num_workers, device)
     bar = None if isinstance(progress, bool) or progress is None else progress
     if progress is True:
