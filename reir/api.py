@@ -10,59 +10,26 @@ Four names are exported from the package, so a library user needs no CLI and no 
     reir.evaluate(features, labels)                      # Recall@K, MAP@R, ...
 
 Every ``reir`` command that embeds, indexes or searches calls these, so the CLI and the
-library share one code path. Exact search ranks through :func:`reir.retrieval.similarity.knn`, the same
+library share one code path; ``embed`` is :func:`reir.model.embedding.embed`, the one path from
+images to embeddings that training's evaluation takes too. Exact search ranks through :func:`reir.retrieval.similarity.knn`, the same
 ranking evaluation uses; other FAISS factory strings give approximate indexes.
 """
 
 from __future__ import annotations
 
 import os
-import sys
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Sequence
 
 import torch
-from PIL import Image, UnidentifiedImageError
-from torch.utils.data import DataLoader, Dataset
 
 from reir.errors import ReirError
 from reir.fileio import load_tensors
-from reir.model.network import ModelConfig, REIRNet, create_model, embedding_from_logits
+from reir.model.embedding import Model, embed  # noqa: F401 - re-exported: reir.embed, reir.Model
+from reir.model.network import ModelConfig, create_model
 from reir.retrieval.database import UNLABELLED
 
 MODEL_FORMAT = "reir-model/1"
-
-
-@dataclass
-class Model:
-    """A trained network and the preprocessing its training used (resize, normalisation)."""
-
-    network: REIRNet
-    image_size: int
-    mean: list[float]
-    std: list[float]
-    config: dict = field(default_factory=dict)  # the training run's configuration
-    path: Path | None = None
-
-    @property
-    def device(self) -> torch.device:
-        return next(self.network.parameters()).device
-
-    @property
-    def embedding_shape(self) -> tuple[int, int]:
-        """``(ensemble, meta)``: the shape of one image's embedding."""
-        return self.network.config.ensemble_size, self.network.config.meta_class_size
-
-    @property
-    def transform(self):
-        from reir.data.images import build_transform
-
-        return build_transform(self.image_size, self.mean, self.std, False)
-
-    def to(self, device: torch.device | str) -> "Model":
-        self.network.to(device)
-        return self
 
 
 def load_model(path: str | os.PathLike, device: torch.device | str = "cpu") -> Model:
@@ -87,124 +54,6 @@ def load_model(path: str | os.PathLike, device: torch.device | str = "cpu") -> M
     network.eval().to(device)
     return Model(network, int(info["image_size"]), list(info["mean"]), list(info["std"]),
                  meta.get("config", {}), Path(path))
-
-
-def image_files(folder: str | os.PathLike) -> list[Path]:
-    """Every image file below ``folder`` (by extension), hidden ones left out, in sorted order."""
-    folder = Path(folder)
-    extensions = {e.lower() for e in Image.registered_extensions()}
-    found = []
-    for path in sorted(folder.rglob("*")):
-        relative = path.relative_to(folder)
-        if any(part.startswith(".") for part in relative.parts) or not path.is_file():
-            continue
-        if path.suffix.lower() in extensions:
-            found.append(path)
-    return found
-
-
-def read_image(path: str | os.PathLike) -> Image.Image:
-    """An image file as RGB; a file that is missing, not an image, truncated or absurdly large is a ReirError."""
-    try:
-        with Image.open(path) as image:
-            return image.convert("RGB")
-    except FileNotFoundError:
-        raise ReirError(f"image {path} does not exist") from None
-    except Image.DecompressionBombError:
-        raise ReirError(f"image {path} has too many pixels to decode safely") from None
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
-        raise ReirError(f"image {path} cannot be read ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
-
-
-class ImageItems(Dataset):
-    """Paths or PIL images -> ``(tensor, error)``; an unreadable file gives a blank tensor and its error."""
-
-    def __init__(self, items: Sequence, transform, image_size: int):
-        self.items = items
-        self.transform = transform
-        self.blank = torch.zeros(3, image_size, image_size)
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-    def __getitem__(self, position: int):
-        item = self.items[position]
-        if isinstance(item, Image.Image):
-            return self.transform(item.convert("RGB")), ""
-        try:
-            return self.transform(read_image(item)), ""
-        except ReirError as exc:
-            return self.blank, str(exc)
-
-
-@torch.no_grad()
-def embed_batch(model: Model, images: torch.Tensor) -> torch.Tensor:
-    """``[batch, 3, S, S]`` normalised images -> ``[batch, ensemble, meta]`` embeddings on the CPU."""
-    model.network.eval()
-    return embedding_from_logits(model.network(images.to(model.device, non_blocking=True))).cpu()
-
-
-def embed_items(model: Model, items: Sequence, batch_size: int = 64, num_workers: int = 0,
-                progress=None) -> tuple[torch.Tensor, list[tuple[int, str]]]:
-    """Embeddings of the readable items, in order, and ``(position, error)`` of the unreadable ones.
-
-    ``progress`` (a tqdm bar or anything with ``update(n)``) is advanced by each batch's size.
-    """
-    loader = DataLoader(ImageItems(items, model.transform, model.image_size), batch_size=batch_size,
-                        num_workers=num_workers, shuffle=False, collate_fn=_collate_items,
-                        pin_memory=model.device.type == "cuda")
-    chunks, failures, start = [], [], 0
-    for images, errors in loader:
-        good = [i for i, error in enumerate(errors) if not error]
-        failures += [(start + i, error) for i, error in enumerate(errors) if error]
-        if good:
-            chunks.append(embed_batch(model, images[good] if len(good) < len(errors) else images))
-        start += len(errors)
-        if progress is not None:
-            progress.update(len(errors))
-    ensemble, meta = model.embedding_shape
-    return (torch.cat(chunks) if chunks else torch.empty(0, ensemble, meta)), failures
-
-
-def _collate_items(batch):
-    return torch.stack([image for image, _ in batch]), [error for _, error in batch]
-
-
-def embed(model: Model, images, batch_size: int = 64, num_workers: int = 0, progress: bool = False) -> torch.Tensor:
-    """Embeddings ``[N, ensemble, meta]`` (every branch L2-normalised) of ``images``.
-
-    ``images`` is a folder (every image below it, sorted by path), one image path, a list of
-    paths and/or PIL images, or a DataLoader whose batches are image tensors (or tuples whose
-    first element is one) already transformed like ``model.transform``. An unreadable image is
-    an error naming it; ``reir embed`` instead skips and lists such files.
-    """
-    if isinstance(images, DataLoader):
-        return torch.cat([embed_batch(model, batch[0] if isinstance(batch, (tuple, list)) else batch)
-                          for batch in images])
-    if isinstance(images, (str, os.PathLike)):
-        path = Path(images)
-        if path.is_dir():
-            images = image_files(path)
-            if not images:
-                raise ReirError(f"folder {path} holds no image files")
-        else:
-            images = [path]
-    elif isinstance(images, Image.Image):
-        images = [images]
-    items = list(images)
-    bar = None
-    if progress:
-        from tqdm import tqdm
-
-        bar = tqdm(total=len(items), unit="img", desc="Embed", file=sys.stderr, dynamic_ncols=True)
-    try:
-        features, failures = embed_items(model, items, batch_size, num_workers, bar)
-    finally:
-        if bar is not None:
-            bar.close()
-    if failures:
-        raise ReirError(f"{failures[0][1]}; remove it (reir embed skips and lists unreadable images)")
-    return features
 
 
 def evaluate(features, labels: Sequence | torch.Tensor | None = None, *, recalls: Iterable[int] = (1, 2, 4, 8),

@@ -77,7 +77,7 @@ def test_exact_index_ranks_like_knn_and_survives_save_load(db, tmp_path):
     index.save(tmp_path / "test.faiss")
     loaded = reir.Index.load(tmp_path / "test.faiss")
     assert loaded.paths == db.paths("test") and loaded.labels == db.labels("test")
-    assert torch.equal(loaded.search(features[:9], k=5)[1], expected_ids)
+    assert torch.equal(loaded.search(features[:9], k=5).gallery_ids, expected_ids)
 
 
 def test_add_grows_the_index_and_checks_dimensions(db):
@@ -85,7 +85,7 @@ def test_add_grows_the_index_and_checks_dimensions(db):
     index = reir.Index.build(features[:10])
     index.add(features[10:], labels=db.labels("test")[10:])
     assert len(index) == len(features) and len(index.labels) == len(features)
-    assert torch.equal(index.search(features[:3], 4)[1], knn(features[:3], features, 4)[1])
+    assert torch.equal(index.search(features[:3], 4).gallery_ids, knn(features[:3], features, 4).gallery_ids)
     with pytest.raises(ReirError, match="dimension"):
         index.add(torch.randn(2, 5))
 
@@ -95,7 +95,7 @@ def test_approximate_index_is_trained_and_finds_the_neighbours():
     features = torch.nn.functional.normalize(torch.randn(600, 4, 6), dim=-1)
     index = reir.Index.build(features, factory="IVF4,Flat")
     index.tune(nprobe=4)  # every list searched: exact answers
-    assert torch.equal(index.search(features[:20], 5)[1], knn(features[:20], features, 5)[1])
+    assert torch.equal(index.search(features[:20], 5).gallery_ids, knn(features[:20], features, 5).gallery_ids)
     with pytest.raises(ReirError, match="cannot train"):
         reir.Index.build(features[:10], factory="IVF64,Flat")
     with pytest.raises(ReirError, match="not a FAISS factory string"):

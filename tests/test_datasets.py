@@ -12,7 +12,7 @@ from PIL import Image
 from reir.cli.prepare import main as prepare_main, prepare_benchmark
 from reir.cli.train import main as train_main
 from reir.data import BENCHMARKS, load_split_list, split_list_path
-from reir.data.images import build_transform, load_rgb
+from reir.data.images import build_transform, read_image
 from conftest import run_script, tiny_args
 from dataset_fixtures import PER_CLASS, WIDTH, make_car, make_cub, make_isc, make_sop
 
@@ -63,8 +63,8 @@ def test_car_splits_by_class_and_crops_to_the_box(tmp_path, capsys):
     # The crop holds the pixels of the box.
     first = cropped.absolute("train")[0]
     x1, y1, x2, y2 = boxes["car_ims/000001.jpg"]
-    original = np.asarray(load_rgb(str(tmp_path / "car/car_ims/000001.jpg")).crop((x1, y1, x2, y2)), dtype=float)
-    assert np.abs(np.asarray(load_rgb(first), dtype=float) - original).mean() < 3
+    original = np.asarray(read_image(str(tmp_path / "car/car_ims/000001.jpg")).crop((x1, y1, x2, y2)), dtype=float)
+    assert np.abs(np.asarray(read_image(first), dtype=float) - original).mean() < 3
 
 
 def test_cub_uses_class_ranges_float_boxes_and_the_cache_size(official):
@@ -105,10 +105,10 @@ def test_cached_training_input_matches_the_original_files(tmp_path):
     transform = build_transform(size, [0, 0, 0], [1, 1, 1], train=False)
     cached = prepare_benchmark(tmp_path, "cub", "cropped", resize=size)
     assert all(Image.open(p).size == (size, size) for p in cached.absolute("train"))
-    from_cache = [transform(load_rgb(p)) for p in cached.absolute("train")]
+    from_cache = [transform(read_image(p)) for p in cached.absolute("train")]
     direct = prepare_benchmark(tmp_path, "cub", "cropped", resize=0)
     for a, path in zip(from_cache, direct.absolute("train")):
-        difference = (a - transform(load_rgb(path))).abs()
+        difference = (a - transform(read_image(path))).abs()
         assert difference.mean() < 0.01 and difference.max() < 0.1  # JPEG re-encoding only
     assert not any(tmp_path.joinpath("cub").glob(f"cropped_{size}px.*")), "the replaced generation is removed"
 

@@ -14,7 +14,7 @@ from reir.cli.prepare import main as prepare_main
 from reir.cli.train import main as train_main
 from reir.data import custom
 from reir.data.custom import load_custom
-from reir.data.images import load_rgb
+from reir.data.images import read_image
 from reir.data.registry import IMAGENET_MEAN, IMAGENET_STD
 from conftest import tiny_args
 from dataset_fixtures import box_for, make_custom_csv, make_custom_folder, write_image
@@ -78,7 +78,7 @@ def test_folder_layout_reads_every_pillow_format_as_rgb(tmp_path, capsys):
     assert suffixes == {".jpg", ".png", ".bmp", ".gif"}
     modes = {Image.open(p).mode for p in prepared.absolute("train")}
     assert {"L", "RGBA", "CMYK", "P"} <= modes
-    assert all(load_rgb(p).mode == "RGB" for p in prepared.absolute("train"))
+    assert all(read_image(p).mode == "RGB" for p in prepared.absolute("train"))
     assert prepared.root == root / ".reir" / "custom"
 
 

@@ -58,12 +58,13 @@ def border_colour(image, row, column, title=False):
 def test_rank_matches_brute_force_and_never_returns_the_excluded_row():
     gallery = random_features(50, 3)
     for exclude in (None, 0, 17, 49):
-        scores, indices = rank(gallery[17:18], gallery, 10, exclude)
+        found = rank(gallery[17:18], gallery, 10, exclude).row(0)
+        indices, scores = [i for i, _ in found], [s for _, s in found]
         order, expected = brute_force(gallery[17], gallery, exclude)
         assert indices == order[:10]
         assert scores == pytest.approx(expected[:10], abs=1e-5)
         assert exclude not in indices
-    assert rank(gallery[:1], gallery, 100, 0)[1] == brute_force(gallery[0], gallery, 0)[0][:49]
+    assert [i for i, _ in rank(gallery[:1], gallery, 100, 0).row(0)] == brute_force(gallery[0], gallery, 0)[0][:49]
 
 
 def test_query_in_database_excludes_itself_draws_grid_and_writes_files(toy, capsys):

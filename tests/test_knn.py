@@ -47,7 +47,7 @@ def test_engines_and_chunkings_agree_and_stream():
     features = torch.nn.functional.normalize(torch.randn(300, 12), dim=-1)
     reference = knn(features, features, 30, exclude_self=True, backend="torch", chunk_size=300)
     for backend, chunk in (("faiss", 7), ("torch", 64), ("auto", None)):
-        assert torch.equal(knn(features, features, 30, True, chunk, backend)[1], reference[1])
+        assert torch.equal(knn(features, features, 30, True, chunk, backend).gallery_ids, reference.gallery_ids)
     starts = [(start, len(i)) for start, _, i in iter_knn(features, features, 5, True, chunk_size=128)]
     assert starts == [(0, 128), (128, 128), (256, 44)]
 
@@ -58,7 +58,7 @@ def test_k_is_clipped_and_self_never_returned():
         scores, indices = knn(features, features, 50, exclude_self=True, backend=backend)
         assert indices.shape == (6, 5)
         assert not (indices == torch.arange(6)[:, None]).any()
-        assert knn(features, features, 0, backend=backend)[1].shape == (6, 0)
+        assert knn(features, features, 0, backend=backend).gallery_ids.shape == (6, 0)
 
 
 def test_backend_choice_and_errors(monkeypatch):

@@ -23,6 +23,7 @@ from reir.errors import ReirError
 from reir.fileio import write_json
 from reir.plots import grids
 from reir.retrieval.database import Database, load_database, resolve_database_path
+from reir.retrieval.results import Results
 from reir.retrieval.similarity import knn
 
 log = logging.getLogger(__name__)
@@ -78,13 +79,12 @@ def _relative(paths: list[str]) -> list[str]:
     return [os.path.relpath(os.path.abspath(p), root) for p in paths]
 
 
-def correct_counts(db: Database, splits: tuple[str, str], k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def correct_counts(db: Database, splits: tuple[str, str], k: int) -> tuple[torch.Tensor, Results]:
     """Per query: the number of same-class results among the top ``k``, plus the ranking itself."""
     query_split, gallery_split = splits
-    query_labels, gallery_labels = db.label_ids(query_split, gallery_split)
-    scores, indices = knn(db.features[query_split], db.features[gallery_split], k,
-                          exclude_self=query_split == gallery_split)
-    return (gallery_labels[indices] == query_labels[:, None]).sum(dim=1), scores, indices
+    results = knn(db.features[query_split], db.features[gallery_split], k, exclude_self=query_split == gallery_split)
+    results = results.with_labels(db.labels(query_split), db.labels(gallery_split))
+    return results.same_label().sum(dim=1), results
 
 
 def average_recall(counts: torch.Tensor, k: int) -> float | None:
@@ -125,10 +125,9 @@ def save_comparisons(folder: Path, better: Database, worse: Database, splits: tu
         query_path, query_label = better.paths(query_split)[q], better.labels(query_split)[q]
         rows = []
         for side, db in (("better", better), ("worse", worse)):
-            scores, indices = rankings[side]
             cells = [grids.Tile(db.paths(gallery_split)[i], f"{n + 1}: {s:.4f}",
                               grids.status_colour(db.labels(gallery_split)[i] == query_label))
-                     for n, (s, i) in enumerate(zip(scores[q].tolist(), indices[q].tolist()))]
+                     for n, (i, s) in enumerate(rankings[side].row(q))]
             rows.append(cells)
         rows[0].insert(0, grids.Tile(query_path, f"query ({query_label})", grids.BLUE))
         rows[1].insert(0, None)
@@ -167,9 +166,8 @@ def main(argv: list[str] | None = None, prog: str = "ablation.py") -> int:
     k = args.retrieval_num
     counts, rankings = {}, {}
     for side, db in (("better", better), ("worse", worse)):
-        count, scores, indices = correct_counts(db, splits, k)
-        counts[side], rankings[side] = count, (scores, indices)
-    k_used = rankings["better"][1].shape[1]
+        counts[side], rankings[side] = correct_counts(db, splits, k)
+    k_used = rankings["better"].k
     if k_used == 0:
         raise ReirError(f"the {splits[1]} split has no other image to retrieve; use another --data_type")
     figures = compare(counts["better"], counts["worse"], k_used)

@@ -21,9 +21,10 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from reir.api import Model, embed_items, image_files, load_model
+from reir.api import Model, embed, load_model
 from reir.argtypes import non_negative_int, positive_int
 from reir.cli.common import ArgumentParser, reports_errors
+from reir.data.images import image_files
 from reir.errors import ReirError, UsageError
 from reir.fileio import atomic_write, load_tensors, save_tensors
 from reir.retrieval.database import Database
@@ -152,7 +153,9 @@ def embed_shards(model: Model, collection: Collection, parts: Path, key: str, sh
         for shard in todo:
             start = shard * shard_size
             items = collection.paths[start:start + shard_size]
-            features, failures = embed_items(model, items, batch_size, num_workers, bar)
+            failures: list[tuple[int, str]] = []
+            features = embed(model, items, progress=bar, batch_size=batch_size, num_workers=num_workers,
+                             unreadable=failures)
             failed = {position for position, _ in failures}
             kept = [start + i for i in range(len(items)) if i not in failed]
             save_tensors(shard_file(parts, shard), {"features": features},

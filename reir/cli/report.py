@@ -17,13 +17,15 @@ from pathlib import Path
 
 import torch
 
-from reir.api import evaluate, read_image
+from reir.api import evaluate
 from reir.argtypes import positive_int
 from reir.cli.common import ArgumentParser, reports_errors
+from reir.data.images import read_image
 from reir.errors import ReirError
 from reir.fileio import atomic_write
 from reir.retrieval.database import Database, load_database, resolve_database_path
 from reir.retrieval.database import UNLABELLED
+from reir.retrieval.results import Results
 from reir.retrieval.similarity import knn
 
 THUMBNAIL = 72
@@ -66,30 +68,30 @@ def find_statistics(db: Database, db_path: Path) -> Path | None:
     return next((c for c in candidates if c.is_file()), None)
 
 
-def rank_queries(db: Database, k: int) -> tuple[str, str, torch.Tensor, torch.Tensor, torch.Tensor]:
+def rank_queries(db: Database, k: int) -> tuple[str, str, Results, torch.Tensor]:
     """Top-k of every query of the evaluation protocol, and each query's precision@k (-1 when unlabelled)."""
     splits = db.eval_splits if all(s in db.features for s in db.eval_splits) else (next(iter(db.features)),)
     query_split, gallery_split = splits[0], splits[-1]
     self_retrieval = query_split == gallery_split
-    scores, ids = knn(db.features[query_split], db.features[gallery_split], k, exclude_self=self_retrieval)
-    query_labels, gallery_labels = db.labels(query_split), db.labels(gallery_split)
-    precision = torch.full((len(ids),), -1.0)
-    for row, (label, found) in enumerate(zip(query_labels, ids.tolist())):
-        if label != UNLABELLED and found:
-            precision[row] = sum(gallery_labels[i] == label for i in found) / len(found)
-    return query_split, gallery_split, scores, ids, precision
+    results = knn(db.features[query_split], db.features[gallery_split], k, exclude_self=self_retrieval)
+    results = results.with_labels(db.labels(query_split), db.labels(gallery_split))
+    labelled = torch.tensor([label != UNLABELLED for label in results.query_labels], dtype=torch.bool)
+    if not results.k:
+        return query_split, gallery_split, results, torch.full((len(results),), -1.0)
+    precision = torch.where(labelled, results.same_label().float().mean(dim=1), -1.0)
+    return query_split, gallery_split, results, precision
 
 
-def chosen_queries(ids: torch.Tensor, precision: torch.Tensor, labels: list[str], gallery_labels: list[str],
-                   count: int) -> tuple[list[int], list[int]]:
+def chosen_queries(results: Results, precision: torch.Tensor, count: int) -> tuple[list[int], list[int]]:
     """The best and worst ``count`` labelled queries (disjoint); with no labels, the first ones."""
     labelled = (precision >= 0).nonzero().flatten().tolist()
     if not labelled:
-        return list(range(min(count, len(ids)))), []
+        return list(range(min(count, len(results)))), []
+    same = results.same_label()
 
     def first_hit(row: int) -> int:
-        hits = [n for n, i in enumerate(ids[row].tolist()) if gallery_labels[i] == labels[row]]
-        return hits[0] if hits else ids.shape[1]
+        hits = same[row].nonzero().flatten().tolist()
+        return hits[0] if hits else results.k
 
     order = sorted(labelled, key=lambda r: (-precision[r].item(), first_hit(r), r))
     best = order[:count]
@@ -97,7 +99,7 @@ def chosen_queries(ids: torch.Tensor, precision: torch.Tensor, labels: list[str]
     return best, worst
 
 
-def query_rows(db: Database, query_split: str, gallery_split: str, rows: list[int], scores, ids) -> str:
+def query_rows(db: Database, query_split: str, gallery_split: str, rows: list[int], results: Results) -> str:
     thumbs: dict[str, str] = {}
 
     def cell(path: str, caption: str, colour: str) -> str:
@@ -112,7 +114,7 @@ def query_rows(db: Database, query_split: str, gallery_split: str, rows: list[in
     for row in rows:
         label = labels[row]
         cells = [cell(db.paths(query_split)[row], f"query · {label or '?'}", BLUE)]
-        for rank, (score, i) in enumerate(zip(scores[row].tolist(), ids[row].tolist()), start=1):
+        for rank, (i, score) in enumerate(results.row(row), start=1):
             colour = GREY if UNLABELLED in (label, gallery_labels[i]) else GREEN if gallery_labels[i] == label else RED
             cells.append(cell(db.paths(gallery_split)[i], f"{rank}. {score:.3f} · {gallery_labels[i] or '?'}", colour))
         out.append(f'<div class="row">{"".join(cells)}</div>')
@@ -135,9 +137,8 @@ img.curves { max-width: 100%; }
 
 def build_report(db: Database, db_path: Path, statistics: Path | None, k: int, count: int) -> str:
     title = db.config.get("save_name") or db_path.name
-    query_split, gallery_split, scores, ids, precision = rank_queries(db, k)
-    labels = db.labels(query_split)
-    best, worst = chosen_queries(ids, precision, labels, db.labels(gallery_split), count)
+    query_split, gallery_split, results, precision = rank_queries(db, k)
+    best, worst = chosen_queries(results, precision, count)
     sections = [f"<h1>REIR report: {html.escape(title)}</h1>",
                 f'<p class="note">{html.escape(str(db_path))} · '
                 + ", ".join(f"{split} {len(t)} images" for split, t in db.features.items())
@@ -157,15 +158,15 @@ def build_report(db: Database, db_path: Path, statistics: Path | None, k: int, c
         sections.append(f'<h2>Training</h2><img class="curves" alt="training curves" src="{curves_png(statistics)}">')
     else:
         sections.append('<h2>Training</h2><p class="note">no statistics CSV found for this database</p>')
-    caption = f"top {ids.shape[1]} of the {gallery_split} split; green: same class, red: other class"
+    caption = f"top {results.k} of the {gallery_split} split; green: same class, red: other class"
     if worst:
         sections.append(f'<h2>Best queries</h2><p class="note">{caption}</p><div id="best">'
-                        + query_rows(db, query_split, gallery_split, best, scores, ids) + "</div>")
+                        + query_rows(db, query_split, gallery_split, best, results) + "</div>")
         sections.append(f'<h2>Worst queries</h2><p class="note">{caption}</p><div id="worst">'
-                        + query_rows(db, query_split, gallery_split, worst, scores, ids) + "</div>")
+                        + query_rows(db, query_split, gallery_split, worst, results) + "</div>")
     else:
         sections.append(f'<h2>Queries</h2><p class="note">{caption} (no labels: the first queries)</p><div id="best">'
-                        + query_rows(db, query_split, gallery_split, best, scores, ids) + "</div>")
+                        + query_rows(db, query_split, gallery_split, best, results) + "</div>")
     return ('<!doctype html>\n<html lang="en"><head><meta charset="utf-8">'
             f"<title>REIR report: {html.escape(title)}</title><style>{STYLE}</style></head>\n<body>\n"
             + "\n".join(sections) + "\n</body></html>\n")

@@ -17,11 +17,12 @@ import torch
 from reir.api import embed, load_model
 from reir.argtypes import positive_int
 from reir.cli.common import ArgumentParser, reports_errors
-from reir.data.images import load_rgb
+from reir.data.images import read_image
 from reir.errors import ReirError
 from reir.fileio import write_json
 from reir.plots import grids
 from reir.retrieval.database import Database, load_database, resolve_database_path
+from reir.retrieval.results import PAD, Results
 from reir.retrieval.similarity import knn
 
 DEFAULT_QUERY = "data/car/uncropped/008055.jpg"
@@ -103,12 +104,10 @@ def embed_image(db: Database, db_path: Path, image_path: str) -> torch.Tensor:
     return features
 
 
-def rank(query: torch.Tensor, gallery: torch.Tensor, k: int, exclude: int | None = None
-         ) -> tuple[list[float], list[int]]:
+def rank(query: torch.Tensor, gallery: torch.Tensor, k: int, exclude: int | None = None) -> Results:
     """Top-``k`` gallery rows for one query; ``exclude`` (the query's own row) is never returned."""
-    scores, indices = knn(query, gallery, k + (exclude is not None))
-    pairs = [(s, i) for s, i in zip(scores[0].tolist(), indices[0].tolist()) if i != exclude][:k]
-    return [s for s, _ in pairs], [i for _, i in pairs]
+    found = knn(query, gallery, k + (exclude is not None))
+    return found.top(k, excluding=[PAD if exclude is None else exclude])
 
 
 def retrieve(args) -> dict:
@@ -128,12 +127,12 @@ def retrieve(args) -> dict:
         query_path, label = db.paths(query_split)[index], db.labels(query_split)[index]
         features = db.features[query_split][index:index + 1]
         exclude = index if query_split == split else None
-    scores, indices = rank(features, db.features[split], args.retrieval_num, exclude)
-    if not indices:
+    found = rank(features, db.features[split], args.retrieval_num, exclude).row(0)
+    if not found:
         raise ReirError(f"the {split} split of {db_path} has no other image to retrieve; use another --data_type")
     results = [{"rank": n + 1, "path": db.paths(split)[i], "label": db.labels(split)[i], "score": s,
                 "correct": None if label is None else db.labels(split)[i] == label}
-               for n, (s, i) in enumerate(zip(scores, indices))]
+               for n, (i, s) in enumerate(found)]
     folder = Path(args.output_dir) / "results" / Path(query_path).stem
     report = {"query": {"path": query_path, "label": label, "in_database": location is not None,
                         "split": location[0] if location else None},
@@ -152,12 +151,12 @@ def save_pictures(folder: Path, query_path: str, label: str | None, results: lis
     tiles = [query_tile] + [grids.Tile(r["path"], f"{r['rank']}: {r['score']:.4f}", grids.status_colour(r["correct"]))
                             for r in results]
     grids.save_image(grids.grid(grids.wrap(tiles, COLUMNS)), folder / "grid.png")
-    grids.save_image(grids.bordered(load_rgb(query_path), grids.BLUE, grids.FILE_SIZE, 0), folder / "query_img.jpg")
+    grids.save_image(grids.bordered(read_image(query_path), grids.BLUE, grids.FILE_SIZE, 0), folder / "query_img.jpg")
     written = set()
     for r in results:
         status = "" if r["correct"] is None else f"_{r['correct']}"
         name = f"retrieval_img_{r['rank']}_{r['score']:.4f}{status}.jpg"
-        grids.save_image(grids.bordered(load_rgb(r["path"]), grids.status_colour(r["correct"]), grids.FILE_SIZE),
+        grids.save_image(grids.bordered(read_image(r["path"]), grids.status_colour(r["correct"]), grids.FILE_SIZE),
                        folder / name)
         written.add(name)
     for stale in folder.glob("retrieval_img_*.jpg"):

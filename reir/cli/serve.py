@@ -14,7 +14,6 @@ bounded (bytes before parsing, pixels before decoding), so no upload can take th
 """
 
 
-import io
 import json
 import socket
 import sys
@@ -22,11 +21,12 @@ import time
 from importlib import resources
 from pathlib import Path
 
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
-from reir.api import Model, embed_batch, load_model
+from reir.api import Model, embed, load_model
 from reir.argtypes import positive_int
 from reir.cli.common import ArgumentParser, reports_errors
+from reir.data.images import ImageError, read_image
 from reir.errors import ReirError, UsageError
 from reir.retrieval.database import UNLABELLED
 from reir.retrieval.index import Index
@@ -63,22 +63,17 @@ class Searcher:
         if not data:
             raise BadRequest(400, "the upload is empty; send an image file")
         try:
-            image = Image.open(io.BytesIO(data))
-            width, height = image.size
-            if width * height > self.max_pixels:
+            return read_image(data, self.max_pixels)
+        except ImageError as exc:
+            if exc.kind == "too_large" and exc.size:
+                width, height = exc.size
                 raise BadRequest(413, f"the image is {width}x{height} = {width * height / 1e6:.1f} megapixels; "
-                                      f"the limit is {self.max_pixels / 1e6:g} megapixels")
-            image.load()
-            return image.convert("RGB")
-        except BadRequest:
-            raise
-        except Image.DecompressionBombError:
-            raise BadRequest(413, f"the image has too many pixels; the limit is {self.max_pixels / 1e6:g} megapixels") from None
-        except UnidentifiedImageError:
-            raise BadRequest(415, "the upload is not an image PIL can read (JPEG, PNG, WebP, ...)") from None
-        except (OSError, ValueError, SyntaxError, EOFError) as exc:
-            reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-            raise BadRequest(400, f"the image cannot be decoded ({reason}); it may be truncated") from None
+                                      f"the limit is {self.max_pixels / 1e6:g} megapixels") from None
+            if exc.kind == "too_large":
+                raise BadRequest(413, f"the image has too many pixels; the limit is {self.max_pixels / 1e6:g} megapixels") from None
+            if exc.kind == "not_image":
+                raise BadRequest(415, "the upload is not an image PIL can read (JPEG, PNG, WebP, ...)") from None
+            raise BadRequest(400, f"the image cannot be decoded ({exc.reason}); it may be truncated") from None
 
     def database_image(self, image_id: str) -> Path:
         if not image_id.isdigit() or int(image_id) >= len(self.index):
@@ -89,12 +84,9 @@ class Searcher:
         return path
 
     def search(self, image: Image.Image, k: int, query_label: str | None = None) -> list[dict]:
-        features = embed_batch(self.model, self.transform(image)[None])
-        scores, ids = self.index.search(features, k)
+        features = embed(self.model, self.transform(image)[None])
         results = []
-        for score, image_id in zip(scores[0].tolist(), ids[0].tolist()):
-            if image_id < 0:  # an approximate index found fewer than k
-                continue
+        for image_id, score in self.index.search(features, k).row(0):
             label = self.index.labels[image_id]
             known = query_label not in (None, UNLABELLED) and label != UNLABELLED
             results.append({"id": image_id, "path": self.index.paths[image_id], "label": label or None,

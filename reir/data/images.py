@@ -1,6 +1,12 @@
-"""Image datasets over a prepared split list, and the original's transforms."""
+"""Images from files: the one reader (with its decompression-bomb guard), datasets over a prepared split
+list or a list of files, and the original's transforms."""
 
 from __future__ import annotations
+
+import io
+import os
+from pathlib import Path
+from typing import Sequence
 
 import torch
 from PIL import Image, UnidentifiedImageError
@@ -20,14 +26,77 @@ def build_transform(image_size: int, mean, std, train: bool) -> transforms.Compo
     return transforms.Compose(steps)
 
 
-def load_rgb(path: str) -> Image.Image:
+class ImageError(ReirError):
+    """An image that cannot be used. ``kind`` says why (``missing``, ``too_large``, ``not_image`` or
+    ``unreadable``) so that each caller adds its own fix (prepare again, skip the file, answer 413 ...);
+    ``size`` is ``(width, height)`` once the header was read, ``reason`` PIL's words."""
+
+    def __init__(self, message: str, kind: str, size: tuple[int, int] | None = None, reason: str = ""):
+        super().__init__(message)
+        self.kind = kind
+        self.size = size
+        self.reason = reason
+
+
+def read_image(source: str | os.PathLike | bytes, max_pixels: int | None = None) -> Image.Image:
+    """A file (or its bytes) as RGB; a missing, non-image, truncated or too large image is an :class:`ImageError`.
+
+    The pixel count is checked from the header before anything is decoded: against ``max_pixels``
+    when given, and always against PIL's decompression-bomb limit.
+    """
+    name = "the image" if isinstance(source, bytes) else f"image {source}"
+    size = None
     try:
-        with Image.open(path) as image:
+        with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as image:
+            size = image.size
+            if max_pixels is not None and size[0] * size[1] > max_pixels:
+                raise ImageError(f"{name} has {size[0]}x{size[1]} pixels, more than the {max_pixels} allowed",
+                                 "too_large", size)
             return image.convert("RGB")
     except FileNotFoundError:
-        raise ReirError(f"image {path} does not exist; prepare the dataset again") from None
-    except (UnidentifiedImageError, OSError) as exc:
-        raise ReirError(f"image {path} cannot be read ({exc}); replace it or prepare with --skip_bad") from None
+        raise ImageError(f"{name} does not exist", "missing") from None
+    except Image.DecompressionBombError:
+        raise ImageError(f"{name} has too many pixels to decode safely", "too_large", size) from None
+    except (OSError, ValueError, SyntaxError, EOFError) as exc:
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        kind = "not_image" if isinstance(exc, UnidentifiedImageError) else "unreadable"
+        raise ImageError(f"{name} cannot be read ({reason})", kind, size, reason) from None
+
+
+def image_files(folder: str | os.PathLike) -> list[Path]:
+    """Every image file below ``folder`` (by extension), hidden ones left out, in sorted order."""
+    folder = Path(folder)
+    extensions = {e.lower() for e in Image.registered_extensions()}
+    found = []
+    for path in sorted(folder.rglob("*")):
+        relative = path.relative_to(folder)
+        if any(part.startswith(".") for part in relative.parts) or not path.is_file():
+            continue
+        if path.suffix.lower() in extensions:
+            found.append(path)
+    return found
+
+
+class ImageItems(Dataset):
+    """Paths or PIL images -> ``(tensor, error)``; an unreadable file gives a blank tensor and its error,
+    so one bad file in a batch does not stop the others."""
+
+    def __init__(self, items: Sequence, transform, image_size: int):
+        self.items = items
+        self.transform = transform
+        self.blank = torch.zeros(3, image_size, image_size)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, position: int):
+        item = self.items[position]
+        if isinstance(item, Image.Image):
+            return self.transform(item.convert("RGB")), ""
+        try:
+            return self.transform(read_image(item)), ""
+        except ImageError as exc:
+            return self.blank, str(exc)
 
 
 class ImageList(Dataset):
@@ -46,4 +115,9 @@ class ImageList(Dataset):
         return len(self.paths)
 
     def __getitem__(self, item: int):
-        return self.transform(load_rgb(self.paths[item])), self.targets[item]
+        try:
+            image = read_image(self.paths[item])
+        except ImageError as exc:
+            fix = "prepare the dataset again" if exc.kind == "missing" else "replace it or prepare with --skip_bad"
+            raise ReirError(f"{exc}; {fix}") from None
+        return self.transform(image), self.targets[item]

@@ -121,15 +121,11 @@ class REIRNet(nn.Module):
         uniform = torch.rand(batch, self.config.ensemble_size, device=device)
         return torch.softmax(uniform, dim=1).to(dtype)
 
-    @torch.no_grad()
     def embed(self, images: torch.Tensor) -> torch.Tensor:
-        """L2-normalised branch outputs in eval mode (running BatchNorm statistics, no random weights)."""
-        was_training = self.training
-        self.eval()
-        try:
-            return embedding_from_logits(self(images))
-        finally:
-            self.train(was_training)
+        """L2-normalised branch outputs in eval mode, on the CPU: :func:`reir.model.embedding.embed`."""
+        from reir.model.embedding import embed  # that module builds on this one
+
+        return embed(self, images)
 
 
 def embedding_from_logits(logits: torch.Tensor) -> torch.Tensor:

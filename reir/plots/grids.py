@@ -12,7 +12,7 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
 
-from reir.data.images import load_rgb
+from reir.data.images import read_image
 from reir.fileio import atomic_write_with
 
 GREEN = (0, 170, 0)
@@ -76,7 +76,7 @@ def grid(rows: list[list[Tile | None]], title: str | None = None) -> Image.Image
             if tile is None:
                 continue
             x, y = cell_origin(r, c, title is not None)
-            canvas.paste(bordered(load_rgb(tile.path), tile.colour), (x, y))
+            canvas.paste(bordered(read_image(tile.path), tile.colour), (x, y))
             draw.text((x + BORDER, y + TILE + 2 * BORDER + 2), tile.caption, fill=TEXT, font=font)
     return canvas
 

@@ -12,7 +12,8 @@ from torch.utils.data import DataLoader
 
 from reir.data.images import ImageList, build_transform
 from reir.data.splits import SplitList
-from reir.model.network import ModelConfig, create_model, embedding_from_logits
+from reir.model.embedding import embed
+from reir.model.network import ModelConfig, REIRNet, create_model
 from reir.retrieval.database import shared_label_ids
 
 BATCH_SIZE = 128
@@ -29,12 +30,10 @@ def raw_pixel_features(split_list: SplitList, split: str, image_size: int) -> to
     return F.normalize(pixels - pixels.mean(0), dim=1)[:, None]
 
 
-@torch.no_grad()
-def network_features(model: torch.nn.Module, split_list: SplitList, split: str, image_size: int) -> torch.Tensor:
+def network_features(model: REIRNet, split_list: SplitList, split: str, image_size: int) -> torch.Tensor:
     """Embeddings ``[N, ensemble, meta]`` of a split with the evaluation transform."""
     images = ImageList(split_list, split, build_transform(image_size, split_list.mean, split_list.std, train=False))
-    model.eval()
-    return torch.cat([embedding_from_logits(model(batch)) for batch, _ in DataLoader(images, BATCH_SIZE)])
+    return embed(model, DataLoader(images, BATCH_SIZE))
 
 
 def untrained_features(config: ModelConfig, seed: int, split_list: SplitList, split: str,

@@ -13,6 +13,7 @@ import torch
 from reir.errors import ReirError
 from reir.fileio import atomic_write, read_json
 from reir.retrieval.database import UNLABELLED
+from reir.retrieval.results import Results
 from reir.retrieval.similarity import flatten, knn
 
 INDEX_FORMAT = "reir-index/1"
@@ -126,16 +127,19 @@ class Index:
             except RuntimeError as exc:
                 raise ReirError(f"{self.factory} has no search parameter {name} ({_faiss_message(exc)})", 2) from None
 
-    def search(self, queries: torch.Tensor, k: int = 10) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(scores, ids)``, each ``[Q, k]`` best first; ids ``-1`` pad rows an approximate index could not fill."""
+    def search(self, queries: torch.Tensor, k: int = 10) -> Results:
+        """The top ``k`` per query, best first, with this index's labels; ids ``-1`` pad rows an approximate
+        index could not fill. Unpacks as ``scores, ids``, each ``[Q, k]``."""
         queries = _as_vectors(queries)
         if queries.shape[1] != self.dim:
             raise ReirError(f"queries have dimension {queries.shape[1]} but the index {self.dim}; "
                             "embed with the model the index was built for")
         if self.exact:
-            return knn(queries, self.vectors(), k)
-        scores, ids = self.faiss_index.search(queries.numpy(), min(k, len(self)))
-        return torch.from_numpy(scores), torch.from_numpy(ids).long()
+            scores, ids = knn(queries, self.vectors(), k)
+        else:
+            scores, ids = self.faiss_index.search(queries.numpy(), min(k, len(self)))
+            scores, ids = torch.from_numpy(scores), torch.from_numpy(ids).long()
+        return Results(scores, ids, len(self), gallery_labels=self.labels)
 
     def vectors(self) -> torch.Tensor:
         """The stored vectors of an exact index, ``[N, D]`` (shared with FAISS, not copied)."""

@@ -16,6 +16,7 @@ from typing import Iterator
 import torch
 
 from reir.errors import ReirError
+from reir.retrieval.results import Results
 
 BACKENDS = ("auto", "torch", "faiss")
 # Below this many query x reference pairs the engines cost the same; torch avoids an index copy.
@@ -83,15 +84,15 @@ def iter_knn(queries: torch.Tensor, references: torch.Tensor, k: int, exclude_se
 
 def knn(queries: torch.Tensor, references: torch.Tensor, k: int, exclude_self: bool = False,
         chunk_size: int | None = None, backend: str = "auto",
-        device: torch.device | str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Top-``k`` references for every query: ``(scores, indices)``, each ``[Q, k]``, best first, on CPU."""
+        device: torch.device | str | None = None) -> Results:
+    """Top-``k`` references for every query, best first, on CPU (unpacks as ``scores, indices``, each ``[Q, k]``)."""
     k = max(0, min(k, len(references) - (1 if exclude_self else 0)))
     scores = torch.empty(len(queries), k)
     indices = torch.empty(len(queries), k, dtype=torch.long)
     for start, s, i in iter_knn(queries, references, k, exclude_self, chunk_size, backend, device):
         scores[start:start + len(s)] = s
         indices[start:start + len(s)] = i
-    return scores, indices
+    return Results(scores, indices, len(references))
 
 
 def _torch_blocks(queries, references, k, exclude_self, chunk_size, device):

@@ -3,7 +3,8 @@
 Each field carries its flag's help, choices and group, so the command line is generated from
 the dataclass (:func:`add_flags`) and a configuration built in Python is checked by the same
 rules as one parsed from flags. The resolved configuration of a run is saved beside its outputs
-(``statistics/<save name>_config.json``) and loads back with :meth:`TrainConfig.load`.
+(``statistics/<save name>_config.json``) and loads back with :meth:`TrainConfig.load`, or
+``reir train --config``, which repeats the run with the flags given beside it changed.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import argparse
 import dataclasses
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 from reir.argtypes import csv_ints, gpu_id_list, non_negative_int, positive_int
 from reir.data import DATA_NAMES
@@ -114,8 +115,15 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_args(cls, args: argparse.Namespace) -> "TrainConfig":
-        return cls(**vars(args))
+    def from_args(cls, args: argparse.Namespace, given: Iterable[str] = ()) -> "TrainConfig":
+        """The configuration of parsed flags. With ``args.config`` (a recorded run's ``*_config.json``)
+        its settings, overridden only by the flags in ``given``, those typed on the command line;
+        ``resume`` is not taken from the record, so the recorded run is repeated, not continued."""
+        values = vars(args).copy()
+        path = values.pop("config", None)
+        if path is None:
+            return cls(**values)
+        return cls.load(path).replace(resume=None, **{name: values[name] for name in given if name != "config"})
 
     @classmethod
     def load(cls, path: str | Path) -> "TrainConfig":

@@ -29,7 +29,8 @@ from reir.data.sources import load_dataset
 from reir.data.splits import SplitList
 from reir.fileio import atomic_write, ensure_dir, save_tensors, write_json
 from reir.model.meta_labels import assign_meta_labels, check_sizes, ids_path, load_ids, save_ids
-from reir.model.network import REIRNet, create_model, embedding_from_logits
+from reir.model.embedding import embed
+from reir.model.network import REIRNet, create_model
 from reir.model.sharding import describe
 from reir.plots.curves import plot_statistics
 from reir.retrieval.database import SUFFIX as DATABASE_SUFFIX, Database, shared_label_ids
@@ -109,22 +110,12 @@ def train_one_epoch(model: REIRNet, loader: DataLoader, optimizer, meta_labels: 
     return total_loss / max(total_seen, 1), total_correct / max(total_seen * meta_labels.shape[0], 1)
 
 
-@torch.no_grad()
-def embed(model: REIRNet, loader: DataLoader, device: torch.device, desc: str,
-          precision: Precision | None = None,
-          after_batch: Callable[[], None] | None = None) -> torch.Tensor:
-    """Embeddings ``[N, ensemble, meta]`` in fp32, every branch L2-normalised; only the forward pass is autocast."""
-    precision = precision or precision_for("off", device)
-    model.eval()
-    chunks = []
-    for images, _ in tqdm(loader, desc=desc, dynamic_ncols=True, file=sys.stdout, leave=False,
-                          disable=not sys.stdout.isatty()):
-        with precision.autocast():
-            logits = model(images.to(device, non_blocking=True))
-        chunks.append(embedding_from_logits(logits).cpu())
-        if after_batch is not None:
-            after_batch()
-    return torch.cat(chunks)
+def embed_split(model: REIRNet, loader: DataLoader, device: torch.device, desc: str,
+                precision: Precision | None = None, after_batch: Callable[[], None] | None = None) -> torch.Tensor:
+    """A split's embeddings through the one embedding path, under a progress bar shown on a terminal only."""
+    with tqdm(total=len(loader.dataset), desc=desc, unit="img", dynamic_ncols=True, file=sys.stdout, leave=False,
+              disable=not sys.stdout.isatty()) as bar:
+        return embed(model, loader, device, precision, bar, after_batch=after_batch)
 
 
 def evaluate_splits(model: REIRNet, loaders: dict[str, DataLoader], recalls: list[int], device: torch.device,
@@ -136,7 +127,7 @@ def evaluate_splits(model: REIRNet, loaders: dict[str, DataLoader], recalls: lis
     The search runs in fp32 whatever ``precision`` is, so the numbers are those ``reir eval``
     computes from the saved database.
     """
-    features = {name: embed(model, loader, device, f"Embed {name}", precision, after_batch)
+    features = {name: embed_split(model, loader, device, f"Embed {name}", precision, after_batch)
                 for name, loader in loaders.items()}
     if "query" in features:
         query_labels, gallery_labels = shared_label_ids(loaders["query"].dataset.labels,
@@ -301,7 +292,7 @@ def _run(config: TrainConfig, stop: StopRequest, context: distributed.Context, d
             best_recall = metrics[f"recall@{config.recalls[0]}"]
             train_eval = make_loader(ImageList(split_list, "train", eval_transform, train_set.classes),
                                      config.batch_size, config.num_workers, device)
-            features["train"] = embed(model, train_eval, device, "Embed train", precision)
+            features["train"] = embed_split(model, train_eval, device, "Embed train", precision)
             info = {"data_name": config.data_name, "crop_type": config.crop_type, "mean": split_list.mean,
                     "std": split_list.std, "image_size": config.image_size, "epoch": epoch, "metrics": metrics,
                     "classes": train_set.classes, "meta_labels": meta_labels.cpu().tolist(),
