@@ -140,7 +140,7 @@ def test_error_paths_are_one_line_and_write_nothing(toy, capsys, tmp_path_factor
                           info={"model_file": str(root / "gone" / "m_model.safetensors"), "image_size": 32})
     cases = [
         (["--data_base", "missing.pth"], 1, "not found"),
-        (["--data_base", str(pickle_db)], 1, "not a REIR safetensors file"),
+        (["--data_base", str(pickle_db)], 1, "lacks test_images"),  # read as the original's, refused
         (["--data_base", str(path), "--query_img_name", "nowhere/zzz.png"], 1, "neither an image file"),
         (["--data_base", str(path), "--query_img_name", str(outside)], 1, "records no model file"),
         (["--data_base", str(moved), "--query_img_name", str(outside)], 1, "m_model.safetensors of database"),

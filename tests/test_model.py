@@ -56,13 +56,17 @@ def test_embedding_is_unit_norm_per_branch():
 
 
 def test_random_branch_weights_only_in_training():
+    """As in the original: one softmax(U(0,1)) vector per forward pass, shared by the whole batch."""
     torch.manual_seed(0)
     model = create_model(ModelConfig("resnet18", "layer1", 4, 3, with_random=True), weights="none")
     images = torch.randn(3, 3, 32, 32)
     weights = model.branch_weights(3, images.device, images.dtype)
     assert weights.shape == (3, 4)
     assert torch.allclose(weights.sum(1), torch.ones(3))
-    assert (weights > 0).all() and not torch.allclose(weights[0], weights[1])
+    assert (weights > 0).all() and torch.equal(weights[0], weights[1]) and torch.equal(weights[0], weights[2])
+    # softmax of values in [0, 1): no weight reaches e times another
+    assert weights[0].max() / weights[0].min() < torch.e
+    assert not torch.equal(weights, model.branch_weights(3, images.device, images.dtype))  # a new draw per pass
     model.eval()
     assert model.branch_weights(3, images.device, images.dtype) is None
     # In eval the output is deterministic; in train mode with_random changes it between calls.
@@ -86,6 +90,50 @@ def test_random_branch_weights_scale_the_shared_features(monkeypatch):
     shared = model.stem(images)
     for index, features in seen:
         assert torch.allclose(features, shared * fixed[:, index].view(-1, 1, 1, 1), atol=1e-6)
+
+
+@pytest.mark.parametrize("branch_batching", ["loop", "grouped"])
+def test_every_image_of_a_batch_gets_the_same_branch_weights(monkeypatch, branch_batching):
+    """Measured on the branch inputs of a real forward pass: input = shared map x w[branch], w alike for all images."""
+    import torch.nn.functional as F
+
+    torch.manual_seed(0)
+    model = create_model(ModelConfig("resnet18", "layer3", 3, 4, with_random=True), weights="none").train()
+    model.branch_batching = branch_batching
+    images = torch.randn(5, 3, 32, 32)
+    shared = model.stem(images)  # training-mode BatchNorm: the same batch gives the same map as in the pass
+    seen = []
+    model.stem.register_forward_hook(lambda *_: seen.clear())  # keep only what enters the branches
+    if branch_batching == "loop":
+        for branch in model.branches:
+            branch.register_forward_pre_hook(lambda m, inp: seen.append(inp[0].detach()))
+    else:  # the weighted copies enter the first grouped convolution side by side along the channels
+        conv2d = F.conv2d
+
+        def first_convolution(x, *args, **kwargs):
+            if not seen:
+                seen.extend(x.detach().chunk(len(model.branches), dim=1))
+            return conv2d(x, *args, **kwargs)
+
+        monkeypatch.setattr(F, "conv2d", first_convolution)
+    model(images)
+    assert len(seen) == 3
+    # input / shared map, one least-squares number per (image, branch)
+    ratios = torch.stack([(x * shared).flatten(1).sum(1) / (shared * shared).flatten(1).sum(1) for x in seen], 1)
+    assert torch.allclose(ratios, ratios[:1].expand_as(ratios), atol=1e-6), ratios
+    assert torch.allclose(ratios.sum(1), torch.ones(5), atol=1e-5)
+    assert ratios[0].max() - ratios[0].min() > 1e-3  # really weighted, not all 1/3
+
+
+def test_evaluation_is_unweighted_with_random():
+    """In eval mode a with_random model computes exactly what the same weights without it compute."""
+    torch.manual_seed(0)
+    randomised = create_model(ModelConfig("resnet18", "layer2", 3, 4, with_random=True), weights="none").eval()
+    plain = create_model(ModelConfig("resnet18", "layer2", 3, 4, with_random=False), weights="none").eval()
+    plain.load_state_dict(randomised.state_dict())
+    images = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(randomised(images), plain(images))
 
 
 def test_offline_imagenet_weights_error_names_file_and_fix(monkeypatch, tmp_path):

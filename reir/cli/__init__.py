@@ -24,6 +24,7 @@ COMMANDS = {
     "serve": ("reir.cli.serve", "serve search over an index: JSON API and a web page (127.0.0.1 by default)"),
     "report": ("reir.cli.report", "write one self-contained HTML report: metrics, curves, best and worst queries"),
     "export": ("reir.cli.export", "export the embedding network to ONNX or TorchScript with a parity check"),
+    "convert": ("reir.cli.convert", "convert the original's .pth model or database into REIR's safe files"),
 }
 
 

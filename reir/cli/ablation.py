@@ -22,7 +22,8 @@ from reir.cli.common import ArgumentParser, reports_errors
 from reir.errors import ReirError
 from reir.fileio import write_json
 from reir.plots import grids
-from reir.retrieval.database import Database, load_database, resolve_database_path
+from reir.retrieval.database import Database, load_database
+from reir.retrieval.original import find_or_convert_database
 from reir.retrieval.results import Results
 from reir.retrieval.similarity import knn
 
@@ -149,7 +150,7 @@ def _stem(path: Path) -> str:
 @reports_errors
 def main(argv: list[str] | None = None, prog: str = "ablation.py") -> int:
     args = get_args_parser(prog).parse_args(argv)
-    paths = tuple(resolve_database_path(n, args.output_dir) for n in (args.better_data_base, args.worse_data_base))
+    paths = tuple(find_or_convert_database(n, args.output_dir) for n in (args.better_data_base, args.worse_data_base))
     if paths[0].resolve() == paths[1].resolve():
         raise ReirError(f"--better_data_base and --worse_data_base are the same file {paths[0]}; "
                         "compare two different runs", 2)

@@ -21,7 +21,9 @@ from reir.data.images import read_image
 from reir.errors import ReirError
 from reir.fileio import write_json
 from reir.plots import grids
-from reir.retrieval.database import Database, load_database, resolve_database_path
+from reir.model.original import convert_model_beside
+from reir.retrieval.database import Database, load_database
+from reir.retrieval.original import find_or_convert_database
 from reir.retrieval.results import PAD, Results
 from reir.retrieval.similarity import knn
 
@@ -90,6 +92,10 @@ def model_path(db: Database, db_path: Path) -> Path:
     for candidate in candidates:
         if candidate.is_file():
             return candidate
+    for candidate in candidates:  # the original's own model file, from a converted database
+        original = candidate.with_name(candidate.name.removesuffix(".safetensors") + ".pth")
+        if original.is_file():
+            return convert_model_beside(original)
     raise ReirError(f"model file {recorded} of database {db_path} not found; put it back (or under "
                     f"{candidates[1].parent}) to query with images outside the database")
 
@@ -112,7 +118,7 @@ def rank(query: torch.Tensor, gallery: torch.Tensor, k: int, exclude: int | None
 
 def retrieve(args) -> dict:
     """Rank, draw and describe; returns the JSON report."""
-    db_path = resolve_database_path(args.data_base, args.output_dir)
+    db_path = find_or_convert_database(args.data_base, args.output_dir)
     db = load_database(db_path)
     split = search_split(db, args.data_type)
     if split not in db.features:

@@ -115,11 +115,16 @@ class REIRNet(nn.Module):
         return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=1)
 
     def branch_weights(self, batch: int, device, dtype) -> torch.Tensor | None:
-        """Per-sample, per-branch softmax(U(0,1)) weights: training with ``with_random`` only."""
+        """``[batch, ensemble]`` branch weights: training with ``with_random`` only.
+
+        As in the original, one softmax(U(0,1)) vector is drawn per forward pass and every image
+        of the batch shares it. Evaluation stays unweighted (the original weights it too, which makes
+        its evaluation random: README, "What differs from the original").
+        """
         if not (self.training and self.config.with_random):
             return None
-        uniform = torch.rand(batch, self.config.ensemble_size, device=device)
-        return torch.softmax(uniform, dim=1).to(dtype)
+        uniform = torch.rand(self.config.ensemble_size, device=device)
+        return torch.softmax(uniform, dim=0).to(dtype).expand(batch, -1)
 
     def embed(self, images: torch.Tensor) -> torch.Tensor:
         """L2-normalised branch outputs in eval mode, on the CPU: :func:`reir.model.embedding.embed`."""
