@@ -215,8 +215,9 @@ def _run(config: TrainConfig, stop: StopRequest, context: distributed.Context, d
     split_list = load_dataset(config.data_name, config.data_path, config.crop_type, config.image_size)
     train_set = ImageList(split_list, "train", train_transform(config, split_list))
     check_sizes(len(train_set.classes), config.ensemble_size, config.meta_class_size, config.label_type)
-    # The model before the ids: bad --weights must fail before the ids file is written.
-    model = create_model(config.model, weights=config.weights)
+    # The model before the ids: bad --weights must fail before the ids file is written. A resumed
+    # run's weights are the checkpoint's: nothing is downloaded or read for them.
+    model = create_model(config.model, weights="none" if resumed else config.weights)
     model.shard(devices)
     model.branch_batching = resolve_batching(config.branch_batching, device)
     if config.channels_last:
