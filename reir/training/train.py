@@ -35,6 +35,7 @@ from reir.plots.curves import plot_statistics
 from reir.retrieval.database import SUFFIX as DATABASE_SUFFIX, Database, shared_label_ids
 from reir.retrieval.metrics import evaluate_embeddings, format_metrics
 from reir.training.config import TrainConfig
+from reir.training.memory import check_fits, estimate, processes_on_this_host
 from reir.training.devices import training_devices
 from reir.training.precision import Precision, precision_for
 from reir.training.recipe import recipe_for
@@ -207,6 +208,10 @@ def train(config: TrainConfig, callbacks: Sequence[Callback] = ()) -> TrainResul
 def _run(config: TrainConfig, stop: StopRequest, context: distributed.Context, devices: list[torch.device],
          callbacks: list[Callback]) -> TrainResult:
     device, name, output = devices[0], config.save_name, Path(config.output_dir)
+    needs = estimate(config.model, config.image_size, config.batch_size, config.recipe, config.weights,
+                     resolve_batching(config.branch_batching, device), len(devices))
+    log.info("%s: %s", name, needs.describe())
+    check_fits(needs, devices, processes_on_this_host())
     resumed = find_checkpoint(config.resume, output, name, config.to_dict())
     seed = config.seed if config.seed is not None else resumed.seed if resumed else fresh_seed()
     config = config.replace(seed=distributed.broadcast(seed, context))
