@@ -185,12 +185,14 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
     return Checkpoint(Path(path), tensors, meta)
 
 
-def find_checkpoint(resume: str | None, output_dir: str | Path, name: str, config: dict) -> Checkpoint | None:
+def find_checkpoint(resume: str | None, output_dir: str | Path, name: str, config: dict,
+                    remove_temporaries: bool = True) -> Checkpoint | None:
     """The checkpoint ``resume`` names, checked against ``config``; ``None`` starts afresh.
 
     ``auto`` resumes this save name's checkpoint under ``output_dir`` if there is one, so the
     same command line can be relaunched after every interruption. A ``seed`` of ``None`` in
-    ``config`` accepts the checkpoint's.
+    ``config`` accepts the checkpoint's. Temporary files a killed run left are removed by one
+    process only (``remove_temporaries``), never while another may be writing them.
     """
     if resume is None:
         return None
@@ -211,7 +213,8 @@ def find_checkpoint(resume: str | None, output_dir: str | Path, name: str, confi
         flags = ", ".join(f"--{k} {saved.get(k)!r} (not {config[k]!r})" for k in different)
         raise ReirError(f"checkpoint {path} was written with {flags}; resume with the same flags "
                         "or start without --resume", 2)
-    remove_stale_temporaries(Path(output_dir), name)
+    if remove_temporaries:
+        remove_stale_temporaries(Path(output_dir), name)
     log.info("Resuming from %s: %d epochs done%s", path, checkpoint.meta["epoch"],
              f", {checkpoint.meta['progress']['step']} steps into the next" if checkpoint.meta["progress"]["step"]
              else "")

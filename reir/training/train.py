@@ -212,12 +212,13 @@ def _run(config: TrainConfig, stop: StopRequest, context: distributed.Context, d
                      resolve_batching(config.branch_batching, device), len(devices))
     log.info("%s: %s", name, needs.describe())
     check_fits(needs, devices, processes_on_this_host())
-    resumed = find_checkpoint(config.resume, output, name, config.to_dict())
+    resumed = find_checkpoint(config.resume, output, name, config.to_dict(), remove_temporaries=context.is_main)
     seed = config.seed if config.seed is not None else resumed.seed if resumed else fresh_seed()
     config = config.replace(seed=distributed.broadcast(seed, context))
     seed_everything(config.seed)
 
-    split_list = load_dataset(config.data_name, config.data_path, config.crop_type, config.image_size)
+    split_list = distributed.main_rank_first(
+        lambda: load_dataset(config.data_name, config.data_path, config.crop_type, config.image_size), context)
     train_set = ImageList(split_list, "train", train_transform(config, split_list))
     check_sizes(len(train_set.classes), config.ensemble_size, config.meta_class_size, config.label_type)
     # The model before the ids: bad --weights must fail before the ids file is written. A resumed
