@@ -40,7 +40,9 @@ def outputs(folder: Path) -> dict[str, object]:
     tensors, meta = load_tensors(out / "results" / f"{NAME}_data_base.safetensors")
     del meta["config"]["num_workers"]
     model, _ = load_tensors(out / "epochs" / f"{NAME}_model.safetensors")
-    return {"csv": (out / "statistics" / f"{NAME}_results.csv").read_bytes(), "meta": json.dumps(meta),
+    # Paths are recorded absolute: the run's folder is the one difference allowed.
+    return {"csv": (out / "statistics" / f"{NAME}_results.csv").read_bytes(),
+            "meta": json.dumps(meta).replace(str(folder.resolve()), "<run folder>"),
             "features": {k: hashlib.sha256(v.numpy().tobytes()).hexdigest() for k, v in tensors.items()},
             "model": hashlib.sha256(b"".join(v.numpy().tobytes() for _, v in sorted(model.items()))).hexdigest()}
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import io
 import logging
+import os
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -312,9 +313,10 @@ def _run(config: TrainConfig, stop: StopRequest, context: distributed.Context, d
             info = {"data_name": config.data_name, "crop_type": config.crop_type, "mean": split_list.mean,
                     "std": split_list.std, "image_size": config.image_size, "epoch": epoch, "metrics": metrics,
                     "classes": train_set.classes, "meta_labels": meta_labels.cpu().tolist(),
-                    "model_file": str(model_file)}
-            splits = {split: {"paths": split_list.absolute(split), "labels": split_list.splits[split].labels}
-                      for split in features}
+                    "model_file": os.path.abspath(model_file)}
+            # Absolute paths: the database and the model work from any directory.
+            splits = {split: {"paths": [os.path.abspath(p) for p in split_list.absolute(split)],
+                              "labels": split_list.splits[split].labels} for split in features}
             save_tensors(model_file, model.state_dict(),
                          {"format": "reir-model/1", "config": run_config, "model": asdict(config.model), "info": info})
             Database(features, splits, run_config, info).save(database_file)
