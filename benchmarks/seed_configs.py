@@ -2,16 +2,16 @@
 
 For each row (4 backbones x the meta-class sizes of CARS196, CUB200, SOP, In-shop; 48 branches
 shared from ``layer1``, as in the original) it prints the parameter count and the memory
-estimate of :mod:`reir.training.memory`. For a row whose host-memory budget
-(1.25 x (parameters + gradients + optimizer state) + 1.5 GiB) fits the memory available now, and
-that ``--rows`` selects, it runs on generated images at ``--image_size``:
+estimate of :mod:`reir.training.memory`. For a row whose estimate plus 1.5 GiB (libraries, data,
+evaluation) fits the memory available now, and that ``--rows`` selects, it runs on generated
+images at ``--image_size``:
 
     train 2 epochs (the reference) | train again, SIGKILL in epoch 2 | --resume auto
     -> statistics, model and database identical to the reference
     -> reir export --format onnx -> reir embed -> reir index -> reir serve + one query
 
 Every stage is its own process; its peak resident size (``wait4``'s ru_maxrss) is printed beside
-the budget, with the files it wrote. Runs that use more than 3 GiB belong under
+the budget of 1.25 x (parameters + gradients + optimizer state) + 1.5 GiB, with the files it wrote. Runs that use more than 3 GiB belong under
 ``flock /tmp/reir-bigmem.lock`` on a shared machine.
 
     python benchmarks/seed_configs.py --rows none                  # the estimates only
@@ -42,7 +42,7 @@ sys.path.insert(0, str(REPO))
 
 from reir.fileio import load_tensors  # noqa: E402
 from reir.model.network import ModelConfig  # noqa: E402
-from reir.training.memory import GIB, estimate, host_available  # noqa: E402
+from reir.training.memory import GIB, HOST_OVERHEAD, estimate, host_available  # noqa: E402
 
 BACKBONES = ("resnet18", "resnet34", "resnet50", "resnext50_32x4d")
 META_CLASS_SIZES = {"CARS196": 12, "CUB200": 12, "SOP": 512, "In-shop": 192}
@@ -218,9 +218,9 @@ def main(argv: list[str] | None = None) -> int:
     for backbone, size in rows():
         needs = estimate(ModelConfig(backbone, "layer1", args.ensemble_size, size, False), args.image_size, args.batch_size,
                          "auto", "none", "loop")
-        fits = needs.host_budget <= available
+        fits = needs.total_bytes + HOST_OVERHEAD <= available
         verdict = ("runs below" if selected(args.rows, backbone, size) else "fits; not selected (--rows)") if fits \
-            else f"does not fit: budget above the {available / GIB:.2f} GiB available"
+            else f"does not fit: estimate + {HOST_OVERHEAD / GIB:.1f} GiB above the {available / GIB:.2f} GiB available"
         print(f"{backbone:<16} {size:>4} {needs.parameters:>15,} {needs.total_bytes / GIB:>6.2f} GiB "
               f"{needs.host_budget / GIB:>6.2f} GiB  {verdict}")
         if fits and selected(args.rows, backbone, size):

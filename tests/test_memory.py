@@ -150,11 +150,11 @@ print(json.dumps({"grown": status("VmHWM") - before, "estimate": needs.total_byt
 @pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux's /proc to measure peak memory")
 def test_the_memory_estimate_matches_the_measured_peak_of_training(small_digits_root, tmp_path):
-    """resnet18 shared to layer1 (the seed's sharing point) with 2 and 8 branches: the estimate predicts
-    the peak within a fixed overhead (data, evaluation, libraries' buffers), and the growth from 2 to 8
+    """resnet18 shared to layer1 (the seed's sharing point) with 2 and 6 branches: the estimate predicts
+    the peak within a fixed overhead (data, evaluation, libraries' buffers), and the growth from 2 to 6
     branches within 15 %."""
     measured = {}
-    for branches in (2, 8):
+    for branches in (2, 6):
         result = subprocess.run([sys.executable, "-c", TRAIN, str(small_digits_root), str(tmp_path / str(branches)),
                                  str(branches)], capture_output=True, text=True, cwd=REPO, timeout=300,
                                 env={"PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"})
@@ -163,8 +163,8 @@ def test_the_memory_estimate_matches_the_measured_peak_of_training(small_digits_
         grown, estimated = measured[branches]["grown"], measured[branches]["estimate"]
         assert 0.9 * estimated < grown < estimated + 0.5 * 2**30, measured
     print({b: {k: f"{v / 2**20:.0f} MiB" for k, v in m.items()} for b, m in measured.items()})
-    slope = measured[8]["grown"] - measured[2]["grown"]
-    predicted = measured[8]["estimate"] - measured[2]["estimate"]
+    slope = measured[6]["grown"] - measured[2]["grown"]
+    predicted = measured[6]["estimate"] - measured[2]["estimate"]
     assert abs(slope - predicted) < 0.15 * predicted, measured
 
 
