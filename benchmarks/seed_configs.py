@@ -47,7 +47,6 @@ from reir.training.memory import GIB, HOST_OVERHEAD, estimate, host_available  #
 BACKBONES = ("resnet18", "resnet34", "resnet50", "resnext50_32x4d")
 META_CLASS_SIZES = {"CARS196": 12, "CUB200": 12, "SOP": 512, "In-shop": 192}
 TEST_CLASSES = 3
-IMAGES_PER_CLASS = 2
 
 
 def rows() -> list[tuple[str, int]]:
@@ -61,13 +60,13 @@ def selected(selection: str, backbone: str, size: int) -> bool:
     return f"{backbone}/{size}" in selection.split(",")
 
 
-def make_images(root: Path, train_classes: int, image_size: int) -> Path:
+def make_images(root: Path, train_classes: int, image_size: int, per_class: int) -> Path:
     """``root/train/<class>/*.png`` and ``root/test/<class>/*.png``: noise with a per-class tint."""
     rng = np.random.default_rng(0)
     for split, classes in (("train", train_classes), ("test", TEST_CLASSES)):
         for label in range(classes):
             tint = rng.integers(0, 256, 3)
-            for k in range(IMAGES_PER_CLASS):
+            for k in range(per_class):
                 pixels = (0.5 * rng.integers(0, 256, (image_size, image_size, 3)) + 0.5 * tint).astype(np.uint8)
                 folder = root / split / f"{split}{label:04d}"
                 folder.mkdir(parents=True, exist_ok=True)
@@ -141,13 +140,13 @@ def run_row(backbone: str, size: int, args, work: Path) -> bool:
     """The whole path for one row; prints a line per stage; True when every stage succeeded in budget."""
     config = ModelConfig(backbone, "layer1", args.ensemble_size, size, False)
     needs = estimate(config, args.image_size, args.batch_size, "auto", "none", "loop")
-    data = make_images(work / "images", size + 1, args.image_size)
+    data = make_images(work / "images", size + 1, args.image_size, args.images_per_class)
     name = f"custom_uncropped_fixed_unrandom_layer1_{backbone}_{args.ensemble_size}_{size}"
     flags = ["--data_name", "custom", "--data_path", str(data), "--weights", "none", "--model_type", backbone,
              "--meta_class_size", str(size), "--ensemble_size", str(args.ensemble_size), "--image_size", str(args.image_size), "--batch_size",
-             str(args.batch_size), "--num_epochs", "2", "--num_workers", "0", "--seed", "0", "--device", "cpu",
+             str(args.batch_size), "--num_epochs", "2", "--num_workers", "0", "--seed", "0", "--device", args.device,
              "--nmi_every", "0"]
-    steps = -(-(size + 1) * IMAGES_PER_CLASS // args.batch_size)
+    steps = -(-(size + 1) * args.images_per_class // args.batch_size)
     python = sys.executable
     stages = [
         ("train 2 epochs (reference)", [python, str(REPO / "train.py"), *flags, "--output_dir", str(work / "reference")]),
@@ -166,7 +165,7 @@ def run_row(backbone: str, size: int, args, work: Path) -> bool:
                                        "--output", str(onnx)]),
         ("reir embed", [python, "-m", "reir", "embed", "--model", str(model), "--images", str(data / "test"),
                         "--labels_from_folders", "--output", str(database), "--batch_size", str(args.batch_size),
-                        "--num_workers", "0", "--device", "cpu"]),
+                        "--num_workers", "0", "--device", args.device]),
         ("reir index (Flat)", [python, "-m", "reir", "index", "--data_base", str(database), "--factory", "Flat"]),
     ]
     ok = True
@@ -208,6 +207,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch_size", type=int, default=13)
     parser.add_argument("--ensemble_size", type=int, default=48,
                         help="branches (48: the table's; fewer for a quick check of the path)")
+    parser.add_argument("--images_per_class", type=int, default=2,
+                        help="generated images per class (meta-class size + 1 training classes, 3 test classes)")
+    parser.add_argument("--device", default="cpu", help="training and embedding device (cpu, cuda, cuda:N)")
     parser.add_argument("--work_dir", default=None, help="where the runs' files go (default: a temporary folder)")
     args = parser.parse_args(argv)
     available = host_available()
