@@ -10,17 +10,22 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, safe_open, save
+from safetensors import SafetensorError, safe_open
 
 from reir.errors import ReirError
 
 METADATA_KEY = "reir"
+# The safetensors layout: an 8-byte little-endian header length, a JSON header, then the tensors' bytes.
+DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+          torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+          torch.bool: "BOOL", torch.uint16: "U16", torch.uint32: "U32", torch.uint64: "U64",
+          torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2"}
 # mkstemp creates files only the owner can read; finished files get the usual permissions.
 _UMASK = os.umask(0o022)
 os.umask(_UMASK)
@@ -89,6 +94,36 @@ def atomic_write_with(path: str | os.PathLike, writer: Callable[[str], None]) ->
     return path
 
 
+@contextlib.contextmanager
+def atomic_files(main: str | os.PathLike) -> Iterator[Path]:
+    """For a writer that puts companions beside ``main`` (ONNX with its external weights).
+
+    It writes to the yielded path, in a hidden folder beside ``main``, and may add files that
+    name each other as siblings. On success each is fsynced and renamed into place, ``main`` last,
+    so ``main`` never names a companion that is not there yet; on failure nothing is replaced.
+    """
+    main = Path(main)
+    folder = ensure_dir(main.parent)
+    try:
+        staging = Path(tempfile.mkdtemp(prefix=f".{main.name}.", suffix=".tmp", dir=folder))
+    except OSError as exc:
+        raise ReirError(f"cannot write in {folder}: {exc.strerror}; choose a writable folder") from None
+    try:
+        yield staging / main.name
+        files = sorted(staging.iterdir(), key=lambda f: f.name == main.name)
+        for file in files:
+            os.chmod(file, FILE_MODE)
+            with open(file, "rb+") as handle:
+                os.fsync(handle.fileno())
+        for file in files:
+            os.replace(file, folder / file.name)
+        _fsync_dir(folder)
+    except OSError as exc:
+        raise ReirError(f"cannot write {main}: {exc.strerror}; free space or choose another folder") from None
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
 def write_json(path: str | os.PathLike, obj: Any) -> Path:
     return atomic_write(path, json.dumps(obj, indent=1, sort_keys=False) + "\n")
 
@@ -104,21 +139,48 @@ def read_json(path: str | os.PathLike, what: str = "file") -> Any:
 
 
 def save_tensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor], metadata: Any) -> Path:
-    """safetensors file whose JSON metadata travels inside the same file."""
-    blob = save({k: v.detach().contiguous().cpu() for k, v in tensors.items()},
-                metadata={METADATA_KEY: json.dumps(metadata)})
-    return atomic_write(path, blob)
+    """A safetensors file whose JSON metadata travels inside it, streamed tensor by tensor.
+
+    The header is computed from shapes alone; each tensor's bytes then go to the file straight
+    from its own storage (a device tensor is copied to the host one at a time), so writing costs
+    no second copy of the state, however large.
+    """
+    header: dict[str, Any] = {"__metadata__": {METADATA_KEY: json.dumps(metadata)}}
+    offset = 0
+    for key, tensor in tensors.items():
+        if tensor.dtype not in DTYPES:
+            raise TypeError(f"cannot store {tensor.dtype} tensor {key!r} in a safetensors file")
+        size = tensor.numel() * tensor.element_size()
+        header[key] = {"dtype": DTYPES[tensor.dtype], "shape": list(tensor.shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    encoded = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    encoded += b" " * (-len(encoded) % 8)  # tensor data starts 8-byte aligned
+    with atomic_open(path, "wb") as handle:
+        handle.write(len(encoded).to_bytes(8, "little") + encoded)
+        for tensor in tensors.values():
+            if tensor.numel():
+                handle.write(_raw_bytes(tensor.detach().cpu().contiguous()))
+    return Path(path)
+
+
+def _raw_bytes(tensor: torch.Tensor) -> memoryview:
+    """The bytes of a contiguous CPU tensor, without copying them."""
+    return memoryview(tensor.reshape(-1).view(torch.uint8).numpy())
 
 
 def load_tensors(path: str | os.PathLike, what: str = "file") -> tuple[dict[str, torch.Tensor], Any]:
-    """Load a file written by :func:`save_tensors`; anything else (a pickle included) is refused."""
+    """Load a file written by :func:`save_tensors`; anything else (a pickle included) is refused.
+
+    The tensors are private memory maps of the file: pages are read when touched and copied only
+    when written, so a resume does not hold the file in memory beside the tensors built from it.
+    """
     path = Path(path)
     if not path.is_file():
         raise ReirError(f"{what} {path} does not exist; check the path")
     try:
         with safe_open(str(path), framework="pt") as handle:
             raw = (handle.metadata() or {}).get(METADATA_KEY)
-        tensors = load_file(str(path))
+            tensors = handle.get_tensors()
     except (SafetensorError, OSError, ValueError) as exc:
         raise ReirError(f"{what} {path} is not a REIR safetensors file ({str(exc).splitlines()[0]}); "
                         "only safetensors files written by REIR are loaded") from None

@@ -43,3 +43,37 @@ def test_export_refuses_to_overwrite_the_model(served_model):
     result = run_script("reir", "export", "--model", str(served_model.model), "--format", "onnx",
                         "--output", str(served_model.model))
     assert result.returncode == 2 and "overwrite the model" in result.stderr and result.stderr.count("\n") == 1
+
+
+def test_onnx_weights_in_a_companion_file_travel_with_the_graph(served_model, tmp_path):
+    """External weights (forced here; automatic above 2 GiB) are written under their final name, listed in
+    the JSON, and a copy of the three files in another folder gives the embeddings of the model."""
+    import shutil
+
+    import onnxruntime
+
+    from reir.cli.export import example_images, export
+    from reir.model.network import embedding_from_logits
+
+    model = reir.load_model(served_model.model)
+    output = tmp_path / "exported" / "model.onnx"
+    difference = export(model, "onnx", output, external_data=True)
+    assert difference <= 1e-4
+    assert sorted(p.name for p in output.parent.iterdir()) == ["model.onnx", "model.onnx.data", "model.onnx.json"]
+    meta = json.loads((tmp_path / "exported" / "model.onnx.json").read_text())
+    assert meta["files"] == ["model.onnx", "model.onnx.data"] and meta["external_data"] == "model.onnx.data"
+    # The graph holds no weights: they are in the companion.
+    weights = sum(v.numel() * v.element_size() for v in model.network.state_dict().values())
+    assert output.stat().st_size < weights / 4 < (tmp_path / "exported" / "model.onnx.data").stat().st_size
+    moved = shutil.copytree(output.parent, tmp_path / "elsewhere")
+    shutil.rmtree(output.parent)
+    images = example_images(model, 3, 7)
+    session = onnxruntime.InferenceSession(str(moved / "model.onnx"), providers=["CPUExecutionProvider"])
+    exported = torch.from_numpy(session.run(None, {"images": images.numpy()})[0])
+    with torch.no_grad():
+        expected = embedding_from_logits(model.network.eval()(images))
+    assert torch.allclose(exported, expected, atol=1e-4)
+    # Exported again without external weights, the stale companion goes.
+    export(model, "onnx", moved / "model.onnx", external_data=False)
+    assert not (moved / "model.onnx.data").exists()
+    assert not any(p.name.startswith(".") for p in moved.iterdir())

@@ -40,7 +40,9 @@ def outputs(folder: Path) -> dict[str, object]:
     tensors, meta = load_tensors(out / "results" / f"{NAME}_data_base.safetensors")
     del meta["config"]["num_workers"]
     model, _ = load_tensors(out / "epochs" / f"{NAME}_model.safetensors")
-    return {"csv": (out / "statistics" / f"{NAME}_results.csv").read_bytes(), "meta": json.dumps(meta),
+    # Paths are recorded absolute: the run's folder is the one difference allowed.
+    return {"csv": (out / "statistics" / f"{NAME}_results.csv").read_bytes(),
+            "meta": json.dumps(meta).replace(str(folder.resolve()), "<run folder>"),
             "features": {k: hashlib.sha256(v.numpy().tobytes()).hexdigest() for k, v in tensors.items()},
             "model": hashlib.sha256(b"".join(v.numpy().tobytes() for _, v in sorted(model.items()))).hexdigest()}
 
@@ -150,3 +152,72 @@ def test_the_fp16_loss_scale_is_checkpointed_and_a_resume_must_keep_the_precisio
     with pytest.raises(ReirError, match="--amp 'fp16' \\(not 'bf16'\\)"):
         find_checkpoint("auto", tmp_path, config.save_name, config.replace(amp="bf16").to_dict())
     assert find_checkpoint("auto", tmp_path, config.save_name, config.to_dict()).meta["epoch"] == 1
+
+
+def other_value(name: str, value):
+    """A valid setting different from ``value`` for the TrainConfig field ``name``."""
+    from dataclasses import fields
+
+    from reir.training.config import TrainConfig
+
+    choices = next(f.metadata["choices"] for f in fields(TrainConfig) if f.name == name)
+    if choices:
+        return next(c for c in choices if c != value)
+    if isinstance(value, bool):
+        return not value
+    if isinstance(value, list):
+        return value[:1]
+    return {"weights": "other.safetensors"}.get(name, value + 1 if isinstance(value, int) else value)
+
+
+def test_the_checkpoint_records_the_whole_configuration_and_resume_checks_every_setting_of_the_run(tmp_path):
+    from reir.errors import ReirError
+    from reir.training.checkpoint import MUST_MATCH, TrainingState, find_checkpoint, load_checkpoint, save_checkpoint
+    from reir.training.config import TrainConfig
+    from reir.training.precision import precision_for
+
+    model = torch.nn.Linear(3, 2)
+    optimizer = torch.optim.AdamW(model.parameters())
+    config = TrainConfig(data_name="digits", seed=3, weights="none", output_dir=str(tmp_path))
+    run_config = {**config.to_dict(), "save_name": config.save_name, "num_train_classes": 4}
+    save_checkpoint(tmp_path / "checkpoints" / f"{config.save_name}_checkpoint.safetensors", model, optimizer,
+                    torch.optim.lr_scheduler.StepLR(optimizer, 1), precision_for("off", "cpu").scaler,
+                    TrainingState(epoch=1), torch.zeros(2, 4, dtype=torch.long), ["a", "b", "c", "d"], run_config)
+    path = tmp_path / "checkpoints" / f"{config.save_name}_checkpoint.safetensors"
+    assert load_checkpoint(path).meta["config"] == json.loads(json.dumps(run_config))
+    assert {"weights", "recipe"} <= set(MUST_MATCH)
+    for name in MUST_MATCH:
+        saved = getattr(config, name)
+        changed = {**config.to_dict(), name: other_value(name, saved)}
+        if name == "seed":  # no --seed accepts the checkpoint's
+            assert find_checkpoint("auto", tmp_path, config.save_name, {**changed, "seed": None})
+        with pytest.raises(ReirError) as error:
+            find_checkpoint("auto", tmp_path, config.save_name, changed)
+        message = str(error.value)
+        assert f"--{name} {saved!r} (not {changed[name]!r})" in message and "\n" not in message, message
+    # Settings that change only the speed of a run may differ.
+    faster = config.replace(num_workers=0, channels_last=True, branch_batching="grouped", device="cpu")
+    assert find_checkpoint("auto", tmp_path, config.save_name, faster.to_dict()).meta["epoch"] == 1
+
+
+@pytest.mark.slow
+def test_a_resume_takes_the_weights_from_the_checkpoint_and_refuses_other_weights(small_digits_root, tmp_path):
+    """The --weights file of the first run is gone when it resumes: nothing is read or downloaded for it."""
+    import torchvision
+    from safetensors.torch import save_file
+
+    weights = tmp_path / "backbone.safetensors"
+    save_file(torchvision.models.resnet18().state_dict(), str(weights))
+    flags = tiny_args(small_digits_root, tmp_path / "out", "--share_type", "layer4", "--num_epochs", "2",
+                      "--batch_size", "20", "--weights", str(weights), "--nmi_every", "0")
+    killed = run_script("tests/train_with_kill.py", "step:3", *flags)
+    assert killed.returncode == -9, killed.stderr
+    weights.unlink()
+    name = "digits_uncropped_fixed_unrandom_layer4_resnet18_3_2"
+    other = run_script("train.py", *flags, "--weights", "none", "--resume", "auto")
+    assert other.returncode == 2 and f"--weights {str(weights)!r} (not 'none')" in other.stderr.strip().splitlines()[-1]
+    resumed = run_script("train.py", *flags, "--resume", "auto")
+    assert resumed.returncode == 0, resumed.stderr
+    assert "2 epochs done" not in resumed.stdout and "Resuming from" in resumed.stdout
+    rows = (tmp_path / "out" / "statistics" / f"{name}_results.csv").read_text().splitlines()
+    assert [row.split(",")[0] for row in rows[1:]] == ["1", "2"]

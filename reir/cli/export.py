@@ -4,8 +4,10 @@ The exported graph takes a batch of images already resized to the model's square
 normalised with its mean and std (both written to ``<output>.json``) and returns the
 embeddings ``[batch, ensemble, meta]``, every branch L2-normalised, exactly what
 :func:`reir.embed` returns; the batch size is free. After writing, the file is loaded back
-(onnxruntime for ONNX) and run on a batch of a different size than the export used; the
-largest absolute difference from PyTorch is printed and must stay under ``--tolerance``.
+(onnxruntime for ONNX, after linking or copying the files to another folder, so an ONNX file whose
+weights lie in ``<output>.data`` beside it is checked as it will be deployed) and run on a batch of a
+different size than the export used; the largest absolute difference from PyTorch is printed and
+must stay under ``--tolerance``.
 """
 
 from __future__ import annotations
@@ -13,7 +15,10 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import os
+import shutil
 import sys
+import tempfile
 import warnings
 from pathlib import Path
 
@@ -23,10 +28,12 @@ from torch import nn
 from reir.api import Model, load_model
 from reir.cli.common import ArgumentParser, reports_errors
 from reir.errors import ReirError
-from reir.fileio import atomic_write, atomic_write_with
+from reir.fileio import atomic_files, atomic_write, atomic_write_with
 from reir.model.network import embedding_from_logits
 
 FORMATS = ("onnx", "torchscript")
+# One protobuf file holds at most 2 GiB; larger weights go to a companion file, the graph stays small.
+EXTERNAL_DATA_ABOVE = 1.75 * 2**30
 SUFFIXES = {"onnx": ".onnx", "torchscript": ".pt"}
 
 
@@ -39,6 +46,10 @@ class EmbeddingNetwork(nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return embedding_from_logits(self.network(images))
+
+
+def parameter_bytes(module: nn.Module) -> int:
+    return sum(t.numel() * t.element_size() for t in [*module.parameters(), *module.buffers()])
 
 
 def example_images(model: Model, batch: int, seed: int) -> torch.Tensor:
@@ -55,15 +66,17 @@ def quiet():
             yield
 
 
-def export_onnx(wrapper: EmbeddingNetwork, example: torch.Tensor, output: Path) -> None:
+def export_onnx(wrapper: EmbeddingNetwork, example: torch.Tensor, output: Path, external_data: bool) -> list[Path]:
+    """``output``, and with ``external_data`` its weights in ``<output>.data`` beside it; returns both."""
     batch = torch.export.Dim("batch", min=1, max=65536)
-
-    def write(path: str) -> None:
-        torch.onnx.export(wrapper, (example,), path, input_names=["images"], output_names=["embeddings"],
-                          dynamic_shapes={"images": {0: batch}}, dynamo=True, external_data=False)
-
-    with quiet():
-        atomic_write_with(output, write)
+    companion = Path(f"{output}.data")
+    with quiet(), atomic_files(output) as staged:
+        torch.onnx.export(wrapper, (example,), str(staged), input_names=["images"], output_names=["embeddings"],
+                          dynamic_shapes={"images": {0: batch}}, dynamo=True, external_data=external_data)
+        written = Path(f"{staged}.data").is_file()
+    if not written:
+        companion.unlink(missing_ok=True)  # an earlier export's weights, which this .onnx does not use
+    return [output, companion] if written else [output]
 
 
 def run_onnx(path: Path, images: torch.Tensor) -> torch.Tensor:
@@ -73,6 +86,17 @@ def run_onnx(path: Path, images: torch.Tensor) -> torch.Tensor:
         raise ReirError("the ONNX parity check needs onnxruntime; pip install onnxruntime") from None
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     return torch.from_numpy(session.run(["embeddings"], {"images": images.numpy()})[0])
+
+
+def run_moved_onnx(files: list[Path], images: torch.Tensor) -> torch.Tensor:
+    """Run the written files from another folder, as whoever deploys them will."""
+    with tempfile.TemporaryDirectory(prefix="reir-export-check-") as other:
+        for file in files:
+            try:
+                os.link(file, Path(other) / file.name)
+            except OSError:  # another file system
+                shutil.copyfile(file, Path(other) / file.name)
+        return run_onnx(Path(other) / files[0].name, images)
 
 
 def export_torchscript(wrapper: EmbeddingNetwork, example: torch.Tensor, output: Path) -> None:
@@ -86,8 +110,12 @@ def run_torchscript(path: Path, images: torch.Tensor) -> torch.Tensor:
         return torch.jit.load(str(path), map_location="cpu")(images)
 
 
-def export(model: Model, export_format: str, output: Path) -> float:
-    """Write ``output`` and its preprocessing JSON; returns the parity check's max absolute difference."""
+def export(model: Model, export_format: str, output: Path, external_data: bool | None = None) -> float:
+    """Write ``output`` and its preprocessing JSON; returns the parity check's max absolute difference.
+
+    ONNX weights go to ``<output>.data`` when ``external_data`` is true, or by default when the
+    model is too large for one protobuf file.
+    """
     if export_format not in FORMATS:
         raise ReirError(f"--format {export_format!r} is unknown; choose {' or '.join(FORMATS)}", 2)
     wrapper = EmbeddingNetwork(model.network.cpu()).eval()
@@ -95,10 +123,13 @@ def export(model: Model, export_format: str, output: Path) -> float:
     with torch.no_grad():
         try:
             if export_format == "onnx":
-                export_onnx(wrapper, example, output)
-                exported = run_onnx(output, check)
+                if external_data is None:
+                    external_data = parameter_bytes(wrapper) > EXTERNAL_DATA_ABOVE
+                files = export_onnx(wrapper, example, output, external_data)
+                exported = run_moved_onnx(files, check)
             else:
                 export_torchscript(wrapper, example, output)
+                files = [output]
                 exported = run_torchscript(output, check)
         except ReirError:
             raise
@@ -108,7 +139,9 @@ def export(model: Model, export_format: str, output: Path) -> float:
         reference = wrapper(check)
     ensemble, meta = model.embedding_shape
     atomic_write(Path(f"{output}.json"), json.dumps({
-        "format": export_format, "model_file": str(model.path), "input": "images",
+        "format": export_format, "model_file": str(Path(model.path).resolve()),
+        "files": [file.name for file in files], "external_data": files[1].name if len(files) > 1 else None,
+        "input": "images",
         "input_shape": ["batch", 3, model.image_size, model.image_size], "output": "embeddings",
         "output_shape": ["batch", ensemble, meta], "image_size": model.image_size, "mean": model.mean,
         "std": model.std, "preprocessing": "RGB, resize to image_size x image_size, scale to [0, 1], "
@@ -137,8 +170,11 @@ def main(argv: list[str] | None = None) -> int:
         raise ReirError("--output would overwrite the model file; choose another name", 2)
     difference = export(model, args.export_format, output)
     engine = "onnxruntime" if args.export_format == "onnx" else "TorchScript"
-    print(f"Wrote {output} ({output.stat().st_size / 2**20:.1f} MiB) and {output}.json; parity with PyTorch "
-          f"on 5 random images ({engine}): max abs diff {difference:.2e}")
+    weights = Path(f"{output}.data")
+    companion = (f", its weights {weights} ({weights.stat().st_size / 2**20:.1f} MiB; keep it beside the .onnx)"
+                 if args.export_format == "onnx" and weights.is_file() else "")
+    print(f"Wrote {output} ({output.stat().st_size / 2**20:.1f} MiB){companion} and {output}.json; parity with "
+          f"PyTorch on 5 random images ({engine}, from a copy in another folder): max abs diff {difference:.2e}")
     if args.export_format == "torchscript":
         print("note: PyTorch deprecates TorchScript; prefer --format onnx for new deployments")
     if not difference <= args.tolerance:

@@ -11,6 +11,7 @@ else cannot run code. Replaying the interrupted epoch is the data's job (:mod:`r
 from __future__ import annotations
 
 import logging
+import shutil
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,11 +28,15 @@ log = logging.getLogger(__name__)
 
 FORMAT = "reir-checkpoint/1"
 SUFFIX = "_checkpoint.safetensors"
-# Settings that must equal the checkpoint's for a resumed run to continue the same run.
+# Settings that must equal the checkpoint's for a resumed run to continue the same run: everything
+# that changes the data, the model, its initial weights, the optimizer or its schedule. The others
+# (workers, device, memory layout, logging) change how fast, not what, a run computes.
 MUST_MATCH = ("data_name", "crop_type", "label_type", "recalls", "model_type", "share_type", "with_random",
-              "batch_size", "num_epochs", "ensemble_size", "meta_class_size", "image_size", "seed", "amp")
-# What checkpoints written before a setting joined MUST_MATCH were trained with.
-EARLIER_DEFAULTS = {"amp": "off"}
+              "batch_size", "num_epochs", "ensemble_size", "meta_class_size", "image_size", "seed", "amp",
+              "weights", "recipe")
+# What checkpoints written before a setting joined MUST_MATCH were trained with; settings they did
+# not record and that are not listed here are not checked.
+EARLIER_DEFAULTS = {"amp": "off", "recipe": "auto"}
 
 
 def checkpoint_path(output_dir: str | Path, name: str) -> Path:
@@ -41,9 +46,13 @@ def checkpoint_path(output_dir: str | Path, name: str) -> Path:
 # --- JSON + tensors: state dicts without pickle ------------------------------------------
 
 def pack(obj: Any, tensors: dict[str, torch.Tensor], key: str) -> Any:
-    """A JSON-able copy of ``obj``; tensors move to ``tensors`` under dotted keys."""
+    """A JSON-able copy of ``obj``; its tensors go to ``tensors`` under dotted keys, not copied.
+
+    The file writer streams them from their own storage, so a checkpoint costs no second
+    optimizer state.
+    """
     if isinstance(obj, torch.Tensor):
-        tensors[key] = obj.detach().cpu().clone()
+        tensors[key] = obj.detach()
         return {"$tensor": key}
     if isinstance(obj, dict):
         kind = "$counter" if isinstance(obj, Counter) else "$dict"
@@ -111,7 +120,7 @@ def save_checkpoint(path: Path, model, optimizer, scheduler, scaler, state: Trai
     tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
     p = state.progress
     metadata = {
-        "format": FORMAT, "config": {k: run_config[k] for k in MUST_MATCH}, "save_name": run_config["save_name"],
+        "format": FORMAT, "config": dict(run_config), "save_name": run_config["save_name"],
         "epoch": state.epoch, "rows": state.rows, "best_recall": state.best_recall,
         "progress": {"step": p.step, "total_loss": p.total_loss, "total_correct": p.total_correct,
                      "total_seen": p.total_seen},
@@ -141,16 +150,23 @@ class Checkpoint:
         return np.asarray(self.meta["meta_labels"], dtype=np.int64)
 
     def restore(self, model, optimizer, scheduler, scaler) -> TrainingState:
-        """Load every state into the freshly built objects; the RNG last, as it was saved."""
+        """Load every state into the freshly built objects; the RNG last, as it was saved.
+
+        The optimizer keeps the loaded tensors as its state; the rest are released, so a resumed
+        run holds no second copy of the model.
+        """
         state = {k[len("model."):]: v for k, v in self.tensors.items() if k.startswith("model.")}
+        tensors = {k: v for k, v in self.tensors.items() if not k.startswith("model.")}
+        self.tensors = {}
         try:
             model.load_state_dict(state)
-            optimizer.load_state_dict(unpack(self.meta["optimizer"], self.tensors))
-            scheduler.load_state_dict(unpack(self.meta["scheduler"], self.tensors))
-            scaler_state = unpack(self.meta.get("scaler", {}), self.tensors)
+            del state
+            optimizer.load_state_dict(unpack(self.meta["optimizer"], tensors))
+            scheduler.load_state_dict(unpack(self.meta["scheduler"], tensors))
+            scaler_state = unpack(self.meta.get("scaler", {}), tensors)
             if scaler_state:  # empty when the run was not fp16 (the same --amp is enforced)
                 scaler.load_state_dict(scaler_state)
-            set_rng_state(unpack(self.meta["rng"], self.tensors))
+            set_rng_state(unpack(self.meta["rng"], tensors))
         except (RuntimeError, KeyError, ValueError, TypeError) as exc:
             raise ReirError(f"checkpoint {self.path} does not fit this model "
                             f"({str(exc).splitlines()[0][:120]}); resume with the flags it was written with") from None
@@ -169,12 +185,14 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
     return Checkpoint(Path(path), tensors, meta)
 
 
-def find_checkpoint(resume: str | None, output_dir: str | Path, name: str, config: dict) -> Checkpoint | None:
+def find_checkpoint(resume: str | None, output_dir: str | Path, name: str, config: dict,
+                    remove_temporaries: bool = True) -> Checkpoint | None:
     """The checkpoint ``resume`` names, checked against ``config``; ``None`` starts afresh.
 
     ``auto`` resumes this save name's checkpoint under ``output_dir`` if there is one, so the
     same command line can be relaunched after every interruption. A ``seed`` of ``None`` in
-    ``config`` accepts the checkpoint's.
+    ``config`` accepts the checkpoint's. Temporary files a killed run left are removed by one
+    process only (``remove_temporaries``), never while another may be writing them.
     """
     if resume is None:
         return None
@@ -189,12 +207,14 @@ def find_checkpoint(resume: str | None, output_dir: str | Path, name: str, confi
             raise ReirError(f"--resume {path} does not exist; pass a *{SUFFIX} file or --resume auto")
     checkpoint = load_checkpoint(path)
     saved = {**EARLIER_DEFAULTS, **checkpoint.meta["config"]}
-    different = [k for k in MUST_MATCH if saved.get(k) != config[k] and not (k == "seed" and config[k] is None)]
+    different = [k for k in MUST_MATCH
+                 if k in saved and saved[k] != config[k] and not (k == "seed" and config[k] is None)]
     if different:
         flags = ", ".join(f"--{k} {saved.get(k)!r} (not {config[k]!r})" for k in different)
         raise ReirError(f"checkpoint {path} was written with {flags}; resume with the same flags "
                         "or start without --resume", 2)
-    remove_stale_temporaries(Path(output_dir), name)
+    if remove_temporaries:
+        remove_stale_temporaries(Path(output_dir), name)
     log.info("Resuming from %s: %d epochs done%s", path, checkpoint.meta["epoch"],
              f", {checkpoint.meta['progress']['step']} steps into the next" if checkpoint.meta["progress"]["step"]
              else "")
@@ -205,4 +225,7 @@ def remove_stale_temporaries(output: Path, name: str) -> None:
     """Temporary files a killed run left behind (never under a final name)."""
     for folder in ("statistics", "epochs", "results", "checkpoints"):
         for leftover in (output / folder).glob(f".{name}_*"):
-            leftover.unlink(missing_ok=True)
+            if leftover.is_dir():  # an export's staging folder
+                shutil.rmtree(leftover, ignore_errors=True)
+            else:
+                leftover.unlink(missing_ok=True)

@@ -13,12 +13,14 @@ import datetime
 import os
 import sys
 from dataclasses import dataclass
+from typing import Callable, TypeVar
 
 import torch
 import torch.distributed as dist
 
 from reir.errors import ReirError
 
+T = TypeVar("T")
 # Rank 0 evaluates alone while the others wait at the next collective; allow long evaluations.
 COLLECTIVE_TIMEOUT = datetime.timedelta(hours=3)
 
@@ -88,6 +90,18 @@ def mean_over_ranks(value: float, weight: int, context: Context, device: torch.d
     totals = torch.tensor([value * weight, float(weight)], dtype=torch.float64, device=device)
     dist.all_reduce(totals)
     return (totals[0] / totals[1].clamp_min(1)).item()
+
+
+def main_rank_first(work: Callable[[], T], context: Context) -> T:
+    """``work()`` on rank 0 first (preparing a cold dataset cache, rendering embedded data) while the
+    other ranks wait; then on them, to read what rank 0 wrote. No two ranks ever prepare, or clean
+    up after preparing, the same files at once."""
+    if context.enabled and not context.is_main:
+        dist.barrier()
+    result = work()
+    if context.enabled and context.is_main:
+        dist.barrier()
+    return result
 
 
 def barrier(context: Context) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import io
 import logging
+import os
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -36,6 +37,7 @@ from reir.plots.curves import plot_statistics
 from reir.retrieval.database import SUFFIX as DATABASE_SUFFIX, Database, shared_label_ids
 from reir.retrieval.metrics import evaluate_embeddings, format_metrics
 from reir.training.config import TrainConfig
+from reir.training.memory import check_fits, estimate, processes_on_this_host
 from reir.training.devices import training_devices
 from reir.training.precision import Precision, precision_for
 from reir.training.recipe import recipe_for
@@ -198,16 +200,22 @@ def train(config: TrainConfig, callbacks: Sequence[Callback] = ()) -> TrainResul
 def _run(config: TrainConfig, stop: StopRequest, context: distributed.Context, devices: list[torch.device],
          callbacks: list[Callback]) -> TrainResult:
     device, name, output = devices[0], config.save_name, Path(config.output_dir)
-    resumed = find_checkpoint(config.resume, output, name, config.to_dict())
+    needs = estimate(config.model, config.image_size, config.batch_size, config.recipe, config.weights,
+                     resolve_batching(config.branch_batching, device), len(devices))
+    log.info("%s: %s", name, needs.describe())
+    check_fits(needs, devices, processes_on_this_host())
+    resumed = find_checkpoint(config.resume, output, name, config.to_dict(), remove_temporaries=context.is_main)
     seed = config.seed if config.seed is not None else resumed.seed if resumed else fresh_seed()
     config = config.replace(seed=distributed.broadcast(seed, context))
     seed_everything(config.seed)
 
-    split_list = load_dataset(config.data_name, config.data_path, config.crop_type, config.image_size)
+    split_list = distributed.main_rank_first(
+        lambda: load_dataset(config.data_name, config.data_path, config.crop_type, config.image_size), context)
     train_set = ImageList(split_list, "train", train_transform(config, split_list))
     check_sizes(len(train_set.classes), config.ensemble_size, config.meta_class_size, config.label_type)
-    # The model before the ids: bad --weights must fail before the ids file is written.
-    model = create_model(config.model, weights=config.weights)
+    # The model before the ids: bad --weights must fail before the ids file is written. A resumed
+    # run's weights are the checkpoint's: nothing is downloaded or read for them.
+    model = create_model(config.model, weights="none" if resumed else config.weights)
     model.shard(devices)
     model.branch_batching = resolve_batching(config.branch_batching, device)
     if config.channels_last:
@@ -296,9 +304,10 @@ def _run(config: TrainConfig, stop: StopRequest, context: distributed.Context, d
             info = {"data_name": config.data_name, "crop_type": config.crop_type, "mean": split_list.mean,
                     "std": split_list.std, "image_size": config.image_size, "epoch": epoch, "metrics": metrics,
                     "classes": train_set.classes, "meta_labels": meta_labels.cpu().tolist(),
-                    "model_file": str(model_file)}
-            splits = {split: {"paths": split_list.absolute(split), "labels": split_list.splits[split].labels}
-                      for split in features}
+                    "model_file": os.path.abspath(model_file)}
+            # Absolute paths: the database and the model work from any directory.
+            splits = {split: {"paths": [os.path.abspath(p) for p in split_list.absolute(split)],
+                              "labels": split_list.splits[split].labels} for split in features}
             save_tensors(model_file, model.state_dict(),
                          {"format": "reir-model/1", "config": run_config, "model": asdict(config.model), "info": info})
             Database(features, splits, run_config, info).save(database_file)
