@@ -30,6 +30,7 @@ from reir.errors import ReirError
 from reir.fileio import load_tensors
 from reir.model.network import ModelConfig, REIRNet, create_model, embedding_from_logits
 from reir.retrieval.database import UNLABELLED
+from reir.validation import as_features, check_device, check_k, check_labels, check_positive_ints
 
 MODEL_FORMAT = "reir-model/1"
 
@@ -71,6 +72,7 @@ def load_model(path: str | os.PathLike, device: torch.device | str = "cpu") -> M
     The file carries its own configuration, normalisation and image size, so no database
     or dataset is needed. Nothing is unpickled.
     """
+    device = check_device(device)
     state, meta = load_tensors(path, "model file")
     if not isinstance(meta, dict) or meta.get("format") != MODEL_FORMAT or "model" not in meta:
         raise ReirError(f"model file {path} is not a REIR model; pass an epochs/*_model.safetensors file "
@@ -178,6 +180,9 @@ def embed(model: Model, images, batch_size: int = 64, num_workers: int = 0, prog
     first element is one) already transformed like ``model.transform``. An unreadable image is
     an error naming it; ``reir embed`` instead skips and lists such files.
     """
+    if not isinstance(model, Model):
+        raise ReirError(f"model must be a reir.Model from reir.load_model, not {type(model).__name__}")
+    batch_size = check_k(batch_size, "batch_size")
     if isinstance(images, DataLoader):
         return torch.cat([embed_batch(model, batch[0] if isinstance(batch, (tuple, list)) else batch)
                           for batch in images])
@@ -191,7 +196,13 @@ def embed(model: Model, images, batch_size: int = 64, num_workers: int = 0, prog
             images = [path]
     elif isinstance(images, Image.Image):
         images = [images]
+    elif isinstance(images, (bytes, torch.Tensor)) or not isinstance(images, Iterable):
+        raise ReirError(f"images must be a folder, an image path, a list of paths or PIL images, or a DataLoader, "
+                        f"not {type(images).__name__}")
     items = list(images)
+    strange = [item for item in items if not isinstance(item, (str, os.PathLike, Image.Image))][:1]
+    if strange:
+        raise ReirError(f"images holds a {type(strange[0]).__name__}; give image paths or PIL images")
     bar = None
     if progress:
         from tqdm import tqdm
@@ -236,9 +247,20 @@ def evaluate(features, labels: Sequence | torch.Tensor | None = None, *, recalls
     elif labels is None:
         raise ReirError("evaluate needs labels for the features (or pass a database)")
     else:
+        features = as_features(features, "features")
+        labels = check_labels(labels, len(features), "labels", "features")
+        if gallery is not None:
+            gallery = as_features(gallery, "gallery")
+            if gallery_labels is None:
+                raise ReirError("evaluate was given a gallery but no gallery_labels; pass the gallery's labels "
+                                "(metrics cannot score a gallery with the queries' labels)")
+            gallery_labels = check_labels(gallery_labels, len(gallery), "gallery_labels", "gallery")
+        elif gallery_labels is not None:
+            raise ReirError("evaluate was given gallery_labels but no gallery; pass gallery= too, or neither")
         labels, gallery_labels = _label_ids(labels, gallery_labels)
+    recalls = check_positive_ints(recalls, "recalls")
     if device is not None:
-        device = torch.device(device)
+        device = check_device(device)
     return evaluate_embeddings(features, labels, sorted(set(recalls)), gallery, gallery_labels,
                                with_nmi=with_nmi, device=device)
 

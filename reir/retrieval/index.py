@@ -14,6 +14,7 @@ from reir.errors import ReirError
 from reir.fileio import atomic_write, read_json
 from reir.retrieval.database import UNLABELLED
 from reir.retrieval.similarity import flatten, knn
+from reir.validation import check_k
 
 INDEX_FORMAT = "reir-index/1"
 EXACT_FACTORY = "Flat"
@@ -129,6 +130,7 @@ class Index:
     def search(self, queries: torch.Tensor, k: int = 10) -> tuple[torch.Tensor, torch.Tensor]:
         """``(scores, ids)``, each ``[Q, k]`` best first; ids ``-1`` pad rows an approximate index could not fill."""
         queries = _as_vectors(queries)
+        k = check_k(k)
         if queries.shape[1] != self.dim:
             raise ReirError(f"queries have dimension {queries.shape[1]} but the index {self.dim}; "
                             "embed with the model the index was built for")
