@@ -8,6 +8,7 @@ import re
 import socket
 import subprocess
 import sys
+from pathlib import Path
 
 import httpx
 import numpy as np
@@ -91,14 +92,19 @@ def test_search_returns_ranked_database_images(server, served_model):
     response = search(server, open(query, "rb").read(), k="4")
     assert response.status_code == 200, response.text
     results = response.json()["results"]
-    assert len(results) == 4 and results[0]["path"] == query and results[0]["score"] == pytest.approx(1, abs=1e-4)
+    # named relative to the indexed root (the one images folder), never by the server's absolute path
+    assert len(results) == 4 and results[0]["path"] == Path(query).name
+    assert results[0]["score"] == pytest.approx(1, abs=1e-4)
+    assert all(r["path"] == Path(db.paths("test")[r["id"]]).name for r in results)
     assert [r["score"] for r in results] == sorted((r["score"] for r in results), reverse=True)
     assert all(r["label"] == db.labels("test")[r["id"]] for r in results)
     by_id = httpx.post(f"{server}/search", data={"id": "3", "k": "4"}, timeout=60).json()
     assert [r["id"] for r in by_id["results"]] == [r["id"] for r in results]
     assert all(r["correct"] == (r["label"] == db.labels("test")[3]) for r in by_id["results"])
     image = httpx.get(f"{server}/images/{results[1]['id']}", timeout=30)
-    assert image.status_code == 200 and image.content == open(results[1]["path"], "rb").read()
+    assert image.status_code == 200 and image.content == open(db.paths("test")[results[1]["id"]], "rb").read()
+    info = httpx.get(f"{server}/info", timeout=30).json()
+    assert info["model"] == served_model.model.name and str(served_model.output) not in json.dumps(info)
 
 
 def truncated_jpeg() -> bytes:
