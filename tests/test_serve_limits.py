@@ -135,3 +135,9 @@ def test_a_body_is_spooled_to_disk_and_replayed_whole():
 def test_natural_sort_of_class_names_takes_unicode_digits_as_text():
     split = Split(["a"] * 5, ["10", "\u00b2", "2", "\u0663", "b"])
     assert split.classes == ["2", "10", "b", "\u00b2", "\u0663"]
+
+
+def test_a_malformed_range_header_gets_the_whole_image(server):
+    whole = httpx.get(f"{server}/images/2", timeout=30)
+    ranged = httpx.get(f"{server}/images/2", headers={"Range": "bytes=x-"}, timeout=30)
+    assert whole.status_code == ranged.status_code == 200 and ranged.content == whole.content

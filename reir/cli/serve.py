@@ -293,8 +293,11 @@ def create_app(searcher: Searcher, max_body_bytes: int = MAX_BODY_BYTES, default
                 "max_pixels": searcher.max_pixels, "max_requests": max_requests, "upload_seconds": upload_seconds}
 
     @app.get("/images/{image_id}")
-    async def database_image(image_id: str):
-        return FileResponse(searcher.database_image(image_id), headers={"Cache-Control": "max-age=3600"})
+    async def database_image(image_id: str, request: Request):
+        # images go whole: Range is ignored (as HTTP allows), so a malformed one cannot get a plain-text error
+        request.scope["headers"] = [(k, v) for k, v in request.scope["headers"] if k not in (b"range", b"if-range")]
+        return FileResponse(searcher.database_image(image_id),
+                            headers={"Cache-Control": "max-age=3600", "Accept-Ranges": "none"})
 
     @app.post("/search")
     async def search(request: Request):
