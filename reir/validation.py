@@ -7,7 +7,9 @@ the caller wrote.
 
 from __future__ import annotations
 
+import dataclasses
 import numbers
+from contextlib import contextmanager
 from typing import Sequence
 
 import numpy as np
@@ -88,3 +90,38 @@ def check_device(device) -> torch.device:
         if device.index is not None and device.index >= torch.cuda.device_count():
             raise ReirError(f"device {device} does not exist; this machine has {torch.cuda.device_count()} GPU(s)")
     return device
+
+
+@contextmanager
+def file_structure(path, what: str, fix: str):
+    """Reading a file's recorded structure: a missing key or a value of the wrong kind is a ReirError naming the file.
+
+    The files were written by REIR, so any such mismatch means a damaged or foreign file, never a bug to trace.
+    """
+    try:
+        yield
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError, OverflowError) as exc:
+        reason = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:120]
+        raise ReirError(f"{what} {path} is damaged or not written by REIR ({reason}); {fix}") from None
+
+
+def check_text_list(value, name: str, count: int | None = None) -> list[str]:
+    """A JSON list of strings (of ``count`` entries when given)."""
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise TypeError(f"{name} is not a list of strings")
+    if count is not None and len(value) != count:
+        raise ValueError(f"{name} has {len(value)} entries, not {count}")
+    return value
+
+
+def check_recorded_fields(recorded, defaults, name: str) -> dict:
+    """A recorded dataclass (e.g. a model configuration): known fields only, each of its default's type."""
+    if not isinstance(recorded, dict):
+        raise TypeError(f"{name} is not an object")
+    fields = {f.name: f.default for f in dataclasses.fields(defaults)}
+    for key, value in recorded.items():
+        if key not in fields:
+            raise KeyError(f"{name} has an unknown field {key!r:.40}")
+        if type(value) is not type(fields[key]):
+            raise TypeError(f"{name}.{key} is a {type(value).__name__}, not a {type(fields[key]).__name__}")
+    return recorded
