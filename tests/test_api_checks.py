@@ -86,3 +86,12 @@ def test_embed_refuses_items_that_are_not_images(served_model):
         reir.embed(model, served_model.images, batch_size=0)
     features = reir.embed(model, sorted(served_model.images.iterdir())[:3])
     assert features.shape == (3, *model.embedding_shape)
+
+
+@pytest.mark.parametrize("images, batches", [(11, [10]), (12, [10, 2]), (10, [10])])
+def test_a_training_epoch_never_ends_in_a_batch_of_one(images, batches):
+    from reir.data.sampling import CappedClassSampler, make_loader
+
+    sampler = CappedClassSampler(torch.zeros(images, dtype=torch.long))
+    loader = make_loader(torch.arange(images), 10, 0, torch.device("cpu"), sampler)
+    assert [len(batch) for batch in loader] == batches

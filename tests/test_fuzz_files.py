@@ -17,8 +17,6 @@ import signal
 import struct
 from pathlib import Path
 
-import pytest
-
 from fuzz_inputs import hostile_image, image_bytes, mutate, odd_text
 from reir.errors import ReirError
 

@@ -12,20 +12,16 @@ from __future__ import annotations
 import collections
 import http.client
 import json
-import os
 import random
 import re
-import subprocess
-import sys
 import threading
 import urllib.parse
 import uuid
 
 import pytest
 
-from conftest import REPO
 from fuzz_inputs import hostile_image, image_bytes, mutate, odd_text
-from test_serve import index_file  # noqa: F401 - the module's index fixture
+from test_serve import index_file, start_server  # noqa: F401 - the module's index fixture
 
 SEED = 18
 REQUESTS = 2000
@@ -164,16 +160,9 @@ def memory_kib(pid: int, field: str) -> int:
 
 @pytest.fixture(scope="module")
 def fuzzed_server(index_file):  # noqa: F811 - the fixture imported above
-    command = [sys.executable, "-m", "reir", "serve", "--index", str(index_file), "--port", "0",
-               "--max_body_mb", str(MAX_BODY_MB), "--max_pixels", str(MAX_PIXELS), "--upload_seconds", "10"]
-    process = subprocess.Popen(command, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)},
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    line = process.stdout.readline()
-    found = re.search(r"at http://127\.0\.0\.1:(\d+)/", line)
-    if not found:
-        process.kill()
-        pytest.fail(f"reir serve did not start: {line}{process.stdout.read()}")
-    yield process, int(found.group(1))
+    process, _, port = start_server(index_file, "--max_body_mb", str(MAX_BODY_MB), "--max_pixels", str(MAX_PIXELS),
+                                    "--upload_seconds", "10")
+    yield process, port
     process.terminate()
     process.wait(timeout=30)
 

@@ -30,11 +30,9 @@ def index_file(served_model, tmp_path_factory):
     return output
 
 
-@pytest.fixture(scope="module")
-def server(index_file):
-    """``reir serve`` on a free port of 127.0.0.1; yields its base URL."""
-    command = [sys.executable, "-m", "reir", "serve", "--index", str(index_file), "--port", "0", "--k", "6",
-               "--max_body_mb", str(MAX_BODY_MB)]
+def start_server(index_file, *flags: str) -> tuple[subprocess.Popen, str, int]:
+    """``reir serve`` on a free port of 127.0.0.1: the process, its base URL and its port."""
+    command = [sys.executable, "-m", "reir", "serve", "--index", str(index_file), "--port", "0", *flags]
     process = subprocess.Popen(command, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)},
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     line = process.stdout.readline()
@@ -42,9 +40,16 @@ def server(index_file):
     if not found:
         process.kill()
         pytest.fail(f"reir serve did not start: {line}{process.stdout.read()}")
+    return process, found.group(1), int(found.group(2))
+
+
+@pytest.fixture(scope="module")
+def server(index_file):
+    """``reir serve`` on a free port of 127.0.0.1; yields its base URL."""
+    process, address, port = start_server(index_file, "--k", "6", "--max_body_mb", str(MAX_BODY_MB))
     # the printed address takes connections at once (it once was bound but not yet listening)
-    socket.create_connection(("127.0.0.1", int(found.group(2))), timeout=5).close()
-    yield found.group(1)
+    socket.create_connection(("127.0.0.1", port), timeout=5).close()
+    yield address
     process.terminate()
     process.wait(timeout=30)
 

@@ -26,6 +26,7 @@ import os
 import socket
 import sys
 import tempfile
+import threading
 import time
 from importlib import resources
 from pathlib import Path
@@ -51,8 +52,9 @@ MAX_REQUESTS = 64
 UPLOAD_SECONDS = 30.0
 BATCH_SIZE = 16
 BATCH_WINDOW_MS = 5.0
-# Images decoded at once: a decode holds up to --max_pixels x 3 bytes twice (decoded and RGB).
+# Large images decoded at once: a decode holds up to --max_pixels x 3 bytes twice (decoded and RGB).
 DECODE_SLOTS = 2
+LARGE_PIXELS = 2_000_000
 RETRY_AFTER_SECONDS = 1
 
 
@@ -91,6 +93,7 @@ class Searcher:
         self.expose_paths = expose_paths
         self.root = indexed_root(index.paths)
         self.transform = model.transform
+        self.large_decodes = threading.BoundedSemaphore(DECODE_SLOTS)
         if index.dim != model.embedding_shape[0] * model.embedding_shape[1]:
             raise ReirError(f"the index holds vectors of dimension {index.dim} but the model embeds "
                             f"{model.embedding_shape[0] * model.embedding_shape[1]}; serve the model the index was built from")
@@ -108,8 +111,12 @@ class Searcher:
             if width * height > self.max_pixels:
                 raise BadRequest(413, f"the image is {width}x{height} = {width * height / 1e6:.1f} megapixels; "
                                       f"the limit is {self.max_pixels / 1e6:g} megapixels")
-            image.load()
-            return image.convert("RGB")
+            if width * height <= LARGE_PIXELS:
+                image.load()
+                return image.convert("RGB")
+            with self.large_decodes:  # small images never wait behind large ones
+                image.load()
+                return image.convert("RGB")
         except BadRequest:
             raise
         except Image.DecompressionBombError:
@@ -252,7 +259,6 @@ def create_app(searcher: Searcher, max_body_bytes: int = MAX_BODY_BYTES, default
     page = page.replace("__DEFAULT_K__", str(default_k)).replace("__MAX_K__", str(MAX_K))
 
     batcher = QueryBatcher(searcher, batch_size, batch_window_ms / 1000, max_requests)
-    decoding = asyncio.Semaphore(DECODE_SLOTS)
 
     def error(status: int, message: str) -> JSONResponse:
         headers = {"Retry-After": str(RETRY_AFTER_SECONDS)} if status == 503 else None
@@ -331,8 +337,7 @@ def create_app(searcher: Searcher, max_body_bytes: int = MAX_BODY_BYTES, default
             data = searcher.database_image(query_id)
             query_id = searcher.database_id(query_id)
             query_label = searcher.index.labels[query_id] or None
-        async with decoding:
-            tensor, width, height = await run_in_threadpool(searcher.prepare, data)
+        tensor, width, height = await run_in_threadpool(searcher.prepare, data)
         results = await batcher.search(tensor, k, query_label)
         return {"k": k, "query": {"id": query_id, "label": query_label, "width": width, "height": height},
                 "results": results, "milliseconds": round(1000 * (time.perf_counter() - started), 2)}
