@@ -1,16 +1,24 @@
-"""Load on ``reir serve``: a bounded number of concurrent searches, for a bounded time, on 127.0.0.1 only.
+"""Load on ``reir serve`` on 127.0.0.1 only, bounded in clients and time: throughput, and hostile neighbours.
 
-Starts ``reir serve`` on a free port of 127.0.0.1, sends ``--concurrency`` streams of
-``POST /search`` uploads (small PNGs) for ``--seconds``, and prints requests/s, p50/p99
-latency, the error count (it must be 0; the exit code is 1 otherwise) and the index size.
+One run, one server, three measurements:
+
+1. ``reir embed`` (a subprocess, same model, ``--batch_size`` as the server's batches, images
+   decoded in its own process as the server does: ``--num_workers 0``) on ``--embed_images`` PNGs:
+   images/s from its first image to its exit.
+2. Throughput: ``--clients`` (16) normal clients, each sending one 64x64 PNG search after another
+   for ``--seconds``: requests/s, p50/p99 latency, errors; and requests/s / embed images/s.
+3. Hostile neighbours: ``--normal`` normal clients beside 16 slow uploaders (each body trickled over
+   ``--trickle_seconds``) and 16 greedy clients (each sending a real PNG of the maximum body size)
+   for ``--seconds``: the normal clients' requests/s, p50/p99 and errors, the other clients'
+   answers, and the server's RSS: idle vs the peak sampled during the phase.
 
 Without ``--index``, it serves a synthetic setup made here: a randomly initialised REIR
 (resnet18, ``--ensemble`` branches x 12 meta classes at ``--image_size`` px; the network's
 cost does not depend on its weights) and a Flat index of ``--images`` random embeddings of
 its shape. With ``--index`` (and ``--model`` unless the index records one), it loads yours.
 
-    python benchmarks/serve_load.py                       # synthetic, 4 streams, 20 s
-    python benchmarks/serve_load.py --index demo_output/results/<name>_data_base.Flat.faiss
+    nice -n 10 python benchmarks/serve_load.py
+    python benchmarks/serve_load.py --index demo_output/all.faiss --images 0
 """
 
 from __future__ import annotations
@@ -26,7 +34,7 @@ import tempfile
 import threading
 import time
 import uuid
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -34,15 +42,18 @@ from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+SLOW_CLIENTS = 16
+GREEDY_CLIENTS = 16
+MAX_BODY_MB = 20
 
 
 def synthetic_setup(folder: Path, ensemble: int, image_size: int, images: int) -> tuple[Path, Path]:
     """A random-init model file and a Flat index of random embeddings of its shape."""
     import torch
 
-    from reir.retrieval.index import Index
     from reir.fileio import save_tensors
     from reir.model.network import ModelConfig, create_model
+    from reir.retrieval.index import Index
 
     config = ModelConfig("resnet18", "layer1", ensemble, 12)
     model_file = folder / "synthetic_model.safetensors"
@@ -59,68 +70,165 @@ def synthetic_setup(folder: Path, ensemble: int, image_size: int, images: int) -
     return model_file, index_file
 
 
-def upload_bodies(count: int, size: int) -> list[tuple[bytes, str]]:
-    rng = np.random.default_rng(1)
-    bodies = []
-    for _ in range(count):
-        buffer = io.BytesIO()
-        Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(buffer, format="PNG")
-        boundary = uuid.uuid4().hex
-        body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"image\"; filename=\"q.png\"\r\n"
-                f"Content-Type: image/png\r\n\r\n").encode() + buffer.getvalue() + f"\r\n--{boundary}--\r\n".encode()
-        bodies.append((body, f"multipart/form-data; boundary={boundary}"))
-    return bodies
+def png(rng: np.random.Generator, side: int) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(rng.integers(0, 256, (side, side, 3), dtype=np.uint8)).save(buffer, format="PNG", compress_level=1)
+    return buffer.getvalue()
 
 
-def stream(port: int, bodies, k: int, stop_at: float, latencies: list[float], errors: list[str], lock) -> None:
-    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
+def multipart(image: bytes) -> tuple[bytes, str]:
+    boundary = uuid.uuid4().hex
+    body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"image\"; filename=\"q.png\"\r\n"
+            f"Content-Type: image/png\r\n\r\n").encode() + image + f"\r\n--{boundary}--\r\n".encode()
+    return body, f"multipart/form-data; boundary={boundary}"
+
+
+def largest_png_within(limit: int, rng: np.random.Generator) -> bytes:
+    """A noise PNG as large as fits in a ``limit``-byte multipart body (noise hardly compresses)."""
+    side = int((limit / 3) ** 0.5)
+    while True:
+        data = png(rng, side)
+        if len(multipart(data)[0]) <= limit:
+            return data
+        side = int(side * 0.98)
+
+
+@dataclass
+class Tally:
+    latencies: list[float] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+    statuses: dict[int | str, int] = field(default_factory=dict)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def add(self, started: float, status, payload: bytes) -> None:
+        with self.lock:
+            self.statuses[status] = self.statuses.get(status, 0) + 1
+            if status == 200 and b'"results"' in payload:
+                self.latencies.append(time.perf_counter() - started)
+            else:
+                self.errors.append(f"{status}: {payload[:120]!r}")
+
+    def line(self, elapsed: float) -> str:
+        text = f"{len(self.latencies)} ok, {len(self.errors)} errors; {len(self.latencies) / elapsed:.2f} requests/s"
+        if self.latencies:
+            p50, p99 = np.percentile(np.array(self.latencies) * 1000, [50, 99])
+            text += f"; latency p50 {p50:,.0f} ms, p99 {p99:,.0f} ms"
+        return text
+
+
+def client(port: int, bodies, stop_at: float, tally: Tally, k: int) -> None:
+    """One normal client: a search, then the next, on one keep-alive connection."""
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=300)
     n = 0
     while time.perf_counter() < stop_at:
         body, content_type = bodies[n % len(bodies)]
         n += 1
-        start = time.perf_counter()
+        started = time.perf_counter()
         try:
             connection.request("POST", f"/search?k={k}", body=body, headers={"Content-Type": content_type})
             response = connection.getresponse()
-            payload = response.read()
-            ok = response.status == 200 and b'"results"' in payload
-            error = None if ok else f"HTTP {response.status}: {payload[:120]!r}"
+            tally.add(started, response.status, response.read())
         except (OSError, http.client.HTTPException) as exc:
-            error = f"{type(exc).__name__}: {exc}"
+            tally.add(started, type(exc).__name__, b"")
             connection.close()
-            connection = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
-        with lock:
-            if error:
-                errors.append(error)
-            else:
-                latencies.append(time.perf_counter() - start)
+            connection = http.client.HTTPConnection("127.0.0.1", port, timeout=300)
     connection.close()
+
+
+def slow_uploader(port: int, body: bytes, content_type: str, stop_at: float, trickle_s: float, tally: Tally) -> None:
+    """Sends each upload in 32 pieces spread over ``trickle_s`` seconds."""
+    pieces = [body[i:i + -(-len(body) // 32)] for i in range(0, len(body), -(-len(body) // 32))]
+    while time.perf_counter() < stop_at:
+        started = time.perf_counter()
+        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=300)
+        try:
+            connection.putrequest("POST", "/search?k=10")
+            connection.putheader("Content-Type", content_type)
+            connection.putheader("Content-Length", str(len(body)))
+            connection.endheaders()
+            for piece in pieces:
+                connection.send(piece)
+                time.sleep(trickle_s / len(pieces))
+            response = connection.getresponse()
+            tally.add(started, response.status, response.read())
+        except (OSError, http.client.HTTPException) as exc:
+            tally.add(started, type(exc).__name__, b"")
+        finally:
+            connection.close()
+
+
+def peak_rss_sampler(pid: int, stop: threading.Event, peak: list[int]) -> None:
+    while not stop.is_set():
+        peak[0] = max(peak[0], rss_kib(pid))
+        time.sleep(0.02)
+
+
+def rss_kib(pid: int) -> int:
+    return int(re.search(r"^VmRSS:\s+(\d+) kB", Path(f"/proc/{pid}/status").read_text(), re.M).group(1))
+
+
+def embed_rate(model_args: list[str], folder: Path, count: int, batch_size: int, image_size: int) -> tuple[float, int]:
+    """``reir embed``'s images/s from its first image (its 'Embedding' line, after the model loads) to its exit."""
+    rng = np.random.default_rng(2)
+    images = folder / "embed_images"
+    images.mkdir()
+    for n in range(count):
+        Image.fromarray(rng.integers(0, 256, (image_size, image_size, 3), dtype=np.uint8)).save(images / f"{n:05d}.png")
+    command = [sys.executable, "-m", "reir", "embed", *model_args, "--images", str(images), "--batch_size",
+               str(batch_size), "--num_workers", "0", "--output", str(folder / "embedded_data_base.safetensors")]
+    process = subprocess.Popen(command, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)},
+                               stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    started = None
+    for line in process.stdout:
+        if line.startswith("Embedding") and started is None:
+            started = time.perf_counter()
+    if process.wait() != 0 or started is None:
+        raise SystemExit("reir embed failed")
+    return count / (time.perf_counter() - started), count
+
+
+def run_clients(targets: list[threading.Thread]) -> float:
+    started = time.perf_counter()
+    for thread in targets:
+        thread.start()
+    for thread in targets:
+        thread.join()
+    return time.perf_counter() - started
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--index", default=None, help="an index from reir index (default: a synthetic one)")
     parser.add_argument("--model", default=None, help="model file (default: the one the index records)")
-    parser.add_argument("--concurrency", type=int, default=4, help="simultaneous request streams")
-    parser.add_argument("--seconds", type=float, default=20.0, help="how long to send requests")
+    parser.add_argument("--clients", type=int, default=16, help="normal clients of the throughput phase")
+    parser.add_argument("--normal", type=int, default=4, help="normal clients beside the slow and greedy ones")
+    parser.add_argument("--seconds", type=float, default=20.0, help="length of each phase")
+    parser.add_argument("--trickle_seconds", type=float, default=5.0, help="time a slow uploader takes per body")
+    parser.add_argument("--batch_size", type=int, default=16, help="server batch and reir embed --batch_size")
+    parser.add_argument("--embed_images", type=int, default=256, help="images reir embed is timed on")
     parser.add_argument("--k", type=int, default=10)
     parser.add_argument("--images", type=int, default=100_000, help="synthetic index size")
     parser.add_argument("--ensemble", type=int, default=48, help="synthetic model branches")
     parser.add_argument("--image_size", type=int, default=64, help="synthetic model input size")
     args = parser.parse_args(argv)
-    if not 1 <= args.concurrency <= 64 or not 0 < args.seconds <= 600:
-        parser.error("keep --concurrency within 1-64 and --seconds within 600")
+    if not 1 <= args.clients <= 64 or not 1 <= args.normal <= 64 or not 0 < args.seconds <= 300 \
+            or not 0 < args.trickle_seconds <= 25 or not 1 <= args.embed_images <= 5000:
+        parser.error("keep --clients/--normal within 1-64, --seconds within 300, --trickle_seconds within 25 "
+                     "(the server's --upload_seconds is 30) and --embed_images within 5000")
     with tempfile.TemporaryDirectory() as scratch:
+        scratch = Path(scratch)
         if args.index:
             index_file, model_args = Path(args.index), (["--model", args.model] if args.model else [])
             described = f"index {index_file}"
         else:
-            model_file, index_file = synthetic_setup(Path(scratch), args.ensemble, args.image_size, args.images)
+            model_file, index_file = synthetic_setup(scratch, args.ensemble, args.image_size, args.images)
             model_args = ["--model", str(model_file)]
             described = (f"synthetic: random-init resnet18 x {args.ensemble} branches x 12 at {args.image_size} px, "
                          f"Flat index of {args.images:,} random embeddings")
+        embed_model_args = model_args or ["--model", _recorded_model(index_file)]
         command = [sys.executable, "-m", "reir", "serve", "--index", str(index_file), *model_args,
-                   "--host", "127.0.0.1", "--port", "0", "--k", str(args.k)]
+                   "--host", "127.0.0.1", "--port", "0", "--k", str(args.k), "--batch_size", str(args.batch_size),
+                   "--max_body_mb", str(MAX_BODY_MB)]
         server = subprocess.Popen(command, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)},
                                   stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         try:
@@ -130,33 +238,61 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"reir serve did not start: {line}{server.stdout.read()}", file=sys.stderr)
                 return 1
             port = int(found.group(2))
-            bodies = upload_bodies(16, 64)
-            stream(port, bodies, args.k, time.perf_counter() + 3, [], [], threading.Lock())  # warm-up
-            latencies, errors, lock = [], [], threading.Lock()
-            start = time.perf_counter()
-            threads = [threading.Thread(target=stream, args=(port, bodies, args.k, start + args.seconds,
-                                                             latencies, errors, lock))
-                       for _ in range(args.concurrency)]
-            for thread in threads:
-                thread.start()
-            for thread in threads:
-                thread.join()
-            elapsed = time.perf_counter() - start
+            rng = np.random.default_rng(1)
+            bodies = [multipart(png(rng, 64)) for _ in range(16)]
+            client(port, bodies, time.perf_counter() + 3, Tally(), args.k)  # warm-up
+            embed_per_s, embedded = embed_rate(embed_model_args, scratch, args.embed_images, args.batch_size,
+                                               64 if args.index else args.image_size)
+
+            throughput = Tally()
+            stop_at = time.perf_counter() + args.seconds
+            elapsed = run_clients([threading.Thread(target=client, args=(port, bodies, stop_at, throughput, args.k))
+                                   for _ in range(args.clients)])
+
+            greedy_body = multipart(largest_png_within(MAX_BODY_MB * 2**20, rng))
+            slow_body = multipart(png(rng, 64))
+            idle_kib = rss_kib(server.pid)
+            normal, slow, greedy = Tally(), Tally(), Tally()
+            stop, peak = threading.Event(), [idle_kib]
+            sampler = threading.Thread(target=peak_rss_sampler, args=(server.pid, stop, peak))
+            sampler.start()
+            stop_at = time.perf_counter() + args.seconds
+            hostile_elapsed = run_clients(
+                [threading.Thread(target=client, args=(port, bodies, stop_at, normal, args.k)) for _ in range(args.normal)]
+                + [threading.Thread(target=slow_uploader, args=(port, *slow_body, stop_at, args.trickle_seconds, slow))
+                   for _ in range(SLOW_CLIENTS)]
+                + [threading.Thread(target=client, args=(port, [greedy_body], stop_at, greedy, args.k))
+                   for _ in range(GREEDY_CLIENTS)])
+            stop.set()
+            sampler.join()
         finally:
             server.terminate()
             server.wait(timeout=30)
         size = index_file.stat().st_size
-        print(f"{described}; {found.group(1)} images, index file {size / 2**20:.1f} MiB")
-        print(f"{args.concurrency} concurrent streams for {elapsed:.1f} s, top-{args.k} per 64x64 PNG upload")
-        if latencies:
-            p50, p99 = np.percentile(np.array(latencies) * 1000, [50, 99])
-            print(f"requests: {len(latencies)} ok, {len(errors)} errors; {len(latencies) / elapsed:.2f} requests/s; "
-                  f"latency p50 {p50:.1f} ms, p99 {p99:.1f} ms")
-        else:
-            print(f"requests: 0 ok, {len(errors)} errors")
-        for error in errors[:5]:
-            print(f"  error: {error}")
-        return 1 if errors or not latencies else 0
+        print(f"{described}; {found.group(1)} images, index file {size / 2**20:.1f} MiB; server batches up to "
+              f"{args.batch_size}")
+        print(f"reir embed --batch_size {args.batch_size}: {embedded} images at {embed_per_s:.2f} images/s")
+        print(f"throughput, {args.clients} concurrent clients for {elapsed:.1f} s (64x64 PNG, top-{args.k}): "
+              f"{throughput.line(elapsed)}")
+        print(f"  requests/s / reir embed images/s = {len(throughput.latencies) / elapsed / embed_per_s:.2f}")
+        print(f"beside {SLOW_CLIENTS} slow uploaders ({args.trickle_seconds:g} s per body) and {GREEDY_CLIENTS} greedy "
+              f"clients ({len(greedy_body[0]) / 2**20:.1f} MiB bodies) for {hostile_elapsed:.1f} s:")
+        print(f"  {args.normal} normal clients: {normal.line(hostile_elapsed)}")
+        print(f"  slow uploaders: answers {slow.statuses}; greedy clients: answers {greedy.statuses}")
+        print(f"  server RSS idle {idle_kib / 1024:.0f} MiB, peak {peak[0] / 1024:.0f} MiB "
+              f"(+{(peak[0] - idle_kib) / 1024:.0f} MiB)")
+        for error in (throughput.errors + normal.errors)[:5]:
+            print(f"  normal client error: {error}")
+        return 1 if throughput.errors or normal.errors or not throughput.latencies else 0
+
+
+def _recorded_model(index_file: Path) -> str:
+    from reir.retrieval.index import Index
+
+    model = Index.load(index_file).info.get("model_file")
+    if not model:
+        raise SystemExit("the index records no model file; pass --model")
+    return model
 
 
 if __name__ == "__main__":

@@ -28,6 +28,8 @@ from reir.fileio import load_tensors
 from reir.model.embedding import Model, embed  # noqa: F401 - re-exported: reir.embed, reir.Model
 from reir.model.network import ModelConfig, create_model
 from reir.retrieval.database import UNLABELLED
+from reir.validation import (as_features, check_device, check_labels, check_positive_ints,
+                             check_recorded_fields, file_structure)
 
 MODEL_FORMAT = "reir-model/1"
 
@@ -38,22 +40,42 @@ def load_model(path: str | os.PathLike, device: torch.device | str = "cpu") -> M
     The file carries its own configuration, normalisation and image size, so no database
     or dataset is needed. Nothing is unpickled.
     """
-    state, meta = load_tensors(path, "model file")
-    if not isinstance(meta, dict) or meta.get("format") != MODEL_FORMAT or "model" not in meta:
-        raise ReirError(f"model file {path} is not a REIR model; pass an epochs/*_model.safetensors file "
-                        "written by train.py")
-    info = meta.get("info", {})
-    missing = [key for key in ("image_size", "mean", "std") if key not in info]
-    if missing:
-        raise ReirError(f"model file {path} lacks {', '.join(missing)}; retrain with the current train.py")
-    network = create_model(ModelConfig(**meta["model"]), weights="none")
+    device = check_device(device)
+    with file_structure(path, "model file", "pass an epochs/*_model.safetensors file written by train.py"):
+        state, meta = load_tensors(path, "model file")
+        if not isinstance(meta, dict) or meta.get("format") != MODEL_FORMAT or "model" not in meta:
+            raise ReirError(f"model file {path} is not a REIR model; pass an epochs/*_model.safetensors file "
+                            "written by train.py")
+        info = meta.get("info", {})
+        missing = [key for key in ("image_size", "mean", "std") if key not in info]
+        if missing:
+            raise ReirError(f"model file {path} lacks {', '.join(missing)}; retrain with the current train.py")
+        image_size, mean, std = _preprocessing(info)
+        config = ModelConfig(**check_recorded_fields(meta["model"], ModelConfig, "model"))
+        branches = {key.split(".")[1] for key in state if key.startswith("branches.")}
+        if config.ensemble_size != len(branches) or not 0 < config.meta_class_size <= 2**20:
+            raise ValueError(f"{len(branches)} branches stored for ensemble_size {config.ensemble_size}")
+        network = create_model(config, weights="none")
     try:
         network.load_state_dict(state)
     except RuntimeError:
         raise ReirError(f"model file {path} does not match its recorded configuration; retrain with train.py") from None
     network.eval().to(device)
-    return Model(network, int(info["image_size"]), list(info["mean"]), list(info["std"]),
-                 meta.get("config", {}), Path(path))
+    return Model(network, image_size, mean, std, meta.get("config", {}), Path(path))
+
+
+def _preprocessing(info: dict) -> tuple[int, list[float], list[float]]:
+    """Image size, mean and std as recorded; anything else is a damaged file."""
+    size, mean, std = info["image_size"], info["mean"], info["std"]
+    if isinstance(size, bool) or not isinstance(size, int) or not 0 < size <= 2**14:
+        raise ValueError(f"image_size {size!r:.20}")
+    for values in (mean, std):
+        if not isinstance(values, list) or len(values) != 3 or not all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) and abs(v) < 1e6 for v in values):
+            raise ValueError(f"mean/std {values!r:.40}")
+    if not all(v > 0 for v in std):
+        raise ValueError(f"std {std!r:.40}")
+    return size, [float(v) for v in mean], [float(v) for v in std]
 
 
 def evaluate(features, labels: Sequence | torch.Tensor | None = None, *, recalls: Iterable[int] = (1, 2, 4, 8),
@@ -85,9 +107,20 @@ def evaluate(features, labels: Sequence | torch.Tensor | None = None, *, recalls
     elif labels is None:
         raise ReirError("evaluate needs labels for the features (or pass a database)")
     else:
+        features = as_features(features, "features")
+        labels = check_labels(labels, len(features), "labels", "features")
+        if gallery is not None:
+            gallery = as_features(gallery, "gallery")
+            if gallery_labels is None:
+                raise ReirError("evaluate was given a gallery but no gallery_labels; pass the gallery's labels "
+                                "(metrics cannot score a gallery with the queries' labels)")
+            gallery_labels = check_labels(gallery_labels, len(gallery), "gallery_labels", "gallery")
+        elif gallery_labels is not None:
+            raise ReirError("evaluate was given gallery_labels but no gallery; pass gallery= too, or neither")
         labels, gallery_labels = _label_ids(labels, gallery_labels)
+    recalls = check_positive_ints(recalls, "recalls")
     if device is not None:
-        device = torch.device(device)
+        device = check_device(device)
     return evaluate_embeddings(features, labels, sorted(set(recalls)), gallery, gallery_labels,
                                with_nmi=with_nmi, device=device)
 

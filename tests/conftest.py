@@ -106,3 +106,13 @@ def served_model(small_digits_root, tmp_path_factory):
                            database=out / "results" / f"{name}_data_base.safetensors",
                            statistics=out / "statistics" / f"{name}_results.csv",
                            images=small_digits_root / "digits" / "images", data_path=small_digits_root, output=out)
+
+
+def pytest_terminal_summary(terminalreporter):
+    """The fuzz campaigns' case counts per surface, shown after the run (also from xdist workers)."""
+    lines = [value for reports in terminalreporter.stats.values() for report in reports
+             for name, value in getattr(report, "user_properties", ()) if name == "fuzz cases"]
+    if lines:
+        terminalreporter.section("fuzz cases")
+        for line in dict.fromkeys(lines):
+            terminalreporter.write_line(line)

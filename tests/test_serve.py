@@ -8,6 +8,7 @@ import re
 import socket
 import subprocess
 import sys
+from pathlib import Path
 
 import httpx
 import numpy as np
@@ -29,11 +30,9 @@ def index_file(served_model, tmp_path_factory):
     return output
 
 
-@pytest.fixture(scope="module")
-def server(index_file):
-    """``reir serve`` on a free port of 127.0.0.1; yields its base URL."""
-    command = [sys.executable, "-m", "reir", "serve", "--index", str(index_file), "--port", "0", "--k", "6",
-               "--max_body_mb", str(MAX_BODY_MB)]
+def start_server(index_file, *flags: str) -> tuple[subprocess.Popen, str, int]:
+    """``reir serve`` on a free port of 127.0.0.1: the process, its base URL and its port."""
+    command = [sys.executable, "-m", "reir", "serve", "--index", str(index_file), "--port", "0", *flags]
     process = subprocess.Popen(command, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)},
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     line = process.stdout.readline()
@@ -41,9 +40,16 @@ def server(index_file):
     if not found:
         process.kill()
         pytest.fail(f"reir serve did not start: {line}{process.stdout.read()}")
+    return process, found.group(1), int(found.group(2))
+
+
+@pytest.fixture(scope="module")
+def server(index_file):
+    """``reir serve`` on a free port of 127.0.0.1; yields its base URL."""
+    process, address, port = start_server(index_file, "--k", "6", "--max_body_mb", str(MAX_BODY_MB))
     # the printed address takes connections at once (it once was bound but not yet listening)
-    socket.create_connection(("127.0.0.1", int(found.group(2))), timeout=5).close()
-    yield found.group(1)
+    socket.create_connection(("127.0.0.1", port), timeout=5).close()
+    yield address
     process.terminate()
     process.wait(timeout=30)
 
@@ -91,14 +97,19 @@ def test_search_returns_ranked_database_images(server, served_model):
     response = search(server, open(query, "rb").read(), k="4")
     assert response.status_code == 200, response.text
     results = response.json()["results"]
-    assert len(results) == 4 and results[0]["path"] == query and results[0]["score"] == pytest.approx(1, abs=1e-4)
+    # named relative to the indexed root (the one images folder), never by the server's absolute path
+    assert len(results) == 4 and results[0]["path"] == Path(query).name
+    assert results[0]["score"] == pytest.approx(1, abs=1e-4)
+    assert all(r["path"] == Path(db.paths("test")[r["id"]]).name for r in results)
     assert [r["score"] for r in results] == sorted((r["score"] for r in results), reverse=True)
     assert all(r["label"] == db.labels("test")[r["id"]] for r in results)
     by_id = httpx.post(f"{server}/search", data={"id": "3", "k": "4"}, timeout=60).json()
     assert [r["id"] for r in by_id["results"]] == [r["id"] for r in results]
     assert all(r["correct"] == (r["label"] == db.labels("test")[3]) for r in by_id["results"])
     image = httpx.get(f"{server}/images/{results[1]['id']}", timeout=30)
-    assert image.status_code == 200 and image.content == open(results[1]["path"], "rb").read()
+    assert image.status_code == 200 and image.content == open(db.paths("test")[results[1]["id"]], "rb").read()
+    info = httpx.get(f"{server}/info", timeout=30).json()
+    assert info["model"] == served_model.model.name and str(served_model.output) not in json.dumps(info)
 
 
 def truncated_jpeg() -> bytes:

@@ -78,7 +78,7 @@ def read_cub(root: Path) -> list[Record]:
     boxes_file = require(root / "bounding_boxes.txt", "cub")
     labels, boxes = {}, {}
     for n, fields in read_lines(labels_file):
-        if len(fields) != 2 or not all(f.isdigit() for f in fields) or not 1 <= int(fields[1]) <= 200:
+        if len(fields) != 2 or not all(f.isascii() and f.isdigit() for f in fields) or not 1 <= int(fields[1]) <= 200:
             raise malformed(labels_file, n, "'<image id> <class 1-200>'", fields)
         labels[fields[0]] = int(fields[1])
     for n, fields in read_lines(boxes_file):
@@ -110,9 +110,9 @@ def read_sop(root: Path) -> list[Record]:
     for split in ("train", "test"):
         path = require(root / f"Ebay_{split}.txt", "sop")
         for n, fields in read_lines(path):
-            if n == 1 and not fields[0].isdigit():
+            if n == 1 and not (fields[0].isascii() and fields[0].isdigit()):
                 continue  # the header
-            if len(fields) != 4 or not all(f.isdigit() for f in fields[:3]):
+            if len(fields) != 4 or not all(f.isascii() and f.isdigit() for f in fields[:3]):
                 raise malformed(path, n, "'<image_id> <class_id> <super_class_id> <path>'", fields)
             records.append(Record(split, root / fields[3], fields[1], f"{path.name} line {n}"))
     return records
@@ -122,7 +122,7 @@ def read_isc(root: Path) -> list[Record]:
     """``Eval/list_eval_partition.txt``: a count, a header, then ``<img/...jpg> <item_id> <train|query|gallery>``."""
     path = require(root / "Eval" / "list_eval_partition.txt", "isc")
     lines = read_lines(path)
-    if not lines or len(lines[0][1]) != 1 or not lines[0][1][0].isdigit():
+    if not lines or len(lines[0][1]) != 1 or not (lines[0][1][0].isascii() and lines[0][1][0].isdigit()):
         raise malformed(path, lines[0][0] if lines else 1, "the number of images", lines[0][1] if lines else [])
     declared = int(lines[0][1][0])
     images = root / "Img" if (root / "Img").is_dir() else root

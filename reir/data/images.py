@@ -3,10 +3,11 @@ list or a list of files, and the original's transforms."""
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 from pathlib import Path
-from typing import Sequence
+from typing import BinaryIO, Callable, ContextManager, Sequence
 
 import torch
 from PIL import Image, UnidentifiedImageError
@@ -38,13 +39,18 @@ class ImageError(ReirError):
         self.reason = reason
 
 
-def read_image(source: str | os.PathLike | bytes, max_pixels: int | None = None) -> Image.Image:
-    """A file (or its bytes) as RGB; a missing, non-image, truncated or too large image is an :class:`ImageError`.
+def read_image(source: str | os.PathLike | bytes | BinaryIO, max_pixels: int | None = None,
+               gate: Callable[[int, int], ContextManager] | None = None) -> Image.Image:
+    """A file (its path, bytes or an open binary file) as RGB; a missing, non-image, truncated or too large
+    image is an :class:`ImageError`.
 
     The pixel count is checked from the header before anything is decoded: against ``max_pixels``
-    when given, and always against PIL's decompression-bomb limit.
+    when given, and always against PIL's decompression-bomb limit. ``gate(width, height)``, when
+    given, is held while the pixels are decoded, so a server can bound how many large images
+    decode at once.
     """
-    name = "the image" if isinstance(source, bytes) else f"image {source}"
+    in_memory = isinstance(source, bytes) or hasattr(source, "read")
+    name = "the image" if in_memory else f"image {source}"
     size = None
     try:
         with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as image:
@@ -52,7 +58,8 @@ def read_image(source: str | os.PathLike | bytes, max_pixels: int | None = None)
             if max_pixels is not None and size[0] * size[1] > max_pixels:
                 raise ImageError(f"{name} has {size[0]}x{size[1]} pixels, more than the {max_pixels} allowed",
                                  "too_large", size)
-            return image.convert("RGB")
+            with gate(*size) if gate is not None else contextlib.nullcontext():
+                return image.convert("RGB")
     except FileNotFoundError:
         raise ImageError(f"{name} does not exist", "missing") from None
     except Image.DecompressionBombError:

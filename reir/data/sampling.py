@@ -146,7 +146,13 @@ def ignore_sigint_in_worker(worker_id: int) -> None:
 
 
 def make_loader(dataset, batch_size: int, num_workers: int, device: torch.device, sampler=None) -> DataLoader:
-    """A DataLoader that leaves the global RNG untouched and keeps its workers quiet on Ctrl-C."""
+    """A DataLoader that leaves the global RNG untouched and keeps its workers quiet on Ctrl-C.
+
+    A training epoch one image over a multiple of ``batch_size`` drops that image: batch norm cannot
+    train on a batch of one. (DDP ranks keep theirs: dropping on one rank only would desynchronise them.)
+    """
+    lone = sampler is not None and not isinstance(sampler, RankSampler) and len(sampler) % batch_size == 1
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, shuffle=False, num_workers=num_workers,
+                      drop_last=lone,
                       pin_memory=torch.device(device).type == "cuda", persistent_workers=False,
                       generator=torch.Generator().manual_seed(0), worker_init_fn=ignore_sigint_in_worker)

@@ -93,5 +93,5 @@ def load_split_list(path: str | Path) -> SplitList:
 
 
 def _natural_key(label: str):
-    """Class names sort numerically where they are numbers ("2" before "10")."""
-    return (0, int(label), "") if label.isdigit() else (1, 0, label)
+    """Class names sort numerically where they are ASCII numbers ("2" before "10"); "²" or "٣" sort as text."""
+    return (0, int(label), "") if label.isascii() and label.isdigit() else (1, 0, label)

@@ -14,6 +14,7 @@ import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterable
 
 import torch
 from PIL import Image
@@ -22,6 +23,7 @@ from torch.utils.data import DataLoader
 from reir.data.images import ImageItems, build_transform, image_files
 from reir.errors import ReirError
 from reir.model.network import REIRNet, embedding_from_logits
+from reir.validation import check_k
 
 
 @dataclass
@@ -69,6 +71,9 @@ def embed(model: Model | REIRNet, images, device: torch.device | str | None = No
     an unreadable image an error naming it; a list instead collects ``(position, message)`` and the
     image is left out. ``after_batch`` is called after every batch.
     """
+    if not isinstance(model, (Model, torch.nn.Module)):
+        raise ReirError(f"model must be a reir.Model from reir.load_model (or a network), not {type(model).__name__}")
+    batch_size = check_k(batch_size, "batch_size")
     network = model.network if isinstance(model, Model) else model
     device = torch.device(device) if device is not None else next(network.parameters()).device
     batches, total = _batches(model, images, batch_size, num_workers, device)
@@ -128,10 +133,16 @@ def _batches(model, images, batch_size: int, num_workers: int, device: torch.dev
             images = [path]
     elif isinstance(images, Image.Image):
         images = [images]
+    elif isinstance(images, bytes) or not isinstance(images, Iterable):
+        raise ReirError(f"images must be a folder, an image path, a list of paths or PIL images, a tensor or a "
+                        f"DataLoader, not {type(images).__name__}")
     if not isinstance(model, Model):
         raise ReirError("image files need the model's preprocessing; load the model with reir.load_model, "
                         "or pass transformed image tensors")
     items = list(images)
+    strange = [item for item in items if not isinstance(item, (str, os.PathLike, Image.Image))][:1]
+    if strange:
+        raise ReirError(f"images holds a {type(strange[0]).__name__}; give image paths or PIL images")
     loader = DataLoader(ImageItems(items, model.transform, model.image_size), batch_size=batch_size,
                         num_workers=num_workers, shuffle=False, collate_fn=_collate_items,
                         pin_memory=device.type == "cuda")

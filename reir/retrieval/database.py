@@ -15,6 +15,7 @@ import torch
 
 from reir.errors import ReirError
 from reir.fileio import load_tensors, save_tensors
+from reir.validation import check_text_list, file_structure
 
 FORMAT = "reir-database/1"
 SUFFIX = "_data_base.safetensors"
@@ -54,15 +55,20 @@ class Database:
 
 
 def load_database(path: str | Path) -> Database:
-    tensors, meta = load_tensors(path, "database")
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        raise ReirError(f"database {path} is not a REIR database; pass a *{SUFFIX} file written by train.py")
-    features = {name[: -len("_features")]: t for name, t in tensors.items() if name.endswith("_features")}
-    splits = meta["splits"]
-    for name, tensor in features.items():
-        if name not in splits or len(splits[name]["paths"]) != len(tensor):
-            raise ReirError(f"database {path} is inconsistent in split {name!r}; regenerate it with train.py")
-    return Database(features, splits, meta["config"], meta.get("info", {}))
+    with file_structure(path, "database", f"pass a *{SUFFIX} file written by train.py or reir embed"):
+        tensors, meta = load_tensors(path, "database")
+        if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+            raise ReirError(f"database {path} is not a REIR database; pass a *{SUFFIX} file written by train.py")
+        features = {name[: -len("_features")]: t for name, t in tensors.items() if name.endswith("_features")}
+        splits = meta["splits"]
+        for name, tensor in features.items():
+            if name not in splits or len(splits[name]["paths"]) != len(tensor):
+                raise ReirError(f"database {path} is inconsistent in split {name!r}; regenerate it with train.py")
+        for name, split in splits.items():
+            check_text_list(split["labels"], f"split {name} labels", len(check_text_list(split["paths"], name)))
+        if not isinstance(meta["config"], dict) or not isinstance(meta.get("info", {}), dict):
+            raise TypeError("config or info is not an object")
+        return Database(features, splits, meta["config"], meta.get("info", {}))
 
 
 def resolve_database_path(name: str, output_dir: str | Path = ".") -> Path:

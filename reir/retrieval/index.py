@@ -15,6 +15,7 @@ from reir.fileio import atomic_write, read_json
 from reir.retrieval.database import UNLABELLED
 from reir.retrieval.results import Results
 from reir.retrieval.similarity import flatten, knn
+from reir.validation import check_k, check_text_list, file_structure
 
 INDEX_FORMAT = "reir-index/1"
 EXACT_FACTORY = "Flat"
@@ -131,6 +132,7 @@ class Index:
         """The top ``k`` per query, best first, with this index's labels; ids ``-1`` pad rows an approximate
         index could not fill. Unpacks as ``scores, ids``, each ``[Q, k]``."""
         queries = _as_vectors(queries)
+        k = check_k(k)
         if queries.shape[1] != self.dim:
             raise ReirError(f"queries have dimension {queries.shape[1]} but the index {self.dim}; "
                             "embed with the model the index was built for")
@@ -171,6 +173,12 @@ class Index:
         id_map = read_json(id_map_path(path), "index id map")
         if not isinstance(id_map, dict) or id_map.get("format") != INDEX_FORMAT:
             raise ReirError(f"{id_map_path(path)} is not a REIR index id map; rebuild it with reir index")
+        with file_structure(id_map_path(path), "index id map", "rebuild it with reir index"):
+            check_text_list(id_map["labels"], "labels", len(check_text_list(id_map["paths"], "paths")))
+            info = id_map.get("info", {})
+            if not isinstance(id_map["factory"], str) or not isinstance(info, dict) \
+                    or not isinstance(info.get("search_parameters", {}), dict):
+                raise TypeError("factory, info or its search_parameters is of the wrong kind")
         if not path.is_file():
             raise ReirError(f"index {path} does not exist; build it with reir index")
         try:
@@ -180,8 +188,9 @@ class Index:
         if index.ntotal != len(id_map["paths"]) or index.ntotal != len(id_map["labels"]):
             raise ReirError(f"index {path} holds {index.ntotal} vectors but its id map {len(id_map['paths'])}; "
                             "rebuild both with reir index")
-        loaded = cls(index, id_map["factory"], id_map["paths"], id_map["labels"], id_map.get("info", {}))
-        loaded.tune(**loaded.info.get("search_parameters", {}))
+        loaded = cls(index, id_map["factory"], id_map["paths"], id_map["labels"], info)
+        with file_structure(id_map_path(path), "index id map", "rebuild it with reir index"):
+            loaded.tune(**info.get("search_parameters", {}))
         return loaded
 
 

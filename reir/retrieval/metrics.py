@@ -34,6 +34,7 @@ import torch
 
 from reir.errors import ReirError
 from reir.retrieval.similarity import faiss_available, flatten
+from reir.validation import as_features, check_labels
 
 KMEANS_ITERATIONS = 20
 KMEANS_SEED = 1234
@@ -65,13 +66,19 @@ def retrieval_metrics(query_features: torch.Tensor, query_labels: torch.Tensor, 
     never the result.
     """
     self_retrieval = gallery_features is None
-    queries = flatten(query_features)
-    references = queries if self_retrieval else flatten(gallery_features)
+    queries = flatten(as_features(query_features, "query_features"))
+    references = queries if self_retrieval else flatten(as_features(gallery_features, "gallery_features"))
     if queries.shape[1] != references.shape[1]:
         raise ReirError(f"queries have dimension {queries.shape[1]} but references {references.shape[1]}; "
                         "use embeddings from the same model")
-    if gallery_labels is None:
+    check_labels(query_labels, len(queries), "query_labels", "the queries")
+    if self_retrieval:
+        if gallery_labels is not None:
+            raise ReirError("gallery_labels were given without gallery_features; pass both or neither")
         gallery_labels = query_labels
+    elif gallery_labels is None:
+        raise ReirError("gallery_features were given without gallery_labels; pass the gallery's labels too")
+    check_labels(gallery_labels, len(references), "gallery_labels", "the gallery")
     query_labels, gallery_labels = query_labels.cpu().long(), gallery_labels.cpu().long()
     recalls = sorted(set(recalls))
     device = torch.device(device) if device is not None else queries.device

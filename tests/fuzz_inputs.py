@@ -1,0 +1,104 @@
+"""Seeded generators of hostile and careless inputs: mutated bytes, broken images, odd text."""
+
+from __future__ import annotations
+
+import functools
+import io
+import random
+import struct
+import zlib
+
+import numpy as np
+from PIL import Image
+
+# Text that looks like a number to str.isdigit or int() but is no ASCII decimal, and other traps.
+ODD_TEXT = ["\u00b2", "\u2460", "\u0663", "\uff13", "3\u00b2", "-1", "+3", " 3", "3 ", "0x10", "1e3", "3.0",
+            "", "00000000000000000000000000000000000001", "9" * 400, "NaN", "\x00", "3\x00", "../../etc/passwd",
+            "%2e%2e", "\u202e3", "true", "[]", "{}", "null", "\ud7ff", "\U0001d7d1"]
+
+
+def flip_bits(data: bytes, rng: random.Random, flips: int | None = None) -> bytes:
+    """``data`` with a few random bits flipped."""
+    if not data:
+        return data
+    mutated = bytearray(data)
+    for _ in range(flips or rng.randint(1, 8)):
+        position = rng.randrange(len(mutated))
+        mutated[position] ^= 1 << rng.randrange(8)
+    return bytes(mutated)
+
+
+def truncate(data: bytes, rng: random.Random) -> bytes:
+    return data[: rng.randrange(len(data))] if data else data
+
+
+def overwrite(data: bytes, rng: random.Random) -> bytes:
+    """A random stretch replaced by random bytes (a wrong header when it hits the start)."""
+    if not data:
+        return data
+    start = rng.choice([0, rng.randrange(len(data))])
+    length = rng.randint(1, min(64, len(data) - start))
+    return data[:start] + rng.randbytes(length) + data[start + length:]
+
+
+def mutate(data: bytes, rng: random.Random) -> bytes:
+    return rng.choice([flip_bits, truncate, overwrite])(data, rng)
+
+
+def image_bytes(rng: random.Random, fmt: str, size: tuple[int, int] | None = None) -> bytes:
+    width, height = size or (rng.randint(1, 48), rng.randint(1, 48))
+    pixels = np.random.default_rng(rng.randrange(2**32)).integers(0, 256, (height, width, 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format=fmt)
+    return buffer.getvalue()
+
+
+def png_header_only(width: int, height: int) -> bytes:
+    """A PNG whose header claims ``width`` x ``height`` but holds one short compressed row: a bomb claim."""
+    def chunk(kind: bytes, payload: bytes) -> bytes:
+        return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\x00" * 64)) + chunk(b"IEND", b"")
+
+
+def compression_bomb(rng: random.Random) -> bytes:
+    """A real, complete PNG of thousands of pixels a side, one colour: a small file, a large decode."""
+    return _blank_png(rng.choice([3000, 5000]))
+
+
+@functools.lru_cache(maxsize=None)
+def _blank_png(side: int) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("L", (side, side)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def hostile_image(rng: random.Random) -> tuple[bytes, str]:
+    """``(bytes, description)``: a broken, huge or plain image in PNG, JPEG or WebP."""
+    fmt = rng.choice(["PNG", "JPEG", "WEBP"])
+    kind = rng.choice(["plain", "flipped", "flipped", "truncated", "truncated", "overwritten", "huge header",
+                       "bomb", "empty", "random"])
+    if kind == "huge header":
+        return png_header_only(rng.choice([2**31 - 1, 100_000, 65_535, 0]), rng.choice([2**31 - 1, 100_000, 1, 0])), kind
+    if kind == "bomb":
+        return compression_bomb(rng), kind
+    if kind == "empty":
+        return b"", kind
+    if kind == "random":
+        return rng.randbytes(rng.randint(1, 4096)), kind
+    data = image_bytes(rng, fmt)
+    if kind == "flipped":
+        data = flip_bits(data, rng)
+    elif kind == "truncated":
+        data = truncate(data, rng)
+    elif kind == "overwritten":
+        data = overwrite(data, rng)
+    return data, f"{kind} {fmt}"
+
+
+def odd_text(rng: random.Random) -> str:
+    if rng.random() < 0.6:
+        return rng.choice(ODD_TEXT)
+    alphabet = "0123456789-+. /%\\\u00b2\u0663\u2460abc\u00e9\u4e00"
+    return "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 12)))

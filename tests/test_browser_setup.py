@@ -1,0 +1,16 @@
+"""Without Chromium the page tests are skipped with what to install, except in CI, where they fail."""
+
+import shutil
+
+import pytest
+
+import browser
+
+
+@pytest.mark.parametrize("ci", ["", "true"])
+def test_a_missing_browser_is_a_skip_with_instructions_or_a_failure_in_ci(monkeypatch, tmp_path, ci):
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    monkeypatch.setenv("CI", ci)
+    expected = pytest.fail.Exception if ci else pytest.skip.Exception
+    with pytest.raises(expected, match="chromium and chromedriver not found.*apt-get install chromium chromium-driver"):
+        browser.chromium(tmp_path / "profile")
