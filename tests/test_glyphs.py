@@ -103,8 +103,9 @@ def test_a_damaged_split_list_is_reported_not_replaced(glyphs_root, tmp_path, ca
     (data / "glyphs").mkdir(parents=True)
     damaged = split_list_path(data, "glyphs", "uncropped")
     damaged.write_text("{not json")
+    # A small model: the seed's default may not fit the machine's free memory, which is checked first.
     assert train_main(["--data_name", "glyphs", "--data_path", str(data), "--output_dir", str(tmp_path / "out"),
-                       "--weights", "none", "--device", "cpu"]) == 1
+                       "--weights", "none", "--device", "cpu", "--ensemble_size", "3", "--image_size", "32"]) == 1
     error = capsys.readouterr().err.strip()
     assert "\n" not in error and str(damaged) in error
     assert damaged.read_text() == "{not json"

@@ -171,6 +171,7 @@ def test_the_memory_estimate_matches_the_measured_peak_of_training(small_digits_
 def test_a_configuration_that_cannot_fit_stops_before_the_model_is_built(tmp_path, monkeypatch):
     """The error names the need, what is free and flags that fit; each suggested setting does fit."""
     import re
+    from dataclasses import replace
 
     from reir.errors import ReirError
     from reir.model import network
@@ -193,11 +194,8 @@ def test_a_configuration_that_cannot_fit_stops_before_the_model_is_built(tmp_pat
     assert not (tmp_path / "out").exists()
     share = re.search(r"--share_type (\w+)", message).group(1)
     branches = int(re.search(r"--ensemble_size (\d+)", message).group(1))
-    assert memory.estimate(config.model.__class__(**{**config.model.__dict__, "share_type": share}),
-                           64, 8, "auto", "none", "loop").total_bytes <= free
-    smaller = memory.estimate(config.model.__class__(**{**config.model.__dict__, "ensemble_size": branches}),
-                              64, 8, "auto", "none", "loop")
-    larger = memory.estimate(config.model.__class__(**{**config.model.__dict__, "ensemble_size": branches + 1}),
-                             64, 8, "auto", "none", "loop")
+    assert memory.estimate(replace(config.model, share_type=share), 64, 8, "auto", "none", "loop").total_bytes <= free
+    smaller = memory.estimate(replace(config.model, ensemble_size=branches), 64, 8, "auto", "none", "loop")
+    larger = memory.estimate(replace(config.model, ensemble_size=branches + 1), 64, 8, "auto", "none", "loop")
     assert smaller.total_bytes <= free < larger.total_bytes
     assert "more devices" in message or "GPUs" in message
