@@ -20,6 +20,7 @@ unless ``--expose_paths`` asks for it.
 
 
 import asyncio
+import contextlib
 import io
 import json
 import os
@@ -111,10 +112,8 @@ class Searcher:
             if width * height > self.max_pixels:
                 raise BadRequest(413, f"the image is {width}x{height} = {width * height / 1e6:.1f} megapixels; "
                                       f"the limit is {self.max_pixels / 1e6:g} megapixels")
-            if width * height <= LARGE_PIXELS:
-                image.load()
-                return image.convert("RGB")
-            with self.large_decodes:  # small images never wait behind large ones
+            # only large images wait for a decode slot; small ones never queue behind them
+            with self.large_decodes if width * height > LARGE_PIXELS else contextlib.nullcontext():
                 image.load()
                 return image.convert("RGB")
         except BadRequest:
