@@ -1,0 +1,111 @@
+"""Sharded databases: reir embed writes a folder of shards and a manifest; every reader takes it like one file."""
+
+import hashlib
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import run_script
+from reir.retrieval.database import MANIFEST, iter_database, load_database
+
+IMAGES = 70
+
+
+@pytest.fixture(scope="module")
+def collection(tmp_path_factory):
+    root = tmp_path_factory.mktemp("sharded_collection")
+    rng = np.random.default_rng(1)
+    for i in range(IMAGES):
+        path = root / ("a" if i % 3 else "b") / f"{i:03d}.png"
+        path.parent.mkdir(exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(path)
+    (root / "a" / "broken.png").write_bytes(b"\x89PNG not really")
+    return root
+
+
+def embed(model, collection, output, *extra):
+    return run_script("reir", "embed", "--model", str(model), "--images", str(collection), "--output", str(output),
+                      "--labels_from_folders", "--shard_size", "20", "--batch_size", "10", "--num_workers", "0", *extra)
+
+
+@pytest.fixture(scope="module")
+def both_forms(served_model, collection, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("forms")
+    single, sharded = folder / "one_data_base.safetensors", folder / "many_data_base"
+    for output, extra in ((single, ()), (sharded, ("--shard_output",))):
+        result = embed(served_model.model, collection, output, *extra)
+        assert result.returncode == 0, result.stderr
+    return single, sharded, result
+
+
+def test_shard_output_is_a_folder_with_a_manifest_holding_what_one_file_holds(both_forms):
+    single, sharded, result = both_forms
+    assert sharded.is_dir() and "a sharded database of 4 shard(s)" in result.stdout
+    manifest = json.loads((sharded / MANIFEST).read_text())
+    assert manifest["format"] == "reir-database-shards/1" and manifest["counts"] == {"test": IMAGES}
+    assert [s["file"] for s in manifest["shards"]] == [f"shard-{i:06d}.safetensors" for i in range(4)]
+    for shard in manifest["shards"]:
+        assert shard["sha256"] == hashlib.sha256((sharded / shard["file"]).read_bytes()).hexdigest()
+    assert sum(s["counts"].get("test", 0) for s in manifest["shards"]) == IMAGES
+    assert manifest["model_file"] == manifest["info"]["model_file"] and manifest["embedding_shape"] == [4, 3]
+    one, many = load_database(single), load_database(sharded)
+    assert one.splits == many.splits and one.info == many.info and one.config == many.config
+    assert torch.equal(one.features["test"], many.features["test"])
+    assert len(many.info["skipped"]) == 1 and many.info["skipped"][0][0].endswith("broken.png")
+    streamed = list(iter_database(sharded))
+    assert len(streamed) == 4 and max(len(features) for _, features, _, _ in streamed) <= 20
+    assert torch.equal(torch.cat([features for _, features, _, _ in streamed]), one.features["test"])
+
+
+def test_every_reader_gives_the_same_answer_for_both_forms(both_forms, tmp_path):
+    single, sharded, _ = both_forms
+    evaluated = [run_script("reir", "eval", "--data_base", str(db), "--no_nmi") for db in (single, sharded)]
+    assert all(r.returncode == 0 for r in evaluated), evaluated[1].stderr
+    assert "recall@1" in evaluated[0].stdout and evaluated[0].stdout == evaluated[1].stdout
+    maps = []
+    for db, name in ((single, "one"), (sharded, "many")):
+        result = run_script("reir", "index", "--data_base", str(db), "--output", str(tmp_path / f"{name}.faiss"))
+        assert result.returncode == 0, result.stderr
+        maps.append(json.loads((tmp_path / f"{name}.faiss.ids.json").read_text()))
+    assert maps[0]["paths"] == maps[1]["paths"] and maps[0]["labels"] == maps[1]["labels"]
+    assert (tmp_path / "one.faiss").read_bytes() == (tmp_path / "many.faiss").read_bytes()
+    import reir
+
+    assert reir.evaluate(str(single), with_nmi=False) == reir.evaluate(str(sharded), with_nmi=False)
+    reports = [run_script("reir", "report", "--data_base", str(db), "--output", str(tmp_path / f"{i}.html"))
+               for i, db in enumerate((single, sharded))]
+    assert all(r.returncode == 0 for r in reports), reports[1].stderr
+    assert (tmp_path / "1.html").stat().st_size > 1000
+
+
+def test_size_threshold_shards_and_a_damaged_shard_is_named(served_model, collection, tmp_path):
+    output = tmp_path / "auto_data_base.safetensors"
+    result = embed(served_model.model, collection, output, "--max_file_gb", "0.000001")
+    assert result.returncode == 0, result.stderr
+    assert output.is_dir() and (output / MANIFEST).is_file()
+    shard = output / "shard-000002.safetensors"
+    data = bytearray(shard.read_bytes())
+    data[-1] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    evaluated = run_script("reir", "eval", "--data_base", str(output), "--no_nmi")
+    assert evaluated.returncode != 0 and evaluated.stderr.count("\n") == 1
+    assert "shard-000002.safetensors" in evaluated.stderr and "checksum" in evaluated.stderr
+
+
+def test_existing_outputs_are_replaced_only_when_they_are_databases(served_model, collection, tmp_path):
+    stranger = tmp_path / "photos"
+    stranger.mkdir()
+    (stranger / "keep.txt").write_text("mine")
+    result = embed(served_model.model, collection / "b", stranger, "--shard_output")
+    assert result.returncode != 0 and result.stderr.count("\n") == 1 and "not a REIR database" in result.stderr
+    assert (stranger / "keep.txt").read_text() == "mine"
+    output = tmp_path / "again_data_base"
+    for source, count in ((collection / "b", 24), (collection, IMAGES)):
+        result = run_script("reir", "embed", "--model", str(served_model.model), "--images", str(source),
+                            "--output", str(output), "--shard_output", "--num_workers", "0")
+        assert result.returncode == 0, result.stderr
+        assert len(load_database(output).features["test"]) == count
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["again_data_base", "again_data_base.skipped.txt", "photos"]
