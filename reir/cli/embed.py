@@ -212,11 +212,14 @@ def embed_shards(model: Model, collection, parts: Path, key: str, shard_size: in
     """Embed this rank's unfinished shards; returns (shards done now, shards skipped as finished)."""
     from tqdm import tqdm
 
-    mine = range(context.rank, collection.shard_count(shard_size), context.world_size)
+    shard_count = collection.shard_count(shard_size)
+    if context.is_main:  # the one rank that prints counts every rank's finished shards
+        kept = sum(finished(parts, s, key) for s in range(shard_count))
+        if kept:
+            print(f"Resuming: {kept} finished shard(s) of {shard_count} kept", flush=True)
+    mine = range(context.rank, shard_count, context.world_size)
     todo = [s for s in mine if not finished(parts, s, key)]
     skipped = len(mine) - len(todo)
-    if skipped:
-        print(f"Resuming: {skipped} finished shard(s) of {len(mine)} kept", flush=True)
     images = sum(collection.shard_images(s, shard_size) for s in todo) or None
     with tqdm(total=images, unit="img", desc="Embed", file=sys.stderr, dynamic_ncols=True,
               disable=not context.is_main, mininterval=0.5 if sys.stderr.isatty() else 10.0) as bar:

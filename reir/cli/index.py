@@ -37,19 +37,13 @@ def timed_search(search, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, f
     return ids, len(queries) / max(time.perf_counter() - start, 1e-9)
 
 
-def sample_queries(vectors: torch.Tensor, count: int) -> torch.Tensor:
-    """A fixed random sample of the database itself serves as queries."""
-    order = torch.randperm(len(vectors), generator=torch.Generator().manual_seed(0))[:count]
-    return vectors[order]
-
-
 def streamed_vectors(database, splits: list[str]):
     """The database's flattened vectors in id order, one chunk (a shard of a sharded database) at a time."""
     return (flatten(features.float()) for _, features, _, _ in database_chunks(database, splits)[2])
 
 
 def streamed_queries(database, splits: list[str], total: int, count: int) -> torch.Tensor:
-    """The vectors at the positions :func:`sample_queries` draws, gathered in one pass over the chunks."""
+    """A fixed random sample of the database itself, the queries, gathered in one pass over the chunks."""
     wanted = torch.randperm(total, generator=torch.Generator().manual_seed(0))[:count]
     picked = torch.empty(len(wanted), 0)
     start = 0
