@@ -19,7 +19,8 @@ def no_server_left():
     from milvus_lite.server_manager import server_manager_instance
 
     yield
-    assert not server_manager_instance._servers, f"Milvus Lite still running for {list(server_manager_instance._servers)}"
+    running = list(server_manager_instance._servers)
+    assert not running, f"Milvus Lite still running for {running}"
 
 
 def reir_like(count, seed):

@@ -30,8 +30,8 @@ from reir.cli.common import ArgumentParser, reports_errors
 from reir.errors import ReirError, UsageError
 from reir.data.tarshards import expand_shards, is_shard_pattern, iter_samples, shard_fingerprint
 from reir.fileio import atomic_write
-from reir.retrieval.database import (MANIFEST, UNLABELLED, Database, read_shard, read_shard_metadata, save_shard,
-                                     write_manifest)
+from reir.retrieval.database import (MANIFEST, UNLABELLED, Database, gather, read_shard, read_shard_metadata,
+                                     save_shard, write_manifest)
 from reir.training import distributed
 from reir.training.devices import training_devices
 
@@ -250,17 +250,14 @@ def shard_summary(parts: Path, shard_count: int) -> tuple[dict[str, int], list[l
 
 def merge(model: Model, collection, parts: Path, shard_count: int, skipped: list[list]) -> Database:
     """All shards, in order, into one in-memory database (for outputs under ``--max_file_gb``)."""
-    chunks: dict[str, list[torch.Tensor]] = {}
-    splits: dict[str, dict[str, list[str]]] = {}
-    for shard in range(shard_count):
-        features, meta = read_shard(parts / shard_name(shard))
-        for split, tensor in features.items():
-            chunks.setdefault(split, []).append(tensor)
-            listing = splits.setdefault(split, {"paths": [], "labels": []})
-            listing["paths"] += meta["splits"][split]["paths"]
-            listing["labels"] += meta["splits"][split]["labels"]
-    return Database({s: torch.cat(c) for s, c in chunks.items()}, splits, model.config,
-                    database_info(model, collection, skipped))
+
+    def slices():
+        for shard in range(shard_count):
+            features, meta = read_shard(parts / shard_name(shard))
+            for split, tensor in features.items():
+                yield split, tensor, meta["splits"][split]["paths"], meta["splits"][split]["labels"]
+
+    return Database(*gather(slices()), model.config, database_info(model, collection, skipped))
 
 
 def publish_sharded(model: Model, collection, parts: Path, output: Path, shard_count: int, skipped: list[list]) -> None:

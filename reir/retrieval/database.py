@@ -69,14 +69,7 @@ def load_database(path: str | Path) -> Database:
     """A database file, or a sharded database folder read shard by shard into one :class:`Database`."""
     if Path(path).is_dir():
         manifest = read_manifest(path)
-        chunks: dict[str, list[torch.Tensor]] = {}
-        splits: dict[str, dict[str, list[str]]] = {}
-        for split, features, paths, labels in iter_database(path, manifest=manifest):
-            chunks.setdefault(split, []).append(features)
-            listing = splits.setdefault(split, {"paths": [], "labels": []})
-            listing["paths"] += paths
-            listing["labels"] += labels
-        return Database({s: torch.cat(c) for s, c in chunks.items()}, splits, manifest["config"], manifest["info"])
+        return Database(*gather(iter_database(path, manifest=manifest)), manifest["config"], manifest["info"])
     tensors, meta = load_tensors(path, "database")
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise ReirError(f"database {path} is not a REIR database; pass a *{SUFFIX} file written by train.py")
@@ -86,6 +79,18 @@ def load_database(path: str | Path) -> Database:
         if name not in splits or len(splits[name]["paths"]) != len(tensor):
             raise ReirError(f"database {path} is inconsistent in split {name!r}; regenerate it with train.py")
     return Database(features, splits, meta["config"], meta.get("info", {}))
+
+
+def gather(slices) -> tuple[dict[str, torch.Tensor], dict[str, dict[str, list[str]]]]:
+    """``(split, features, paths, labels)`` slices, in order, into one tensor and one listing per split."""
+    chunks: dict[str, list[torch.Tensor]] = {}
+    splits: dict[str, dict[str, list[str]]] = {}
+    for split, features, paths, labels in slices:
+        chunks.setdefault(split, []).append(features)
+        listing = splits.setdefault(split, {"paths": [], "labels": []})
+        listing["paths"] += paths
+        listing["labels"] += labels
+    return {s: torch.cat(c) for s, c in chunks.items()}, splits
 
 
 def resolve_database_path(name: str, output_dir: str | Path = ".") -> Path:

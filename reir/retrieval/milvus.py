@@ -165,7 +165,8 @@ class MilvusIndex:
         return built
 
     @classmethod
-    def from_database(cls, database, splits: Sequence[str] | None = None, index_type: str = "FLAT", *, uri: str | None = None,
+    def from_database(cls, database, splits: Sequence[str] | None = None, index_type: str = "FLAT", *,
+                      uri: str | None = None,
                       collection: str = "reir", parameters: dict | None = None) -> "MilvusIndex":
         """A collection over a database's splits, streamed shard by shard from a sharded database."""
         from reir.retrieval.index import database_chunks
