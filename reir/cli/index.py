@@ -1,8 +1,9 @@
-"""``reir index``: a feature database -> a FAISS index file and its id map.
+"""``reir index``: a feature database -> a FAISS index file and its id map, or a Milvus collection.
 
-Exact (``Flat``) indexes rank like evaluation does; approximate ones (HNSW, IVF, PQ ...)
-are trained on the database and measured against exact search before they are trusted:
-the command prints their Recall@10 and queries per second next to exact search's.
+Exact indexes (FAISS ``Flat``, Milvus ``FLAT``) rank like evaluation does; approximate ones
+(HNSW, IVF, PQ ...) are built from the database and measured against exact search before they
+are trusted: the command prints their Recall@10 and queries per second next to exact search's.
+Sharded databases are read one shard at a time (exact search for the measurement included).
 """
 
 from __future__ import annotations
@@ -15,8 +16,8 @@ import torch
 from reir.argtypes import positive_int
 from reir.cli.common import ArgumentParser, reports_errors
 from reir.errors import ReirError
-from reir.retrieval.database import load_database, resolve_database_path
-from reir.retrieval.index import EXACT_FACTORY, Index, collection_splits
+from reir.retrieval.database import resolve_database_path
+from reir.retrieval.index import EXACT_FACTORY, Index, database_chunks
 from reir.retrieval.similarity import flatten, knn
 
 
@@ -36,15 +37,46 @@ def timed_search(search, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, f
     return ids, len(queries) / max(time.perf_counter() - start, 1e-9)
 
 
-def sample_queries(vectors: torch.Tensor, count: int) -> torch.Tensor:
-    """A fixed random sample of the database itself serves as queries."""
-    order = torch.randperm(len(vectors), generator=torch.Generator().manual_seed(0))[:count]
-    return vectors[order]
+def streamed_vectors(database, splits: list[str]):
+    """The database's flattened vectors in id order, one chunk (a shard of a sharded database) at a time."""
+    return (flatten(features.float()) for _, features, _, _ in database_chunks(database, splits)[2])
 
 
-def compare_with_exact(index: Index, vectors: torch.Tensor, queries: torch.Tensor, k: int) -> dict[str, float]:
-    """Recall@k of ``index`` against exact search on ``vectors``, and both engines' queries per second."""
-    exact_ids, exact_qps = timed_search(lambda q, n: knn(q, vectors, n), queries, k)
+def streamed_queries(database, splits: list[str], total: int, count: int) -> torch.Tensor:
+    """A fixed random sample of the database itself, the queries, gathered in one pass over the chunks."""
+    wanted = torch.randperm(total, generator=torch.Generator().manual_seed(0))[:count]
+    picked = torch.empty(len(wanted), 0)
+    start = 0
+    for vectors in streamed_vectors(database, splits):
+        if picked.shape[1] != vectors.shape[1]:
+            picked = torch.empty(len(wanted), vectors.shape[1])
+        inside = (wanted >= start) & (wanted < start + len(vectors))
+        picked[inside] = vectors[wanted[inside] - start]
+        start += len(vectors)
+    return picked
+
+
+def streamed_knn(queries: torch.Tensor, chunks, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact top-k over vectors given in chunks, merged chunk by chunk (ties to the lower id, as knn)."""
+    best_scores = torch.empty(len(queries), 0)
+    best_ids = torch.empty(len(queries), 0, dtype=torch.long)
+    start = 0
+    for vectors in chunks:
+        scores, ids = knn(queries, vectors, k)
+        scores = torch.cat([best_scores, scores], 1)
+        ids = torch.cat([best_ids, ids + start], 1)
+        order = torch.argsort(ids, dim=1)  # stable sort by score below then keeps lower ids first on ties
+        scores, ids = scores.gather(1, order), ids.gather(1, order)
+        top = torch.sort(scores, dim=1, descending=True, stable=True).indices[:, :k]
+        best_scores, best_ids = scores.gather(1, top), ids.gather(1, top)
+        start += len(vectors)
+    return best_scores, best_ids
+
+
+def compare_with_exact(index, database, splits: list[str], queries: torch.Tensor, k: int) -> dict[str, float]:
+    """Recall@k of ``index`` against exact search over the database, and both engines' queries per second."""
+    exact_ids, exact_qps = timed_search(lambda q, n: streamed_knn(q, streamed_vectors(database, splits), n),
+                                        queries, k)
     found_ids, qps = timed_search(index.search, queries, k)
     return {"recall": recall_against_exact(found_ids, exact_ids), "qps": qps, "exact_qps": exact_qps}
 
@@ -55,12 +87,34 @@ def default_output(database_path: Path, factory: str) -> Path:
     return database_path.with_name(f"{stem}.{slug}.faiss")
 
 
+def parse_index_params(text: str | None) -> dict:
+    """``M=32,efConstruction=200`` -> ``{"M": 32, "efConstruction": 200}`` (numbers where they are numbers)."""
+    parameters = {}
+    for item in filter(None, (text or "").split(",")):
+        name, _, value = item.partition("=")
+        if not name.strip() or not value.strip():
+            raise ReirError(f"--index_params {text!r}: write name=value pairs such as M=32,efConstruction=200", 2)
+        value = value.strip()
+        parameters[name.strip()] = int(value) if value.lstrip("-").isdigit() else value
+    return parameters
+
+
 def get_args_parser() -> ArgumentParser:
-    parser = ArgumentParser(prog="reir index", description="Build a FAISS index (and id map) over a database.")
-    parser.add_argument("--data_base", required=True, help="a *_data_base.safetensors (from training or reir embed)")
+    parser = ArgumentParser(prog="reir index", description="Build a FAISS index (and id map) or a Milvus collection "
+                            "over a database.")
+    parser.add_argument("--data_base", required=True, help="a *_data_base.safetensors (from training or reir embed) "
+                        "or a sharded database folder")
     parser.add_argument("--output_dir", default=".", help="folder whose results/ holds the database")
+    parser.add_argument("--backend", default="faiss", choices=["faiss", "milvus"],
+                        help="faiss (default): an index file; milvus: a collection in Milvus Lite or a Milvus server")
     parser.add_argument("--factory", default=EXACT_FACTORY,
                         help="FAISS factory string: Flat (exact), HNSW32, IVF1024,Flat, IVF4096,PQ48, ...")
+    parser.add_argument("--uri", default=None, help="milvus: a Milvus Lite file (reir.milvus.db) or http://HOST:19530")
+    parser.add_argument("--collection", default="reir", help="milvus: the collection to (re)create (default reir)")
+    parser.add_argument("--index_type", default="FLAT", type=str.upper,
+                        help="milvus: FLAT (exact), HNSW, IVF_FLAT or IVF_PQ")
+    parser.add_argument("--index_params", default=None,
+                        help="milvus: build parameters, e.g. M=32,efConstruction=200 or nlist=1024,m=96,nbits=8")
     parser.add_argument("--splits", default=None,
                         help="comma-separated splits to index (default: all but train, or train alone)")
     parser.add_argument("--output", default=None, help="index file (default: beside the database); "
@@ -74,31 +128,57 @@ def get_args_parser() -> ArgumentParser:
     return parser
 
 
+def build_milvus(args, database_path: Path, splits: list[str] | None):
+    from reir.retrieval.milvus import MilvusIndex
+
+    if args.factory != EXACT_FACTORY:
+        raise ReirError("--factory is FAISS's; with --backend milvus choose --index_type and --index_params", 2)
+    if not args.uri:
+        raise ReirError("--backend milvus needs --uri: a Milvus Lite file such as reir.milvus.db, "
+                        "or http://HOST:19530", 2)
+    index = MilvusIndex.from_database(database_path, splits, args.index_type, uri=args.uri,
+                                      collection=args.collection, parameters=parse_index_params(args.index_params))
+    index.info["database"] = str(database_path.resolve())
+    return index
+
+
 @reports_errors
 def main(argv: list[str] | None = None) -> int:
     args = get_args_parser().parse_args(argv)
     database_path = resolve_database_path(args.data_base, args.output_dir)
-    database = load_database(database_path)
-    splits = [s for s in args.splits.split(",") if s] if args.splits else collection_splits(database)
+    requested = [s for s in args.splits.split(",") if s] if args.splits else None
+    if args.backend == "faiss" and (args.uri or args.index_params or args.index_type != "FLAT"):
+        raise ReirError("--uri, --index_type and --index_params are for --backend milvus", 2)
     start = time.perf_counter()
-    index = Index.from_database(database, splits, args.factory, train_size=args.train_size)
-    index.info["database"] = str(database_path.resolve())
+    if args.backend == "milvus":
+        index = build_milvus(args, database_path, requested)
+    else:
+        index = Index.from_database(database_path, requested, args.factory, train_size=args.train_size)
+        index.info["database"] = str(database_path.resolve())
     build_seconds = time.perf_counter() - start
+    splits = index.info["splits"]
     tuning = {name: value for name, value in (("nprobe", args.nprobe), ("efSearch", args.efSearch)) if value}
     if tuning:
         index.tune(**tuning)
         index.info["search_parameters"] = tuning
-    output = Path(args.output) if args.output else default_output(database_path, args.factory)
-    if output.is_dir():
-        raise ReirError(f"--output {output} is a folder; give a file name such as {output}/collection.faiss", 2)
-    index_file, ids_file = index.save(output)
-    print(f"Indexed {len(index)} images ({', '.join(splits)}) of dimension {index.dim} with {args.factory} "
-          f"in {build_seconds:.2f} s: {index_file} ({index_file.stat().st_size / 2**20:.1f} MiB), {ids_file}")
+    if args.backend == "milvus":
+        index.save_info()
+        print(f"Indexed {len(index)} images ({', '.join(splits)}) of dimension {index.dim} with {index.factory} "
+              f"{index.info['index_parameters'] or ''} in {build_seconds:.2f} s: collection {args.collection} "
+              f"at {args.uri}")
+    else:
+        output = Path(args.output) if args.output else default_output(database_path, args.factory)
+        if output.is_dir():
+            raise ReirError(f"--output {output} is a folder; give a file name such as {output}/collection.faiss", 2)
+        index_file, ids_file = index.save(output)
+        print(f"Indexed {len(index)} images ({', '.join(splits)}) of dimension {index.dim} with {args.factory} "
+              f"in {build_seconds:.2f} s: {index_file} ({index_file.stat().st_size / 2**20:.1f} MiB), {ids_file}")
     if not index.exact and len(index):
-        vectors = flatten(torch.cat([database.features[s] for s in splits]).float())
-        queries = sample_queries(vectors, args.queries)
+        queries = streamed_queries(database_path, splits, len(index), args.queries)
         k = min(10, len(index))
-        figures = compare_with_exact(index, vectors, queries, k)
+        figures = compare_with_exact(index, database_path, splits, queries, k)
         print(f"Recall@{k} against exact search: {100 * figures['recall']:.2f}% on {len(queries)} queries; "
-              f"{figures['qps']:,.0f} queries/s ({args.factory}) vs {figures['exact_qps']:,.0f} (exact)")
+              f"{figures['qps']:,.0f} queries/s ({index.factory}) vs {figures['exact_qps']:,.0f} (exact)")
+    if args.backend == "milvus":
+        index.close()
     return 0

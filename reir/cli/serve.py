@@ -443,7 +443,11 @@ class BodyLimit:
 
 
 def load_searcher(args) -> Searcher:
-    if args.index:
+    if args.uri or args.backend == "milvus":
+        if args.backend != "milvus" or not args.uri:
+            raise UsageError("a Milvus collection is served with --backend milvus --uri URI [--collection NAME]")
+        index = Index.open("milvus", uri=args.uri, collection=args.collection)
+    elif args.index:
         index = Index.load(args.index)
     else:
         from reir.retrieval.database import resolve_database_path
@@ -461,6 +465,9 @@ def get_args_parser() -> ArgumentParser:
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--index", help="an index file written by reir index (its .ids.json beside it)")
     source.add_argument("--data_base", help="a database, searched exactly (an in-memory Flat index)")
+    source.add_argument("--uri", help="with --backend milvus: a Milvus Lite file or http://HOST:19530")
+    parser.add_argument("--backend", default="faiss", choices=["faiss", "milvus"], help="index backend (default faiss)")
+    parser.add_argument("--collection", default="reir", help="with --backend milvus: the collection (default reir)")
     parser.add_argument("--model", default=None, help="model file (default: the one the index records)")
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     parser.add_argument("--port", default=8000, type=int, help="port (0: any free port, printed at start)")

@@ -1,0 +1,113 @@
+"""WebDataset tar shards as an image collection: each sample is an image and, optionally, its label.
+
+A WebDataset shard is a plain tar file whose members are grouped into samples by the name
+before the first dot (``000123.jpg`` + ``000123.cls`` = sample ``000123``). Collections that
+outgrow loose files are kept this way; shards are named with brace ranges
+(``shards/{000000..000099}.tar``) and are the natural unit to split work by. Reading goes
+through the ``webdataset`` package's tar iterator (no shuffling, no node splitting: the
+caller decides which shard each process reads).
+"""
+
+from __future__ import annotations
+
+import glob
+import io
+import json
+import os
+from pathlib import Path
+from typing import Iterator
+
+from PIL import Image, UnidentifiedImageError
+
+from reir.errors import ReirError
+
+IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
+LABEL_KEYS = ("cls", "json")
+MEMBER_SEPARATOR = "::"  # a sample's path: <tar file>::<sample key>
+
+
+def is_shard_pattern(text: str) -> bool:
+    """Whether ``--images`` names tar shards (one file, a brace range or a glob) rather than a folder or CSV."""
+    return text.rstrip("}").endswith(".tar") or ".tar" in text and any(c in text for c in "{*?[")
+
+
+def expand_shards(pattern: str) -> list[Path]:
+    """The tar files a pattern names, in order: brace ranges as WebDataset writes them, then globs."""
+    import braceexpand
+
+    files: list[Path] = []
+    for name in braceexpand.braceexpand(pattern):
+        matches = sorted(glob.glob(name)) if any(c in name for c in "*?[") else [name]
+        files += [Path(m) for m in matches]
+    missing = [f for f in files if not f.is_file()]
+    if missing:
+        raise ReirError(f"--images {pattern}: shard {missing[0]} does not exist"
+                        + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
+                        + "; check the brace range or glob")
+    if not files:
+        raise ReirError(f"--images {pattern} names no tar file; give e.g. 'shards/{{000000..000099}}.tar'")
+    return files
+
+
+def sample_label(sample: dict) -> str:
+    """``cls`` (a class id as text) or ``json`` (its ``label`` or ``cls`` field); ``""`` when absent."""
+    if "cls" in sample:
+        return sample["cls"].decode("utf-8").strip()
+    if "json" in sample:
+        try:
+            record = json.loads(sample["json"])
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            return ""
+        if isinstance(record, dict):
+            value = record.get("label", record.get("cls", ""))
+            return "" if value is None else str(value)
+    return ""
+
+
+def decode_image(data: bytes) -> Image.Image:
+    """Bytes -> RGB image; unreadable bytes raise :class:`ReirError` naming why."""
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            return image.convert("RGB")
+    except Image.DecompressionBombError:
+        raise ReirError("too many pixels to decode safely") from None
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
+        raise ReirError(f"cannot be read ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
+
+
+def iter_samples(shard: Path) -> Iterator[tuple[str, Image.Image | None, str, str]]:
+    """``(path, image, label, error)`` per sample of one shard, in tar order; ``image`` is ``None`` on error.
+
+    A sample without an image, or whose image cannot be decoded, is reported with its error;
+    a tar that breaks off midway reports the break as one error after the samples before it.
+    """
+    import webdataset
+
+    broken: list[str] = []
+
+    def note(exc: Exception) -> bool:
+        broken.append(f"{shard} is damaged ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})")
+        return False  # stop reading this tar
+
+    source = [{"url": str(shard), "stream": open(shard, "rb")}]
+    try:
+        for sample in webdataset.tariterators.group_by_keys(
+                webdataset.tariterators.tar_file_expander(source, handler=note), handler=note):
+            path = f"{shard}{MEMBER_SEPARATOR}{sample['__key__']}"
+            data = next((sample[k] for k in IMAGE_KEYS if k in sample), None)
+            if data is None:
+                yield path, None, "", f"sample {path} has no {'/'.join(IMAGE_KEYS)} image"
+                continue
+            try:
+                yield path, decode_image(data), sample_label(sample), ""
+            except ReirError as exc:
+                yield path, None, "", f"sample {path} {exc}"
+    finally:
+        source[0]["stream"].close()
+    for error in broken:
+        yield str(shard), None, "", error
+
+
+def shard_fingerprint(shards: list[Path]) -> list:
+    """What identifies the shards' content for resuming: path, size and modification time of each."""
+    return [[str(s.resolve()), os.stat(s).st_size, os.stat(s).st_mtime_ns] for s in shards]

@@ -1,0 +1,319 @@
+"""REIR embeddings in a Milvus collection: the same search as :class:`reir.Index`, past one machine.
+
+Milvus is a vector database that runs embedded (Milvus Lite: ``pip install milvus-lite``, a local
+``*.db`` path as the URI), as one server (``http://HOST:19530``) or as a distributed cluster; the
+same :class:`pymilvus.MilvusClient` calls reach all three, so the index built and searched here on a
+laptop is built and searched the same way on a cluster. A collection holds one row per image:
+``id`` (its position, as in a FAISS index), ``vector`` (the flattened scaled embedding, so the
+inner product is REIR's similarity), ``path`` and ``label``. The id map lives in the collection,
+not in memory; what else :class:`reir.Index` records (model file, splits, search parameters) is a
+collection property.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from collections import OrderedDict
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from reir.errors import ReirError
+from reir.retrieval.database import UNLABELLED
+from reir.retrieval.results import Results
+
+INDEX_TYPES = ("FLAT", "HNSW", "IVF_FLAT", "IVF_PQ")
+INFO_PROPERTY = "reir_info"
+INSERT_BATCH = 4096  # rows per insert: ~9.4 MB of 576-dimensional vectors, far below gRPC's message limit
+MAX_PATH = 4096
+MAX_LABEL = 1024
+SEARCH_PARAMETERS = {"efSearch": "ef", "nprobe": "nprobe"}  # FAISS's names -> Milvus's
+CACHED_ROWS = 10_000
+
+
+def _pymilvus():
+    try:
+        import pymilvus
+    except ImportError:
+        raise ReirError("the milvus backend needs pymilvus (and milvus-lite for local files); "
+                        "pip install pymilvus milvus-lite") from None
+    return pymilvus
+
+
+def connect(uri: str):
+    """A client for Milvus Lite (a local path ending in .db) or a Milvus server / cluster (http://HOST:19530)."""
+    if not uri:
+        raise ReirError("the milvus backend needs a URI: a Milvus Lite *.db file or http://HOST:19530", 2)
+    pymilvus = _pymilvus()
+    # pymilvus logs every failed call with its traceback; ours become one-line ReirErrors instead
+    logging.getLogger("pymilvus").setLevel(logging.CRITICAL)
+    is_local = not uri.startswith(("http://", "https://", "tcp://", "unix:"))
+    if is_local and not uri.endswith(".db"):
+        raise ReirError(f"--uri {uri} is neither a Milvus Lite file (name it *.db) nor a server "
+                        "(http://HOST:19530)", 2)
+    if is_local:
+        Path(uri).parent.mkdir(parents=True, exist_ok=True)
+        # Milvus Lite's in-process gRPC server logs a traceback for each call it does not implement
+        # (pymilvus asks for timestamps it can do without); nothing fails, so keep it quiet
+        logging.getLogger("grpc._server").setLevel(logging.CRITICAL)
+    try:
+        return pymilvus.MilvusClient(uri=uri)
+    except Exception as exc:  # noqa: BLE001 - pymilvus raises many kinds for an unreachable server
+        raise ReirError(f"cannot reach Milvus at {uri} ({_message(exc)}); start the server or check --uri") from None
+
+
+def release(uri: str) -> None:
+    """Stop the in-process Milvus Lite server of a local file (a no-op for remote servers)."""
+    if uri.startswith(("http://", "https://", "tcp://", "unix:")):
+        return
+    try:
+        from milvus_lite.server_manager import server_manager_instance
+    except ImportError:
+        return
+    server_manager_instance.release_server(str(Path(uri).resolve()))
+
+
+def index_parameters(index_type: str, parameters: dict | None) -> dict:
+    index_type = index_type.upper()
+    if index_type not in INDEX_TYPES:
+        raise ReirError(f"--index_type {index_type} is not one of {', '.join(INDEX_TYPES)}", 2)
+    defaults = {"HNSW": {"M": 32, "efConstruction": 200}, "IVF_FLAT": {"nlist": 1024},
+                "IVF_PQ": {"nlist": 1024, "m": 96, "nbits": 8}}.get(index_type, {})
+    return {**defaults, **(parameters or {})}
+
+
+class MilvusIndex:
+    """Database images in a Milvus collection, searchable by REIR's similarity (inner product).
+
+    The same surface as :class:`reir.retrieval.index.Index`: ``search``, ``add``, ``tune``,
+    ``len``, ``dim``, ``paths`` and ``labels`` (read from the collection on demand), ``info``.
+    ``FLAT`` is exact; ``HNSW``, ``IVF_FLAT`` and ``IVF_PQ`` are approximate.
+    """
+
+    backend = "milvus"
+
+    def __init__(self, client, uri: str, collection: str, index_type: str, dim: int, info: dict | None = None):
+        self.client = client
+        self.uri = uri
+        self.collection = collection
+        self.index_type = index_type
+        self._dim = dim
+        self.info = info or {}
+        self.search_parameters: dict = {}
+        self._count: int | None = None
+        self._rows: OrderedDict[int, tuple[str, str]] = OrderedDict()
+        self.paths = _FieldView(self, 0)
+        self.labels = _FieldView(self, 1)
+
+    @property
+    def factory(self) -> str:
+        return f"milvus {self.index_type}"
+
+    @property
+    def exact(self) -> bool:
+        return self.index_type == "FLAT"
+
+    @property
+    def dim(self) -> int:
+        return self._dim
+
+    def __len__(self) -> int:
+        if self._count is None:
+            self._count = int(self.client.get_collection_stats(self.collection)["row_count"])
+        return self._count
+
+    @classmethod
+    def create(cls, uri: str, collection: str, dim: int, index_type: str = "FLAT", parameters: dict | None = None,
+               info: dict | None = None) -> "MilvusIndex":
+        """A new, empty collection (an existing one of that name is replaced)."""
+        pymilvus = _pymilvus()
+        index_type = index_type.upper()
+        parameters = index_parameters(index_type, parameters)
+        client = connect(uri)
+        schema = pymilvus.MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False)
+        schema.add_field("id", pymilvus.DataType.INT64, is_primary=True)
+        schema.add_field("vector", pymilvus.DataType.FLOAT_VECTOR, dim=dim)
+        schema.add_field("path", pymilvus.DataType.VARCHAR, max_length=MAX_PATH)
+        schema.add_field("label", pymilvus.DataType.VARCHAR, max_length=MAX_LABEL)
+        index_params = client.prepare_index_params()
+        index_params.add_index(field_name="vector", index_type=index_type, metric_type="IP", params=parameters)
+        try:
+            if client.has_collection(collection):
+                client.drop_collection(collection)
+            client.create_collection(collection, schema=schema, index_params=index_params,
+                                     consistency_level="Strong")
+        except Exception as exc:  # noqa: BLE001 - the server's refusal, e.g. an invalid index parameter
+            raise ReirError(f"Milvus refused {index_type} {parameters} ({_message(exc)}); "
+                            "check the index parameters", 2) from None
+        info = {**(info or {}), "index_type": index_type, "index_parameters": parameters, "dim": dim}
+        created = cls(client, uri, collection, index_type, dim, info)
+        created.save_info()
+        return created
+
+    @classmethod
+    def build(cls, features, paths: Sequence[str] | None = None, labels: Sequence[str] | None = None,
+              index_type: str = "FLAT", info: dict | None = None, *, uri: str | None = None, collection: str = "reir",
+              parameters: dict | None = None) -> "MilvusIndex":
+        """A collection over ``features`` (``[N, ensemble, meta]`` or ``[N, D]``), inserted in batches."""
+        from reir.retrieval.index import _as_vectors
+
+        vectors = _as_vectors(features)
+        built = cls.create(uri, collection, vectors.shape[1], index_type, parameters, info)
+        built.add(vectors, paths, labels)
+        return built
+
+    @classmethod
+    def from_database(cls, database, splits: Sequence[str] | None = None, index_type: str = "FLAT", *,
+                      uri: str | None = None,
+                      collection: str = "reir", parameters: dict | None = None) -> "MilvusIndex":
+        """A collection over a database's splits, streamed shard by shard from a sharded database."""
+        from reir.retrieval.index import database_chunks
+
+        chosen, info, chunks = database_chunks(database, splits)
+        index = None
+        for _, features, paths, labels in chunks:
+            if index is None:
+                index = cls.create(uri, collection, math.prod(features.shape[1:]), index_type, parameters, info)
+            index.add(features, paths, labels)
+        if index is None:
+            raise ReirError(f"the splits {', '.join(chosen)} hold no images; embed some first")
+        return index
+
+    def add(self, features, paths: Sequence[str] | None = None, labels: Sequence[str] | None = None) -> None:
+        """Rows ``len .. len + N - 1``, in batches of :data:`INSERT_BATCH`."""
+        from reir.retrieval.index import _as_vectors
+
+        vectors = _as_vectors(features)
+        if vectors.shape[1] != self.dim:
+            raise ReirError(f"vectors of dimension {vectors.shape[1]} cannot join an index of dimension {self.dim}; "
+                            "embed with the same model")
+        paths = [str(p) for p in paths] if paths is not None else [""] * len(vectors)
+        labels = [str(l) for l in labels] if labels is not None else [UNLABELLED] * len(vectors)
+        if len(paths) != len(vectors) or len(labels) != len(vectors):
+            raise ReirError(f"{len(vectors)} vectors but {len(paths)} paths and {len(labels)} labels; give one each")
+        too_long = next((p for p in paths if len(p.encode()) > MAX_PATH), None)
+        if too_long is not None:
+            raise ReirError(f"path {too_long[:60]}... is longer than {MAX_PATH} bytes; shorten it")
+        start, array = len(self), vectors.numpy()
+        for first in range(0, len(vectors), INSERT_BATCH):
+            last = min(first + INSERT_BATCH, len(vectors))
+            rows = [{"id": start + i, "vector": array[i], "path": paths[i], "label": labels[i]}
+                    for i in range(first, last)]
+            try:
+                self.client.insert(self.collection, rows)
+            except Exception as exc:  # noqa: BLE001 - the server's refusal
+                raise ReirError(f"Milvus refused an insert into {self.collection} ({_message(exc)})") from None
+        self._count = start + len(vectors)
+
+    def tune(self, **parameters) -> None:
+        """Search-time parameters, by FAISS's names (``efSearch``, ``nprobe``) or Milvus's (``ef``)."""
+        for name, value in parameters.items():
+            milvus_name = SEARCH_PARAMETERS.get(name, name)
+            if milvus_name not in ("ef", "nprobe"):
+                raise ReirError(f"milvus {self.index_type} has no search parameter {name}; use efSearch or nprobe", 2)
+            self.search_parameters[milvus_name] = value
+
+    def search(self, queries, k: int = 10) -> Results:
+        """``[Q, k]`` scores and ids best first; ids ``-1`` (scores ``-inf``) pad rows not filled."""
+        from reir.retrieval.index import _as_vectors
+
+        queries = _as_vectors(queries)
+        if queries.shape[1] != self.dim:
+            raise ReirError(f"queries have dimension {queries.shape[1]} but the index {self.dim}; "
+                            "embed with the model the index was built for")
+        k = min(k, len(self))
+        scores = torch.full((len(queries), k), float("-inf"))
+        ids = torch.full((len(queries), k), -1, dtype=torch.long)
+        if k == 0 or not len(queries):
+            return Results(scores, ids, len(self))
+        params = {"metric_type": "IP", "params": dict(self.search_parameters)}
+        if "ef" in params["params"]:
+            params["params"]["ef"] = max(params["params"]["ef"], k)
+        try:
+            hits = self.client.search(self.collection, data=list(queries.numpy()), limit=k,
+                                      output_fields=["path", "label"], search_params=params)
+        except Exception as exc:  # noqa: BLE001 - the server's refusal
+            raise ReirError(f"Milvus search in {self.collection} failed ({_message(exc)})") from None
+        for row, found in enumerate(hits):
+            for column, hit in enumerate(found):
+                ids[row, column] = int(hit["id"])
+                scores[row, column] = float(hit["distance"])
+                self._remember(int(hit["id"]), hit["entity"]["path"], hit["entity"]["label"])
+        return Results(scores, ids, len(self))
+
+    def row(self, image_id: int) -> tuple[str, str]:
+        """``(path, label)`` of one image, from a small cache or the collection."""
+        if image_id in self._rows:
+            self._rows.move_to_end(image_id)
+            return self._rows[image_id]
+        if not 0 <= image_id < len(self):
+            raise IndexError(image_id)
+        found = self.client.query(self.collection, ids=[image_id], output_fields=["path", "label"])
+        if not found:
+            raise IndexError(image_id)
+        return self._remember(image_id, found[0]["path"], found[0]["label"])
+
+    def _remember(self, image_id: int, path: str, label: str) -> tuple[str, str]:
+        self._rows[image_id] = (path, label)
+        if len(self._rows) > CACHED_ROWS:
+            self._rows.popitem(last=False)
+        return path, label
+
+    def iter_rows(self, batch: int = 1000):
+        """``(path, label)`` of every image in id order, a page at a time."""
+        for first in range(0, len(self), batch):
+            found = self.client.query(self.collection, filter=f"id >= {first} and id < {first + batch}",
+                                      output_fields=["path", "label"])
+            yield from ((r["path"], r["label"]) for r in sorted(found, key=lambda r: r["id"]))
+
+    def save_info(self) -> None:
+        """What serving needs besides the rows (model file, splits, search parameters), as a collection property."""
+        self.info["search_parameters"] = dict(self.search_parameters)
+        self.client.alter_collection_properties(self.collection, properties={INFO_PROPERTY: json.dumps(self.info)})
+
+    @classmethod
+    def load(cls, uri: str, collection: str = "reir") -> "MilvusIndex":
+        client = connect(uri)
+        if not client.has_collection(collection):
+            raise ReirError(f"Milvus at {uri} has no collection {collection}; build it with "
+                            f"reir index --backend milvus --uri {uri} --collection {collection}")
+        described = client.describe_collection(collection)
+        info = json.loads((described.get("properties") or {}).get(INFO_PROPERTY, "null") or "null")
+        if not isinstance(info, dict) or "index_type" not in info:
+            raise ReirError(f"collection {collection} at {uri} was not written by reir index; rebuild it")
+        client.load_collection(collection)  # a reopened collection starts released: searchable only once loaded
+        loaded = cls(client, uri, collection, info["index_type"], int(info["dim"]), info)
+        loaded.tune(**info.get("search_parameters", {}))
+        return loaded
+
+    def close(self) -> None:
+        """Close the connection; a Milvus Lite file's in-process server stops with it."""
+        self.client.close()
+        release(self.uri)
+
+
+class _FieldView(Sequence):
+    """``index.paths`` / ``index.labels`` of a Milvus index: read from the collection when asked."""
+
+    def __init__(self, index: MilvusIndex, column: int):
+        self.index = index
+        self.column = column
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __getitem__(self, image_id):
+        if isinstance(image_id, slice):
+            return [self[i] for i in range(*image_id.indices(len(self)))]
+        return self.index.row(int(image_id))[self.column]
+
+    def __iter__(self):
+        return (row[self.column] for row in self.index.iter_rows())
+
+
+def _message(exc: Exception) -> str:
+    text = str(getattr(exc, "message", "") or exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

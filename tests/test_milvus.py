@@ -1,0 +1,112 @@
+"""The Milvus backend (Milvus Lite, in-process, from a file under tmp_path) against FAISS and exact search."""
+
+import re
+
+import pytest
+import torch
+
+from conftest import run_script
+
+from reir.retrieval.database import Database
+from reir.retrieval.index import Index
+
+COUNT, ENSEMBLE, META = 10_000, 16, 12
+
+
+@pytest.fixture(autouse=True)
+def no_server_left():
+    """Every Milvus Lite server a test starts is stopped by the time it ends."""
+    from milvus_lite.server_manager import server_manager_instance
+
+    yield
+    running = list(server_manager_instance._servers)
+    assert not running, f"Milvus Lite still running for {running}"
+
+
+def reir_like(count, seed):
+    """Per-branch L2-normalised embeddings, a few of them exact duplicates (ties)."""
+    features = torch.nn.functional.normalize(torch.randn(count, ENSEMBLE, META,
+                                                         generator=torch.Generator().manual_seed(seed)), dim=-1)
+    features[1::997] = features[0]
+    return features
+
+
+def test_flat_collection_gives_faiss_flat_ids_and_scores(tmp_path):
+    features = reir_like(COUNT, 0)
+    queries = torch.cat([features[:3], reir_like(97, 1)])
+    paths = [f"/images/{i:05d}.jpg" for i in range(COUNT)]
+    labels = [str(i % 7) for i in range(COUNT)]
+    milvus = Index.build(features, paths, labels, backend="milvus", uri=str(tmp_path / "r.milvus.db"), collection="c")
+    try:
+        faiss_flat = Index.build(features, paths, labels, "Flat")
+        k = 10
+        found_scores, found_ids = milvus.search(queries, k)
+        exact_scores, exact_ids = faiss_flat.search(queries, k)
+        assert found_scores.shape == exact_scores.shape == (len(queries), k)
+        torch.testing.assert_close(found_scores, exact_scores, atol=1e-5, rtol=0)
+        # each returned score is the true inner product of that id, computed here independently
+        vectors = features.reshape(COUNT, -1) / ENSEMBLE ** 0.5
+        flat_queries = queries.reshape(len(queries), -1) / ENSEMBLE ** 0.5
+        truth = flat_queries @ vectors.T
+        torch.testing.assert_close(found_scores, truth.gather(1, found_ids), atol=1e-5, rtol=0)
+        # same ids in the same order, except among scores equal within float tolerance
+        tied = torch.zeros_like(exact_scores, dtype=torch.bool)
+        close = (exact_scores[:, 1:] - exact_scores[:, :-1]).abs() < 1e-5
+        tied[:, 1:] |= close
+        tied[:, :-1] |= close
+        assert torch.equal(found_ids[~tied], exact_ids[~tied])
+        assert tied[:3].any() and (~tied).sum() > 0.9 * tied.numel()  # the duplicates tie; most do not
+        for row in range(len(queries)):  # tied groups hold the same ids, whatever their order
+            kth = exact_scores[row, -1]
+            inside = ~tied[row] | (exact_scores[row] > kth + 1e-5)
+            assert set(found_ids[row][inside].tolist()) == set(exact_ids[row][inside].tolist())
+        assert [milvus.paths[i] for i in found_ids[5].tolist()] == [paths[i] for i in found_ids[5].tolist()]
+        assert milvus.labels[1234] == labels[1234] and len(milvus) == COUNT and milvus.exact
+    finally:
+        milvus.close()
+
+
+def test_collection_survives_reopening_with_its_info_and_search_parameters(tmp_path):
+    uri = str(tmp_path / "h.milvus.db")
+    features = reir_like(500, 2)
+    db = Database({"test": features}, {"test": {"paths": [f"p{i}" for i in range(500)], "labels": ["x"] * 500}},
+                  {}, {"model_file": "/models/m.safetensors"})
+    built = Index.from_database(db, factory="HNSW", backend="milvus", uri=uri, collection="photos",
+                                parameters={"M": 8, "efConstruction": 40})
+    built.tune(efSearch=64)
+    built.save_info()
+    built.close()
+    opened = Index.open("milvus", uri=uri, collection="photos")
+    try:
+        assert len(opened) == 500 and opened.dim == ENSEMBLE * META and not opened.exact
+        assert opened.info["model_file"] == "/models/m.safetensors" and opened.info["index_parameters"]["M"] == 8
+        assert opened.search_parameters == {"ef": 64}
+        scores, ids = opened.search(features[2:22], 5)
+        assert ids[:, 0].tolist() == list(range(2, 22))  # each vector finds itself first (0 and 1 are twins)
+        assert list(opened.paths)[:3] == ["p0", "p1", "p2"]
+    finally:
+        opened.close()
+
+
+def test_reir_index_milvus_prints_recall_and_speed(served_model, tmp_path):
+    uri = str(tmp_path / "reir.milvus.db")
+    result = run_script("reir", "index", "--data_base", str(served_model.database), "--backend", "milvus",
+                        "--uri", uri, "--collection", "digits", "--index_type", "HNSW", "--index_params",
+                        "M=8,efConstruction=32", "--efSearch", "16")
+    assert result.returncode == 0, result.stderr
+    assert re.search(r"Indexed \d+ images \(test\) of dimension 12 with milvus HNSW", result.stdout)
+    found = re.search(r"Recall@10 against exact search: ([\d.]+)% .* ([\d,]+) queries/s \(milvus HNSW\) vs ([\d,]+) "
+                      r"\(exact\)", result.stdout)
+    assert found and 50 <= float(found.group(1)) <= 100, result.stdout
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--backend", "milvus"], "--backend milvus needs --uri"),
+    (["--backend", "milvus", "--uri", "somewhere.sqlite"], "neither a Milvus Lite file"),
+    (["--backend", "milvus", "--uri", "x.db", "--index_type", "ANNOY"], "is not one of FLAT, HNSW"),
+    (["--uri", "x.db"], "are for --backend milvus"),
+])
+def test_bad_milvus_options_are_one_line(served_model, tmp_path, args, message):
+    result = run_script("reir", "index", "--data_base", str(served_model.database), *args, cwd=tmp_path)
+    assert result.returncode != 0 and result.stderr.count("\n") == 1 and message in result.stderr, result.stderr
+    assert not (tmp_path / "x.db").exists()
