@@ -137,7 +137,7 @@ def test_tar_shards_to_torchrun_sharded_database_to_milvus_to_serve(served_model
                          "--collection", "web")
     assert indexed.returncode == 0, indexed.stderr
     server = subprocess.Popen([sys.executable, "-m", "reir", "serve", "--backend", "milvus", "--uri", uri,
-                               "--collection", "web", "--port", "0"], cwd=REPO, env={**env, "OMP_NUM_THREADS": "2"},
+                               "--collection", "web", "--port", "0", "--expose_paths"], cwd=REPO, env={**env, "OMP_NUM_THREADS": "2"},
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         line = server.stdout.readline()
