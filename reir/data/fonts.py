@@ -11,17 +11,15 @@ typeface family the network never saw.
 
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
+import unicodedata
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageFont
+from PIL import ImageFont
 
-from reir.data.glyphs import (DEJAVU, DRAWN_CATEGORIES, FONT_SIZE, IMAGE_SIZE, SPLIT_SEED, STIX, class_name,
-                              font_folder, render, split_classes)
-from reir.data.splits import Split, SplitList, load_split_list, save_split_list, split_list_path
+from reir.data.glyphs import (DEJAVU, DRAWN_CATEGORIES, FONT_SIZE, IMAGE_SIZE, SPLIT_SEED, STIX, font_folder,
+                              render, split_classes, write_images)
+from reir.data.splits import SplitList, load_split_list, save_split_list, split_list_path
 from reir.errors import ReirError
 from reir.fileio import ensure_dir
 
@@ -33,7 +31,6 @@ TEST_FONTS = tuple(STIX)
 def shared_characters(folder: Path, fonts: tuple[str, ...]) -> list[int]:
     """Visible characters every one of ``fonts`` maps, in code-point order."""
     from fontTools.ttLib import TTFont
-    import unicodedata
 
     missing = [name for name in fonts if not (folder / name).is_file()]
     if missing:
@@ -71,34 +68,10 @@ def prepare_fonts(data_path: str | Path, limit: int | None = None) -> SplitList:
     every = render_fonts(folder, shared_characters(folder, TRAIN_FONTS + TEST_FONTS)[:limit], TRAIN_FONTS + TEST_FONTS)
     train, test = split_classes(sorted(every))
     cut = len(TRAIN_FONTS)
-    rendered = {"train": {p: every[p][:cut] for p in train}, "test": {p: every[p][cut:] for p in test}}
-    fonts = {"train": TRAIN_FONTS, "test": TEST_FONTS}
-    root = ensure_dir(Path(data_path) / DATA_NAME)
-    splits = {split: Split([], []) for split in rendered}
-    try:
-        scratch = Path(tempfile.mkdtemp(prefix=".images.", dir=root))
-    except OSError as exc:
-        raise ReirError(f"cannot write in {root}: {exc.strerror}; choose a writable --data_path") from None
-    try:
-        for split, images in rendered.items():
-            for point, drawn in images.items():
-                ensure_dir(scratch / class_name(point))
-                for font, pixels in zip(fonts[split], drawn):
-                    relative = f"{class_name(point)}/{Path(font).stem}.png"
-                    Image.fromarray(pixels).save(scratch / relative, format="PNG")
-                    splits[split].paths.append(f"images/{relative}")
-                    splits[split].labels.append(class_name(point))
-        final = root / "images"
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(scratch, final)
-    except OSError as exc:
-        raise ReirError(f"cannot write the font images under {root}: {exc.strerror}; "
-                        "free space or choose another --data_path") from None
-    finally:
-        if scratch.exists():
-            shutil.rmtree(scratch, ignore_errors=True)
-    grey = np.stack([p for drawn in rendered["train"].values() for p in drawn]).astype(np.float64) / 255.0
+    rendered = {"train": {p: dict(zip(TRAIN_FONTS, every[p][:cut])) for p in train},
+                "test": {p: dict(zip(TEST_FONTS, every[p][cut:])) for p in test}}
+    splits = write_images(ensure_dir(Path(data_path) / DATA_NAME), rendered, "font")
+    grey = np.stack([p for drawn in rendered["train"].values() for p in drawn.values()]).astype(np.float64) / 255.0
     mean, std = [float(grey.mean())] * 3, [float(grey.std())] * 3
     info = {"image_size": IMAGE_SIZE, "train_fonts": list(TRAIN_FONTS), "test_fonts": list(TEST_FONTS),
             "split_seed": SPLIT_SEED, "characters": sum(map(len, rendered.values())), "limit": limit}
