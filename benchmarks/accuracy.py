@@ -21,9 +21,9 @@ continues where it stopped.
 
     python benchmarks/accuracy.py --results runs.jsonl --markdown tables.md --jobs 2
 
-Datasets (``--datasets``): ``glyphs`` (the demo's look-alike characters, classes with the lowest code
-points), ``fonts`` (reir/data/fonts.py: test characters *and* test typefaces unseen in training,
-from matplotlib's fonts) and ``fashion-mnist`` (Debian's package, classes 0-4 train, 5-9 test:
+Datasets (``--datasets``): ``glyphs`` (look-alike characters: the classes with the lowest code points
+from U+0100 on, Latin letters with diacritics), ``fonts`` (reir/data/fonts.py: test characters *and*
+test typefaces unseen in training, from matplotlib's fonts) and ``fashion-mnist`` (Debian's package, classes 0-4 train, 5-9 test:
 ``apt-get install -y dataset-fashion-mnist``, files under /usr/share/datasets/fashion-mnist).
 """
 
@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import csv
+import dataclasses
 import gzip
 import io
 import json
@@ -57,6 +58,7 @@ from reir.data.custom import load_custom  # noqa: E402
 from reir.data.fonts import prepare_fonts  # noqa: E402
 from reir.data.glyphs import SPLIT_SEED, prepare_glyphs, write_subset_csv  # noqa: E402
 from reir.data.images import ImageList, build_transform  # noqa: E402
+from reir.data.splits import Split  # noqa: E402
 from reir.fileio import atomic_write  # noqa: E402
 from reir.model.network import ModelConfig, build_backbone  # noqa: E402
 from reir.retrieval.baselines import label_ids, network_features, raw_pixel_features, untrained_features  # noqa: E402
@@ -94,9 +96,15 @@ NORMALIZED_SOFTMAX_TEMPERATURE = 0.05
 
 
 def glyphs_source(work: Path, data_path: Path, args) -> Path:
-    """A CSV over some glyph classes: the demo's block of look-alikes, or a fixed random choice."""
-    return write_subset_csv(prepare_glyphs(data_path), work / "glyphs.csv", args.train_classes, args.test_classes,
-                            None if args.glyph_classes == "lowest" else SPLIT_SEED)
+    """A CSV over some glyph classes: the lowest code points from ``--glyph_from`` on (a block of
+    look-alikes), or a fixed random choice."""
+    glyphs = prepare_glyphs(data_path)
+    start = int(args.glyph_from.removeprefix("U+"), 16)
+    kept = {name: Split(*zip(*[(path, label) for path, label in zip(split.paths, split.labels)
+                               if int(label[2:], 16) >= start]))
+            for name, split in glyphs.splits.items()}
+    return write_subset_csv(dataclasses.replace(glyphs, splits=kept), work / "glyphs.csv", args.train_classes,
+                            args.test_classes, None if args.glyph_classes == "lowest" else SPLIT_SEED)
 
 
 def fonts_source(work: Path, data_path: Path, args) -> Path:
@@ -454,8 +462,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--train_classes", type=int, default=24, help="glyphs and fonts: training classes used")
     parser.add_argument("--test_classes", type=int, default=24, help="glyphs and fonts: test classes used")
     parser.add_argument("--glyph_classes", choices=("lowest", "random"), default="lowest",
-                        help="glyphs: the classes with the lowest code points (the demo's look-alikes, where raw "
-                             "pixels are weak) or a fixed random choice (easier: raw pixels near the ceiling)")
+                        help="glyphs: the classes with the lowest code points from --glyph_from on (look-alikes, "
+                             "where raw pixels are weak) or a fixed random choice (easier: raw pixels near the ceiling)")
+    parser.add_argument("--glyph_from", default="U+0100",
+                        help="glyphs: the first code point of --glyph_classes lowest (default: Latin Extended-A, "
+                             "letters with diacritics; U+0000 is the demo's block)")
     parser.add_argument("--train_images", type=int, default=60, help="fashion-mnist: images per training class")
     parser.add_argument("--test_images", type=int, default=60, help="fashion-mnist: images per test class")
     parser.add_argument("--image_size", type=int, default=16)

@@ -39,7 +39,8 @@ def table_rows(markdown) -> dict[str, dict[str, list[str]]]:
 
 def test_every_method_yields_a_complete_row(accuracy, glyphs_root, tmp_path):
     markdown, plot = tmp_path / "tables.md", tmp_path / "ensemble.png"
-    assert accuracy.main(["--datasets", "glyphs", "--data_path", str(glyphs_root), *TINY, "--seeds", "0",
+    assert accuracy.main(["--datasets", "glyphs", "--glyph_from", "U+0000", "--data_path", str(glyphs_root), *TINY,
+                          "--seeds", "0",
                           "--methods", ",".join(accuracy.METHODS), "--markdown", str(markdown),
                           "--plot", str(plot)]) == 0
     sections = table_rows(markdown)

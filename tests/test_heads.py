@@ -224,6 +224,7 @@ def test_unseen_fonts_split_has_disjoint_classes_and_fonts(tmp_path):
     assert not fonts["train"] & fonts["test"]
     classes = {split: set(s.classes) for split, s in split_list.splits.items()}
     assert classes["train"] and classes["test"] and not classes["train"] & classes["test"]
+    assert all(chr(int(c[2:], 16)).isalnum() for c in classes["test"])
     for split, per_class in (("train", len(TRAIN_FONTS)), ("test", len(TEST_FONTS))):
         labels = split_list.splits[split].labels
         assert all(labels.count(c) == per_class for c in classes[split])
