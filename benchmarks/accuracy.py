@@ -396,8 +396,44 @@ def ensemble_table(records: list[dict], epochs: int) -> str:
     return "\n".join(lines)
 
 
+def mean_recall(records: list[dict], dataset: str, epochs: int, method: str) -> float | None:
+    values = [r["metrics"]["recall@1"] for r in records
+              if r["dataset"] == dataset and r["epochs"] == epochs and r["method"] == method]
+    return 100 * float(np.mean(values)) if values else None
+
+
+def summary_tables(records: list[dict], names: list[str], args) -> str:
+    """Each REIR variant's mean R@1 minus the default REIR's, and the best REIR row against the best peer."""
+    cells = [(name, epochs) for name in names for epochs in args.epochs]
+    header = "| | " + " | ".join(f"{name}, {epochs} ep." for name, epochs in cells) + " |"
+    rule = "|---" * (len(cells) + 1) + "|"
+    variants = [m for m in REIR_VARIANTS if m != "REIR" and m in args.methods]
+    lines = ["Mean R@1 of each REIR variant minus the default REIR's (points):", "", header, rule]
+    for method in variants:
+        row = []
+        for name, epochs in cells:
+            mine, default = (mean_recall(records, name, epochs, m) for m in (method, "REIR"))
+            row.append("" if mine is None or default is None else f"{mine - default:+.1f}")
+        lines.append(f"| {method} | " + " | ".join(row) + " |")
+    lines += ["", "Best REIR row against the best peer (mean R@1):", "", header, rule]
+    best = {"best REIR": [m for m in REIR_VARIANTS if m in args.methods],
+            "best peer": [m for m in PEERS if m in args.methods]}
+    rows = {label: [] for label in best}
+    for name, epochs in cells:
+        for label, methods in best.items():
+            scored = [(mean_recall(records, name, epochs, m), m) for m in methods]
+            scored = [(value, m) for value, m in scored if value is not None]
+            rows[label].append(max(scored) if scored else None)
+    for label, values in rows.items():
+        lines.append(f"| {label} | " + " | ".join("" if v is None else f"{v[0]:.1f} ({v[1]})" for v in values) + " |")
+    gaps = [("" if a is None or b is None else f"{a[0] - b[0]:+.1f}") for a, b in zip(rows["best REIR"],
+                                                                                        rows["best peer"])]
+    lines.append("| REIR minus peer | " + " | ".join(gaps) + " |")
+    return "\n".join(lines)
+
+
 def report(records: list[dict], names: list[str], described: dict[str, str], args) -> str:
-    sections = []
+    sections = [summary_tables(records, names, args)]
     for name in names:
         mine = [r for r in records if r["dataset"] == name]
         for epochs in args.epochs:
@@ -481,6 +517,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--jobs", type=int, default=1,
                         help="runs at a time, each in its own process with one thread "
                              "(results unchanged; seconds then measure a shared machine)")
+    parser.add_argument("--report_only", action="store_true",
+                        help="run nothing: the tables of the runs already in --results")
     parser.add_argument("--markdown", type=Path, default=None, help="also write the tables to this file")
     parser.add_argument("--plot", type=Path, default=None,
                         help="write the ensemble-size plot (PNG, largest budget) here")
@@ -517,6 +555,7 @@ def main(argv: list[str] | None = None) -> int:
             prepared[name] = (source, work, dataset_args)
         done = {unit_key(r, r["setting"]) for r in records}
         todo = [u for u in units(names, args) if unit_key(u, described[u["dataset"]]) not in done]
+        todo = [] if args.report_only else todo
 
         def finished(record: dict) -> None:
             records.append({**record, "setting": described[record["dataset"]]})
