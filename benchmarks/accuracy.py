@@ -327,10 +327,11 @@ def units(names: list[str], args) -> list[dict]:
                 for method in args.methods:
                     if method == BEST_BRANCH:
                         continue
-                    if method in BASELINES:  # no training: one per seed (raw pixels: one in all)
+                    if method in BASELINES:  # no training: one per seed (raw pixels: one in all, as seed 0)
                         if epochs != args.epochs[0] or (method == "raw pixels" and seed != args.seeds[0]):
                             continue
-                        grid.append({"dataset": name, "epochs": 0, "seed": seed, "method": method})
+                        grid.append({"dataset": name, "epochs": 0, "seed": 0 if method == "raw pixels" else seed,
+                                     "method": method})
                         continue
                     grid.append({"dataset": name, "epochs": epochs, "seed": seed, "method": method})
     return grid
