@@ -1,26 +1,30 @@
-"""REIR next to its alternatives on unseen classes: same data, backbone, image size and epochs.
+"""REIR, its branch-head variants and the best peer losses on unseen classes, at equal budget.
 
-Methods (resnet18 from random initialisation everywhere):
+Same data, backbone (resnet18 from random initialisation), image size, batch size, recipe and
+epochs for every trained method; every (dataset, budget, seed, method) is one run:
 
-- raw pixels: cosine of the mean-centred pixels; the untrained network (REIR's shape, random weights);
-- REIR with fixed and with random meta labels, and the best single branch of the fixed one;
-- REIR (fixed) with the original's recipe (Adam 1e-4), to show why ``--weights none`` gets its own;
-- a softmax classifier over all training classes (REIR with one branch and one meta class per class,
-  which ``reir train`` refuses, so trained here with the same recipe), its logits as the embedding;
-- pytorch-metric-learning's ProxyAnchor and MultiSimilarity (+ its miner) losses with their published
-  default hyperparameters, a 512-d linear head and an m-per-class sampler.
+- raw pixels (cosine of the mean-centred pixels) and the untrained network (REIR's shape);
+- REIR with the defaults ``reir train`` picks for ``--weights none``, and each variant of
+  :data:`REIR_VARIANTS` (one ``reir train`` flag set each: cosine heads with a fixed or learned
+  scale, twice the meta classes, a projection before the head, a MultiSimilarity term on the
+  concatenated embedding); the best single branch of the default REIR;
+- peers: a softmax classifier over all training classes (its normalised logits as the embedding),
+  a normalized softmax (cosine classifier with temperature 0.05 over a 512-d normalised
+  embedding), and pytorch-metric-learning's ProxyAnchor and MultiSimilarity (+ its miner) with their
+  published defaults, a 512-d linear head and an m-per-class sampler.
 
-Every trained method uses the same recipe (reir.training.recipe, the one ``--weights none`` selects), batch
-size and number of epochs, is evaluated on the test classes after every epoch and reports its best
-epoch, as train.py does (the original's protocol; optimistic in the same way for every method); the
-last epoch's R@1 is printed beside it. REIR trains through ``reir train``'s entry point.
-The ensemble-size table evaluates the first 1, 2, 4, ... branches of the trained fixed-label REIR.
+Every trained method is evaluated on the test classes after every epoch and reports its best epoch
+(the original's protocol, optimistic alike for all); the last epoch's R@1 is printed beside it. The
+tables give mean ± standard deviation over the seeds. Runs are appended to ``--results`` (JSON
+lines) as they finish; a rerun with the same file skips the runs it holds, so an interrupted grid
+continues where it stopped.
 
-    python benchmarks/accuracy.py                            # glyphs and, if installed, Fashion-MNIST
-    python benchmarks/accuracy.py --datasets glyphs --markdown out.md --plot ensemble.png
+    python benchmarks/accuracy.py --results runs.jsonl --markdown tables.md --jobs 2
 
-Fashion-MNIST comes from Debian's package (classes 0-4 train, 5-9 test):
-``apt-get install -y dataset-fashion-mnist`` (files under /usr/share/datasets/fashion-mnist).
+Datasets (``--datasets``): ``glyphs`` (look-alike characters: the classes with the lowest code points
+from U+0100 on, Latin letters with diacritics), ``fonts`` (reir/data/fonts.py: test characters *and*
+test typefaces unseen in training, from matplotlib's fonts) and ``fashion-mnist`` (Debian's package, classes 0-4 train, 5-9 test:
+``apt-get install -y dataset-fashion-mnist``, files under /usr/share/datasets/fashion-mnist).
 """
 
 from __future__ import annotations
@@ -28,13 +32,17 @@ from __future__ import annotations
 import argparse
 import contextlib
 import csv
+import dataclasses
 import gzip
 import io
+import json
 import multiprocessing
+import re
+import shutil
 import sys
 import tempfile
 import time
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -42,13 +50,17 @@ sys.path.insert(0, str(REPO))
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
 from PIL import Image  # noqa: E402
 from torch import nn  # noqa: E402
 
 from reir import cli  # noqa: E402
 from reir.data.custom import load_custom  # noqa: E402
-from reir.data.glyphs import prepare_glyphs, write_subset_csv  # noqa: E402
+from reir.data.fonts import prepare_fonts  # noqa: E402
+from reir.data.glyphs import SPLIT_SEED, prepare_glyphs, write_subset_csv  # noqa: E402
 from reir.data.images import ImageList, build_transform  # noqa: E402
+from reir.data.splits import Split  # noqa: E402
+from reir.fileio import atomic_write  # noqa: E402
 from reir.model.network import ModelConfig, build_backbone  # noqa: E402
 from reir.retrieval.baselines import label_ids, network_features, raw_pixel_features, untrained_features  # noqa: E402
 from reir.retrieval.database import load_database  # noqa: E402
@@ -57,19 +69,49 @@ from reir.training.recipe import SCRATCH  # noqa: E402
 
 FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 RECALLS = (1, 2, 4, 8)
-METHODS = ("raw pixels", "untrained network", "REIR fixed", "REIR random", "REIR best single branch",
-           "REIR fixed (original recipe)", "softmax", "ProxyAnchor", "MultiSimilarity")
+BASELINES = ("raw pixels", "untrained network")
+# ``reir train`` flags of each REIR row; "{m}" is the m-per-class of the dataset, "{meta2}" twice its meta
+# classes (at most one less than its training classes).
+REIR_VARIANTS = {
+    "REIR": (),
+    "REIR cosine scale 16": ("--head", "cosine", "--head_scale", "16"),
+    "REIR cosine learned scale": ("--head", "cosine", "--learn_scale"),
+    "REIR meta classes x2": ("--meta_class_size", "{meta2}"),
+    "REIR projection 64": ("--projection", "64"),
+    "REIR + MultiSimilarity": ("--pair_loss", "multisimilarity", "--samples_per_class", "{m}"),
+    "REIR random labels": ("--label_type", "random"),
+    "REIR original recipe": ("--recipe", "original"),
+}
+PEERS = ("softmax", "normalized softmax", "ProxyAnchor", "MultiSimilarity")
+BEST_BRANCH = "REIR best single branch"
+METHODS = BASELINES + tuple(REIR_VARIANTS) + (BEST_BRANCH,) + PEERS
+# The grid the docs report: every method but the two rows the earlier tables already settled.
+DEFAULT_METHODS = tuple(m for m in METHODS if m not in ("REIR random labels", "REIR original recipe"))
 ENSEMBLE_SIZES = (1, 2, 4, 8, 16, 48)
 EMBEDDING_SIZE = 512
 SAMPLES_PER_CLASS = 4
 # Proxy Anchor's paper trains the proxies at 1e-2 (100 times its network's rate).
 PROXY_LEARNING_RATE = 1e-2
+# "Classification is a strong baseline" (Zhai & Wu): temperature 0.05 on the cosine logits.
+NORMALIZED_SOFTMAX_TEMPERATURE = 0.05
 
 
 def glyphs_source(work: Path, data_path: Path, args) -> Path:
-    """A CSV over some glyph classes: the demo's block of look-alikes, or a seeded random choice."""
-    return write_subset_csv(prepare_glyphs(data_path), work / "glyphs.csv", args.train_classes, args.test_classes,
-                            None if args.glyph_classes == "lowest" else args.seed)
+    """A CSV over some glyph classes: the lowest code points from ``--glyph_from`` on (a block of
+    look-alikes), or a fixed random choice."""
+    glyphs = prepare_glyphs(data_path)
+    start = int(args.glyph_from.removeprefix("U+"), 16)
+    kept = {name: Split(*zip(*[(path, label) for path, label in zip(split.paths, split.labels)
+                               if int(label[2:], 16) >= start]))
+            for name, split in glyphs.splits.items()}
+    return write_subset_csv(dataclasses.replace(glyphs, splits=kept), work / "glyphs.csv", args.train_classes,
+                            args.test_classes, None if args.glyph_classes == "lowest" else SPLIT_SEED)
+
+
+def fonts_source(work: Path, data_path: Path, args) -> Path:
+    """A CSV over a fixed random choice of the unseen-typeface set's classes."""
+    return write_subset_csv(prepare_fonts(data_path), work / "fonts.csv", args.train_classes, args.test_classes,
+                            SPLIT_SEED)
 
 
 def read_idx(path: Path) -> np.ndarray:
@@ -98,38 +140,26 @@ def fashion_source(work: Path, data_path: Path, args) -> Path:
     return root
 
 
-SOURCES = {"glyphs": glyphs_source, "fashion-mnist": fashion_source}
+SOURCES = {"glyphs": glyphs_source, "fonts": fonts_source, "fashion-mnist": fashion_source}
 
 
 def scores(features: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
     return retrieval_metrics(features, labels, RECALLS)
 
 
-class Run:
-    """One method's result: metrics of its best epoch (by R@1), last epoch's R@1, wall and CPU seconds."""
-
-    def __init__(self, metrics: dict[str, float], seconds: float, last_recall: float | None = None,
-                 cpu_seconds: float | None = None):
-        self.metrics, self.seconds, self.last_recall, self.cpu_seconds = metrics, seconds, last_recall, cpu_seconds
-
-    @classmethod
-    def timed(cls, metrics) -> "Run":
-        start, cpu = time.perf_counter(), time.process_time()
-        values = metrics()
-        return cls(values, time.perf_counter() - start, cpu_seconds=time.process_time() - cpu)
+def slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
 
 
-def train_cli(source: Path, output: Path, args, *options: str) -> tuple[Run, Path]:
+def train_cli(source: Path, output: Path, args, *options: str) -> tuple[dict, Path]:
     """``reir train`` (in this process); the best epoch's row of its statistics and its database."""
     argv = ["train", "--data_name", "custom", "--data_path", str(source), "--output_dir", str(output),
             "--weights", "none", "--image_size", str(args.image_size), "--batch_size", str(args.batch_size),
             "--num_epochs", str(args.epochs), "--num_workers", "0", "--seed", str(args.seed), "--device", "cpu",
             "--nmi_every", "0", *options]
     log = io.StringIO()
-    start, cpu = time.perf_counter(), time.process_time()
     with contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
         code = cli.main(argv)
-    seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
     if code:
         raise SystemExit(f"error: reir {' '.join(argv)} failed:\n{log.getvalue()[-3000:]}")
     (statistics,) = (output / "statistics").glob("*_results.csv")
@@ -139,7 +169,7 @@ def train_cli(source: Path, output: Path, args, *options: str) -> tuple[Run, Pat
     metrics = {key[len("test_"):]: float(value) for key, value in best.items()
                if key.startswith("test_") and value not in ("", None) and key != "test_nmi"}
     (database,) = (output / "results").glob("*_data_base.safetensors")
-    return Run(metrics, seconds, float(rows[-1]["test_recall@1"]), cpu), database
+    return {"metrics": metrics, "last_recall": float(rows[-1]["test_recall@1"])}, database
 
 
 class Embedder(nn.Module):
@@ -154,6 +184,20 @@ class Embedder(nn.Module):
         return self.backbone(images)[:, None]  # one "branch" of REIR's [batch, ensemble, size] shape
 
 
+class NormalizedSoftmaxLoss(nn.Module):
+    """Cross-entropy over cosine logits: normalised embedding against normalised class proxies, / temperature."""
+
+    def __init__(self, classes: int, size: int, temperature: float = NORMALIZED_SOFTMAX_TEMPERATURE):
+        super().__init__()
+        self.proxies = nn.Parameter(torch.empty(classes, size))
+        nn.init.kaiming_uniform_(self.proxies, a=5 ** 0.5)
+        self.temperature = temperature
+
+    def forward(self, embeddings: torch.Tensor, targets: torch.Tensor, _pairs=None) -> torch.Tensor:
+        logits = F.normalize(embeddings, dim=-1) @ F.normalize(self.proxies, dim=-1).T / self.temperature
+        return F.cross_entropy(logits, targets)
+
+
 def samples_per_class(num_classes: int, batch_size: int) -> int:
     """The m of the m-per-class sampler: 4 where the classes allow, more for few classes."""
     m = SAMPLES_PER_CLASS
@@ -162,11 +206,10 @@ def samples_per_class(num_classes: int, batch_size: int) -> int:
     return m
 
 
-def train_embedder(split_list, method: str, args) -> Run:
-    """softmax, ProxyAnchor or MultiSimilarity on resnet18 with a linear head, REIR's scratch recipe."""
+def train_embedder(split_list, method: str, args) -> dict:
+    """A peer on resnet18 with a linear head, REIR's scratch recipe."""
     from pytorch_metric_learning import losses, miners, samplers
 
-    start, cpu = time.perf_counter(), time.process_time()
     torch.manual_seed(args.seed)
     train_set = ImageList(split_list, "train", build_transform(args.image_size, split_list.mean, split_list.std,
                                                                train=True))
@@ -176,13 +219,16 @@ def train_embedder(split_list, method: str, args) -> Run:
     groups = [{"params": model.parameters()}]
     miner, sampler = None, None
     if method == "softmax":
-        loss_fn = lambda logits, targets, _: nn.functional.cross_entropy(logits, targets)  # noqa: E731
+        loss_fn = lambda logits, targets, _: F.cross_entropy(logits, targets)  # noqa: E731
+    elif method == "normalized softmax":
+        loss_fn = NormalizedSoftmaxLoss(classes, EMBEDDING_SIZE)
+        groups.append({"params": loss_fn.parameters()})
     elif method == "ProxyAnchor":
         loss_fn = losses.ProxyAnchorLoss(classes, EMBEDDING_SIZE)
         groups.append({"params": loss_fn.parameters(), "lr": PROXY_LEARNING_RATE, "weight_decay": 0.0})
     else:
         loss_fn, miner = losses.MultiSimilarityLoss(), miners.MultiSimilarityMiner()
-    if method != "softmax":
+    if method in ("ProxyAnchor", "MultiSimilarity"):
         sampler = samplers.MPerClassSampler(train_set.targets.numpy(), samples_per_class(classes, args.batch_size),
                                             args.batch_size, length_before_new_iter=len(train_set))
     optimizer, scheduler = SCRATCH.optimizer(groups, args.epochs)
@@ -203,10 +249,10 @@ def train_embedder(split_list, method: str, args) -> Run:
         last = scores(network_features(model, split_list, "test", args.image_size), labels)
         if best is None or last["recall@1"] > best["recall@1"]:
             best = last
-    return Run(best, time.perf_counter() - start, last["recall@1"], time.process_time() - cpu)
+    return {"metrics": best, "last_recall": last["recall@1"]}
 
 
-def branch_subsets(features: torch.Tensor, labels: torch.Tensor) -> tuple[list[tuple[int, dict]], list[dict]]:
+def branch_subsets(features: torch.Tensor, labels: torch.Tensor) -> tuple[list, list]:
     """Metrics of the first n branches for each size in ENSEMBLE_SIZES, and of every branch alone."""
     size = features.shape[1]
     counts = sorted({n for n in ENSEMBLE_SIZES if n < size} | {size})
@@ -215,103 +261,209 @@ def branch_subsets(features: torch.Tensor, labels: torch.Tensor) -> tuple[list[t
     return subsets, singles
 
 
-def measure(method: str, name: str, source: Path, work: Path, split_list, args) -> tuple[Run, list, list]:
-    """One method's run; for REIR fixed also its ensemble-size rows and every branch alone."""
-    print(f"[{name}] {method} ...", file=sys.stderr, flush=True)
+def reir_options(method: str, args) -> list[str]:
+    """The row's ``reir train`` flags, with the dataset's meta classes and m-per-class filled in."""
+    more_meta = min(2 * args.meta_class_size, args.train_class_count - 1)
+    fill = {"{meta2}": str(more_meta), "{m}": str(samples_per_class(args.train_class_count,
+                                                                                     args.batch_size))}
+    options = ["--share_type", args.share_type, "--ensemble_size", str(args.ensemble_size),
+               "--meta_class_size", str(args.meta_class_size)]
+    return options + [fill.get(value, value) for value in REIR_VARIANTS[method]]
+
+
+def measure(unit: dict, source: Path, work: Path, args) -> dict:
+    """One run: ``unit`` names its dataset, epochs, seed and method; returns it with its results."""
+    args = argparse.Namespace(**{**vars(args), "epochs": unit["epochs"], "seed": unit["seed"]})
+    method = unit["method"]
+    print(f"[{unit['dataset']} {unit['epochs']} epochs seed {unit['seed']}] {method} ...", file=sys.stderr,
+          flush=True)
     if args.jobs > 1:
-        torch.set_num_threads(1)  # the methods share the cores
-    labels = label_ids(split_list, "test")
-    reir_options = ["--share_type", args.share_type, "--ensemble_size", str(args.ensemble_size),
-                    "--meta_class_size", str(args.meta_class_size)]
-    if method == "raw pixels":
-        return Run.timed(lambda: scores(raw_pixel_features(split_list, "test", args.image_size), labels)), [], []
-    if method == "untrained network":
-        config = ModelConfig("resnet18", args.share_type, args.ensemble_size, args.meta_class_size)
-        return Run.timed(lambda: scores(untrained_features(config, args.seed, split_list, "test", args.image_size),
-                                        labels)), [], []
-    if method in ("REIR fixed", "REIR random"):
-        label_type = method.split()[1]
-        run, database = train_cli(source, work / f"{name}-{label_type}", args, "--label_type", label_type,
-                                  *reir_options)
-        if label_type == "random":
-            return run, [], []
-        return (run, *branch_subsets(load_database(database).features["test"], labels))
-    if method == "REIR fixed (original recipe)":
-        return train_cli(source, work / f"{name}-original", args, "--recipe", "original", *reir_options)[0], [], []
-    return train_embedder(split_list, method, args), [], []
-
-
-def run_dataset(name: str, work: Path, data_path: Path, args) -> tuple[dict[str, Run], list, list, str]:
-    source = SOURCES[name](work, data_path, args)
+        torch.set_num_threads(1)  # the runs share the cores
     split_list = load_custom(source, "uncropped")
-    train_classes = len(split_list.splits["train"].classes)
-    if args.meta_class_size is None:  # 12 as the original, fewer where there are few classes
-        args.meta_class_size = 12 if train_classes >= 24 else max(2, train_classes // 2)
-    methods = [m for m in args.methods if m != "REIR best single branch"]
-    if "REIR best single branch" in args.methods and "REIR fixed" not in methods:
-        methods.append("REIR fixed")
-    context = (name, source, work, split_list, args)
-    if args.jobs > 1:
-        with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
-            results = dict(zip(methods, pool.map(measure, methods, *([value] * len(methods) for value in context))))
+    labels = label_ids(split_list, "test")
+    start, cpu = time.perf_counter(), time.process_time()
+    extra = {}
+    if method == "raw pixels":
+        result = {"metrics": scores(raw_pixel_features(split_list, "test", args.image_size), labels)}
+    elif method == "untrained network":
+        config = ModelConfig("resnet18", args.share_type, args.ensemble_size, args.meta_class_size)
+        result = {"metrics": scores(untrained_features(config, args.seed, split_list, "test", args.image_size),
+                                    labels)}
+    elif method in REIR_VARIANTS:
+        output = work / f"{unit['epochs']}-{unit['seed']}-{slug(method)}"
+        result, database = train_cli(source, output, args, *reir_options(method, args))
+        if method == "REIR":
+            subsets, singles = branch_subsets(load_database(database).features["test"], labels)
+            extra = {"subsets": subsets, "singles": singles}
+        shutil.rmtree(output)  # its model, database and checkpoint: ~0.2 GB a run, hundreds of runs
     else:
-        results = {method: measure(method, *context) for method in methods}
-    runs = {method: run for method, (run, _, _) in results.items()}
-    subsets, singles = results["REIR fixed"][1:] if "REIR fixed" in results else ([], [])
-    if "REIR best single branch" in args.methods:
-        best = max(singles, key=lambda values: values["recall@1"])
-        runs["REIR best single branch"] = Run(best, runs["REIR fixed"].seconds, cpu_seconds=None)
+        result = train_embedder(split_list, method, args)
+    return {**unit, **result, **extra, "seconds": time.perf_counter() - start,
+            "cpu_seconds": time.process_time() - cpu}
+
+
+def prepare_dataset(name: str, work: Path, data_path: Path, args) -> tuple[Path, argparse.Namespace, str]:
+    """The dataset's source, the arguments its runs use (meta classes filled in) and its one-line description."""
+    source = SOURCES[name](work, data_path, args)
+    split_list = load_custom(source, "uncropped")  # prepared once here, so parallel runs only read it
     counts = {split: (len(s), len(s.classes)) for split, s in split_list.splits.items()}
+    args = argparse.Namespace(**vars(args), train_class_count=counts["train"][1])
+    if args.meta_class_size is None:  # 12 as the original, or about 4 classes per meta class where there are fewer
+        args.meta_class_size = max(2, min(12, counts["train"][1] // 4))
     described = (f"{name}: train {counts['train'][0]} images in {counts['train'][1]} classes, test "
                  f"{counts['test'][0]} images in {counts['test'][1]} unseen classes; resnet18 from random init, "
-                 f"{args.image_size} px, {args.epochs} epochs, batch {args.batch_size}, seed {args.seed}; REIR "
-                 f"{args.ensemble_size} branches x {args.meta_class_size} meta classes, share_type {args.share_type}; "
-                 f"{args.jobs} method(s) at a time")
-    return runs, subsets, singles, described
+                 f"{args.image_size} px, batch {args.batch_size}; REIR {args.ensemble_size} branches x "
+                 f"{args.meta_class_size} meta classes, share_type {args.share_type}")
+    return source, args, described
 
 
-def method_table(runs: dict[str, Run]) -> str:
-    lines = ["| method | R@1 | R@2 | R@4 | R@8 | MAP@R | last-epoch R@1 | seconds | CPU seconds |",
-             "|---|---|---|---|---|---|---|---|---|"]
+def units(names: list[str], args) -> list[dict]:
+    """Every run of the grid, the cheapest budget first and there seed by seed, so a grid cut short is
+    complete up to a budget and seed."""
+    grid = []
+    for epochs in args.epochs:
+        for seed in args.seeds:
+            for name in names:
+                for method in args.methods:
+                    if method == BEST_BRANCH:
+                        continue
+                    if method in BASELINES:  # no training: one per seed (raw pixels: one in all, as seed 0)
+                        if epochs != args.epochs[0] or (method == "raw pixels" and seed != args.seeds[0]):
+                            continue
+                        grid.append({"dataset": name, "epochs": 0, "seed": 0 if method == "raw pixels" else seed,
+                                     "method": method})
+                        continue
+                    grid.append({"dataset": name, "epochs": epochs, "seed": seed, "method": method})
+    return grid
+
+
+def unit_key(unit: dict, setting: str) -> tuple:
+    return unit["dataset"], unit["epochs"], unit["seed"], unit["method"], setting
+
+
+def load_results(path: Path | None) -> list[dict]:
+    if path is None or not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def mean_spread(values: list[float]) -> str:
+    """``mean ± standard deviation`` in percent (the deviation over the seeds; none for one value)."""
+    values = [100 * v for v in values]
+    if len(values) == 1:
+        return f"{values[0]:.1f}"
+    return f"{np.mean(values):.1f} ± {np.std(values, ddof=1):.1f}"
+
+
+def method_table(records: list[dict], epochs: int, methods: list[str]) -> str:
+    """One row per method: R@1 and MAP@R (mean ± std over seeds), last-epoch R@1, seeds, seconds."""
+    lines = ["| method | R@1 | MAP@R | last-epoch R@1 | seeds | seconds | CPU seconds |",
+             "|---|---|---|---|---|---|---|"]
     for method in METHODS:
-        if method not in runs:
+        if method not in methods:
             continue
-        run = runs[method]
-        cells = [f"{100 * run.metrics[f'recall@{k}']:.1f}" for k in RECALLS] + [f"{100 * run.metrics['map@r']:.1f}"]
-        last = "" if run.last_recall is None else f"{100 * run.last_recall:.1f}"
-        if method == "REIR best single branch":
-            seconds = "(in REIR fixed) | "
+        if method == BEST_BRANCH:
+            rows = [max(r["singles"], key=lambda s: s["recall@1"]) for r in records
+                    if r["method"] == "REIR" and r["epochs"] == epochs]
+            rows = [{"metrics": m} for m in rows]
         else:
-            seconds = f"{run.seconds:.0f} | {run.cpu_seconds:.0f}"
-        lines.append(f"| {method} | " + " | ".join(cells) + f" | {last} | {seconds} |")
+            rows = [r for r in records if r["method"] == method and r["epochs"] in (epochs, 0)]
+        if not rows:
+            continue
+        recall = mean_spread([r["metrics"]["recall@1"] for r in rows])
+        map_r = mean_spread([r["metrics"]["map@r"] for r in rows])
+        last = [r["last_recall"] for r in rows if r.get("last_recall") is not None]
+        timing = (f"{np.mean([r['seconds'] for r in rows]):.0f} | {np.mean([r['cpu_seconds'] for r in rows]):.0f}"
+                  if "seconds" in rows[0] else "(in REIR) | ")
+        lines.append(f"| {method} | {recall} | {map_r} | {mean_spread(last) if last else ''} | {len(rows)} | "
+                     f"{timing} |")
     return "\n".join(lines)
 
 
-def ensemble_table(subsets, singles) -> str:
-    if not subsets:
+def ensemble_table(records: list[dict], epochs: int) -> str:
+    """R@1 and MAP@R of the default REIR's first n branches and of each branch alone, mean over seeds."""
+    runs = [r for r in records if r["method"] == "REIR" and r["epochs"] == epochs]
+    if not runs:
         return ""
-    recalls = [100 * s["recall@1"] for s in singles]
     lines = ["| branches | R@1 | MAP@R |", "|---|---|---|"]
-    lines += [f"| first {n} | {100 * v['recall@1']:.1f} | {100 * v['map@r']:.1f} |" for n, v in subsets]
+    for position, (n, _) in enumerate(runs[0]["subsets"]):
+        chosen = [r["subsets"][position][1] for r in runs]
+        lines.append(f"| first {n} | {mean_spread([c['recall@1'] for c in chosen])} | "
+                     f"{mean_spread([c['map@r'] for c in chosen])} |")
+    recalls = [100 * s["recall@1"] for r in runs for s in r["singles"]]
     lines.append(f"| each branch alone (min / mean / max) | {min(recalls):.1f} / {np.mean(recalls):.1f} / "
-                 f"{max(recalls):.1f} | {100 * np.mean([s['map@r'] for s in singles]):.1f} (mean) |")
+                 f"{max(recalls):.1f} | {100 * np.mean([s['map@r'] for r in runs for s in r['singles']]):.1f} "
+                 "(mean) |")
     return "\n".join(lines)
 
 
-def plot_ensemble(results: dict[str, tuple], path: Path) -> None:
+def mean_recall(records: list[dict], dataset: str, epochs: int, method: str) -> float | None:
+    values = [r["metrics"]["recall@1"] for r in records
+              if r["dataset"] == dataset and r["epochs"] == epochs and r["method"] == method]
+    return 100 * float(np.mean(values)) if values else None
+
+
+def summary_tables(records: list[dict], names: list[str], args) -> str:
+    """Each REIR variant's mean R@1 minus the default REIR's, and the best REIR row against the best peer."""
+    cells = [(name, epochs) for name in names for epochs in args.epochs]
+    header = "| | " + " | ".join(f"{name}, {epochs} ep." for name, epochs in cells) + " |"
+    rule = "|---" * (len(cells) + 1) + "|"
+    variants = [m for m in REIR_VARIANTS if m != "REIR" and m in args.methods]
+    lines = ["Mean R@1 of each REIR variant minus the default REIR's (points):", "", header, rule]
+    for method in variants:
+        row = []
+        for name, epochs in cells:
+            mine, default = (mean_recall(records, name, epochs, m) for m in (method, "REIR"))
+            row.append("" if mine is None or default is None else f"{mine - default:+.1f}")
+        lines.append(f"| {method} | " + " | ".join(row) + " |")
+    lines += ["", "Best REIR row against the best peer (mean R@1):", "", header, rule]
+    best = {"best REIR": [m for m in REIR_VARIANTS if m in args.methods],
+            "best peer": [m for m in PEERS if m in args.methods]}
+    rows = {label: [] for label in best}
+    for name, epochs in cells:
+        for label, methods in best.items():
+            scored = [(mean_recall(records, name, epochs, m), m) for m in methods]
+            scored = [(value, m) for value, m in scored if value is not None]
+            rows[label].append(max(scored) if scored else None)
+    for label, values in rows.items():
+        lines.append(f"| {label} | " + " | ".join("" if v is None else f"{v[0]:.1f} ({v[1]})" for v in values) + " |")
+    gaps = [("" if a is None or b is None else f"{a[0] - b[0]:+.1f}") for a, b in zip(rows["best REIR"],
+                                                                                        rows["best peer"])]
+    lines.append("| REIR minus peer | " + " | ".join(gaps) + " |")
+    return "\n".join(lines)
+
+
+def report(records: list[dict], names: list[str], described: dict[str, str], args) -> str:
+    sections = [summary_tables(records, names, args)]
+    for name in names:
+        mine = [r for r in records if r["dataset"] == name]
+        for epochs in args.epochs:
+            seeds = sorted({r["seed"] for r in mine if r["epochs"] == epochs})
+            sections.append("\n".join([f"### {name}, {epochs} epochs", "", f"{described[name]}; {epochs} epochs, "
+                                       f"seeds {', '.join(map(str, seeds)) or 'none finished'}", "",
+                                       method_table(mine, epochs, args.methods)]))
+            ensemble = ensemble_table(mine, epochs)
+            if ensemble:
+                sections.append(f"Ensemble size ({name}, {epochs} epochs, default REIR, best epoch):\n\n{ensemble}")
+    return "\n\n".join(sections)
+
+
+def plot_ensemble(records: list[dict], names: list[str], epochs: int, path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     figure, axis = plt.subplots(figsize=(5, 3.2), dpi=100)
-    for name, (subsets, singles) in results.items():
-        if not subsets:
+    for name in names:
+        runs = [r for r in records if r["dataset"] == name and r["method"] == "REIR" and r["epochs"] == epochs]
+        if not runs:
             continue
-        sizes = [n for n, _ in subsets]
-        line, = axis.plot(sizes, [100 * v["recall@1"] for _, v in subsets], marker="o", label=f"{name}: first n")
-        recalls = [100 * s["recall@1"] for s in singles]
-        axis.fill_between(sizes, min(recalls), max(recalls), color=line.get_color(), alpha=0.15,
+        sizes = [n for n, _ in runs[0]["subsets"]]
+        recalls = [100 * np.mean([r["subsets"][i][1]["recall@1"] for r in runs]) for i in range(len(sizes))]
+        line, = axis.plot(sizes, recalls, marker="o", label=f"{name}: first n")
+        singles = [100 * s["recall@1"] for r in runs for s in r["singles"]]
+        axis.fill_between(sizes, min(singles), max(singles), color=line.get_color(), alpha=0.15,
                           label=f"{name}: single branches (range)")
     axis.set_xscale("log", base=2)
     axis.set_xlabel("branches in the embedding")
@@ -323,32 +475,54 @@ def plot_ensemble(results: dict[str, tuple], path: Path) -> None:
     plt.close(figure)
 
 
+def int_list(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of integers") from None
+    if not values or min(values) < 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: give one or more integers >= 0")
+    return values
+
+
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--datasets", default="glyphs,fashion-mnist",
-                        help="comma-separated: glyphs, fashion-mnist (skipped with a note when not installed)")
-    parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of the methods")
-    parser.add_argument("--data_path", default=None, help="where glyphs is generated (default: a scratch folder)")
-    parser.add_argument("--train_classes", type=int, default=300, help="glyphs: training classes used")
-    parser.add_argument("--test_classes", type=int, default=300, help="glyphs: test classes used")
+    parser.add_argument("--datasets", default="glyphs,fonts,fashion-mnist",
+                        help="comma-separated: glyphs, fonts, fashion-mnist (skipped with a note when not installed)")
+    parser.add_argument("--methods", default=",".join(DEFAULT_METHODS),
+                        help=f"comma-separated subset of: {', '.join(METHODS)}")
+    parser.add_argument("--epochs", type=int_list, default=[2, 10], help="the budgets, comma-separated")
+    parser.add_argument("--seeds", type=int_list, default=[0, 1, 2], help="comma-separated")
+    parser.add_argument("--data_path", default=None, help="where glyphs and fonts are generated (default: scratch)")
+    parser.add_argument("--work", type=Path, default=None,
+                        help="where runs write their outputs (default: a scratch folder, removed at the end)")
+    parser.add_argument("--results", type=Path, default=None,
+                        help="JSON lines of finished runs: appended to, and runs already there are skipped")
+    parser.add_argument("--train_classes", type=int, default=24, help="glyphs and fonts: training classes used")
+    parser.add_argument("--test_classes", type=int, default=24, help="glyphs and fonts: test classes used")
     parser.add_argument("--glyph_classes", choices=("lowest", "random"), default="lowest",
-                        help="glyphs: the classes with the lowest code points (the demo's look-alikes, where raw "
-                             "pixels are weak) or a seeded random choice (easier: raw pixels near the ceiling)")
-    parser.add_argument("--train_images", type=int, default=150, help="fashion-mnist: images per training class")
-    parser.add_argument("--test_images", type=int, default=150, help="fashion-mnist: images per test class")
-    parser.add_argument("--image_size", type=int, default=32)
-    parser.add_argument("--epochs", type=int, default=2)
+                        help="glyphs: the classes with the lowest code points from --glyph_from on (look-alikes, "
+                             "where raw pixels are weak) or a fixed random choice (easier: raw pixels near the ceiling)")
+    parser.add_argument("--glyph_from", default="U+0100",
+                        help="glyphs: the first code point of --glyph_classes lowest (default: Latin Extended-A, "
+                             "letters with diacritics; U+0000 is the demo's block)")
+    parser.add_argument("--train_images", type=int, default=60, help="fashion-mnist: images per training class")
+    parser.add_argument("--test_images", type=int, default=60, help="fashion-mnist: images per test class")
+    parser.add_argument("--image_size", type=int, default=16)
     parser.add_argument("--batch_size", type=int, default=64)
     parser.add_argument("--ensemble_size", type=int, default=48)
     parser.add_argument("--meta_class_size", type=int, default=None,
-                        help="REIR meta classes (default: 12, or 2 with fewer than 12 training classes)")
+                        help="REIR meta classes (default: 12, or a quarter of the training classes where that is fewer, "
+                             "at least 2)")
     parser.add_argument("--share_type", default="layer4", help="REIR's last shared module")
-    parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--jobs", type=int, default=1,
-                        help="methods measured at a time, each in its own process with one thread "
+                        help="runs at a time, each in its own process with one thread "
                              "(results unchanged; seconds then measure a shared machine)")
+    parser.add_argument("--report_only", action="store_true",
+                        help="run nothing: the tables of the runs already in --results")
     parser.add_argument("--markdown", type=Path, default=None, help="also write the tables to this file")
-    parser.add_argument("--plot", type=Path, default=None, help="write the ensemble-size plot (PNG) here")
+    parser.add_argument("--plot", type=Path, default=None,
+                        help="write the ensemble-size plot (PNG, largest budget) here")
     return parser
 
 
@@ -357,34 +531,53 @@ def main(argv: list[str] | None = None) -> int:
     args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     unknown = [m for m in args.methods if m not in METHODS]
     if unknown:
-        raise SystemExit(f"error: unknown method(s) {', '.join(unknown)}; choose from "
-                         f"{', '.join(METHODS)}")
+        raise SystemExit(f"error: unknown method(s) {', '.join(unknown)}; choose from {', '.join(METHODS)}")
+    if BEST_BRANCH in args.methods and "REIR" not in args.methods:
+        args.methods.append("REIR")
     names = [d.strip() for d in args.datasets.split(",") if d.strip()]
+    unknown = [n for n in names if n not in SOURCES]
+    if unknown:
+        raise SystemExit(f"error: unknown dataset(s) {', '.join(unknown)}; choose from {', '.join(SOURCES)}")
     if "fashion-mnist" in names and not FASHION_MNIST.is_dir() and args.datasets == get_args_parser().get_default(
             "datasets"):
         print(f"note: Fashion-MNIST not installed ({FASHION_MNIST}); skipped. "
               "Install: apt-get install -y dataset-fashion-mnist", file=sys.stderr)
         names.remove("fashion-mnist")
-    report, ensembles = [], {}
+    started = time.perf_counter()
+    records = load_results(args.results)
     with tempfile.TemporaryDirectory(prefix="reir-accuracy-") as scratch:
+        work_root = args.work or Path(scratch)
+        data_path = Path(args.data_path) if args.data_path else Path(scratch) / "data"
+        prepared, described = {}, {}
         for name in names:
-            if name not in SOURCES:
-                raise SystemExit(f"error: unknown dataset {name!r}; choose glyphs or fashion-mnist")
-            work = Path(scratch) / name
-            work.mkdir()
-            data_path = Path(args.data_path) if args.data_path else Path(scratch) / "data"
-            dataset_args = argparse.Namespace(**vars(args))
-            runs, subsets, singles, described = run_dataset(name, work, data_path, dataset_args)
-            ensembles[name] = (subsets, singles)
-            section = [f"### {name}", "", described, "", method_table(runs)]
-            if subsets:
-                section += ["", f"Ensemble size ({name}, REIR fixed, best epoch):", "", ensemble_table(subsets, singles)]
-            report.append("\n".join(section))
-            print(report[-1] + "\n", flush=True)
+            work = work_root / name
+            work.mkdir(parents=True, exist_ok=True)
+            source, dataset_args, described[name] = prepare_dataset(name, work, data_path, args)
+            prepared[name] = (source, work, dataset_args)
+        done = {unit_key(r, r["setting"]) for r in records}
+        todo = [u for u in units(names, args) if unit_key(u, described[u["dataset"]]) not in done]
+        todo = [] if args.report_only else todo
+
+        def finished(record: dict) -> None:
+            records.append({**record, "setting": described[record["dataset"]]})
+            if args.results:
+                atomic_write(args.results, "".join(json.dumps(r) + "\n" for r in records))
+
+        if args.jobs > 1:
+            with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+                futures = [pool.submit(measure, u, *prepared[u["dataset"]]) for u in todo]
+                for future in as_completed(futures):
+                    finished(future.result())
+        else:
+            for unit in todo:
+                finished(measure(unit, *prepared[unit["dataset"]]))
+    current = [r for r in records if r["dataset"] in described and r["setting"] == described[r["dataset"]]]
+    text = report(current, names, described, args)
+    print(text + f"\n\nwhole run: {time.perf_counter() - started:.0f} s wall-clock, {len(todo)} runs", flush=True)
     if args.markdown:
-        args.markdown.write_text("\n\n".join(report) + "\n", encoding="utf-8")
-    if args.plot and any(subsets for subsets, _ in ensembles.values()):
-        plot_ensemble(ensembles, args.plot)
+        atomic_write(args.markdown, text + "\n")
+    if args.plot:
+        plot_ensemble(current, names, max(args.epochs), args.plot)
     return 0
 
 

@@ -21,24 +21,59 @@ def accuracy():
     return module
 
 
+TINY = ["--train_classes", "4", "--test_classes", "4", "--image_size", "16", "--epochs", "1",
+        "--ensemble_size", "3", "--batch_size", "16"]
+
+
+def table_rows(markdown) -> dict[str, dict[str, list[str]]]:
+    """Rows of each ``### <dataset>, <n> epochs`` section, by method."""
+    sections, current = {}, None
+    for line in markdown.read_text().splitlines():
+        if line.startswith("### "):
+            current = sections.setdefault(line[4:], {})
+        elif line.startswith("| ") and current is not None:
+            cells = [cell.strip() for cell in line.split("|")[1:-1]]
+            current[cells[0]] = cells[1:]
+    return sections
+
+
 def test_every_method_yields_a_complete_row(accuracy, glyphs_root, tmp_path):
     markdown, plot = tmp_path / "tables.md", tmp_path / "ensemble.png"
-    assert accuracy.main(["--datasets", "glyphs", "--data_path", str(glyphs_root), "--train_classes", "4",
-                          "--test_classes", "4", "--image_size", "16", "--epochs", "1", "--ensemble_size", "3",
-                          "--meta_class_size", "2", "--batch_size", "16", "--markdown", str(markdown),
+    assert accuracy.main(["--datasets", "glyphs", "--glyph_from", "U+0000", "--data_path", str(glyphs_root), *TINY,
+                          "--seeds", "0",
+                          "--methods", ",".join(accuracy.METHODS), "--markdown", str(markdown),
                           "--plot", str(plot)]) == 0
-    lines = markdown.read_text().splitlines()
-    rows = {line.split("|")[1].strip(): line.split("|")[2:-1] for line in lines if line.startswith("| ")}
-    for method in accuracy.METHODS:
-        cells = rows[method]
-        assert len(cells) == 8
-        assert all(float(cell) >= 0 for cell in cells[:5])
-    trained = ("REIR fixed", "REIR random", "REIR fixed (original recipe)", "softmax", "ProxyAnchor",
-               "MultiSimilarity")
-    assert all(rows[method][5].strip() for method in trained)
-    assert [name for name in rows if name.startswith("first")] == ["first 1", "first 2", "first 3"]
-    assert "each branch alone (min / mean / max)" in rows
+    sections = table_rows(markdown)
+    assert set(sections) == {"glyphs, 1 epochs"}
+    for rows in sections.values():
+        for method in accuracy.METHODS:
+            cells = rows[method]
+            assert len(cells) == 6 and 0 <= float(cells[0]) <= 100 and 0 <= float(cells[1]) <= 100
+        trained = [m for m in accuracy.METHODS if m not in accuracy.BASELINES + (accuracy.BEST_BRANCH,)]
+        assert all(rows[method][2] and rows[method][3] == "1" for method in trained)
+        assert [name for name in rows if name.startswith("first")] == ["first 1", "first 2", "first 3"]
+        assert "each branch alone (min / mean / max)" in rows
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_seeds_give_mean_and_spread_and_finished_runs_are_skipped(accuracy, tmp_path, capsys):
+    from reir.data.fonts import prepare_fonts
+
+    prepare_fonts(tmp_path / "data", limit=20)
+    results, markdown = tmp_path / "runs.jsonl", tmp_path / "tables.md"
+    argv = ["--datasets", "fonts", "--data_path", str(tmp_path / "data"), *TINY, "--seeds", "0,1",
+            "--methods", "raw pixels,untrained network,softmax", "--results", str(results), "--markdown", str(markdown)]
+    assert accuracy.main(argv) == 0
+    records = accuracy.load_results(results)
+    assert sorted((r["method"], r["seed"]) for r in records) == [
+        ("raw pixels", 0), ("softmax", 0), ("softmax", 1), ("untrained network", 0), ("untrained network", 1)]
+    softmax = [100 * r["metrics"]["recall@1"] for r in records if r["method"] == "softmax"]
+    expected = f"{np.mean(softmax):.1f} ± {np.std(softmax, ddof=1):.1f}"
+    assert table_rows(markdown)["fonts, 1 epochs"]["softmax"][0] == expected
+    capsys.readouterr()
+    assert accuracy.main(argv) == 0
+    assert ", 0 runs" in capsys.readouterr().out
+    assert len(accuracy.load_results(results)) == len(records)
 
 
 def write_idx(path, array: np.ndarray) -> None:

@@ -135,6 +135,40 @@ def split_classes(points: list[int], seed: int = SPLIT_SEED) -> tuple[list[int],
     return sorted(points[i] for i in order[:half]), sorted(points[i] for i in order[half:])
 
 
+def write_images(root: Path, rendered: dict[str, dict[int, dict[str, np.ndarray]]], what: str) -> dict[str, Split]:
+    """``<root>/images/<class>/<font>.png`` for each split's characters (``rendered[split][point][font]``),
+    and the splits listing them.
+
+    Images go to a scratch folder renamed into place, and the caller writes the split list after:
+    a crash leaves no list, so the next call starts again.
+    """
+    try:
+        scratch = Path(tempfile.mkdtemp(prefix=".images.", dir=root))
+    except OSError as exc:
+        raise ReirError(f"cannot write in {root}: {exc.strerror}; choose a writable --data_path") from None
+    splits = {split: Split([], []) for split in rendered}
+    try:
+        for split, characters in rendered.items():
+            for point, drawn in characters.items():
+                ensure_dir(scratch / class_name(point))
+                for font, pixels in drawn.items():
+                    relative = f"{class_name(point)}/{Path(font).stem}.png"
+                    Image.fromarray(pixels).save(scratch / relative, format="PNG")
+                    splits[split].paths.append(f"images/{relative}")
+                    splits[split].labels.append(class_name(point))
+        final = root / "images"
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(scratch, final)
+    except OSError as exc:
+        raise ReirError(f"cannot write the {what} images under {root}: {exc.strerror}; "
+                        "free space or choose another --data_path") from None
+    finally:
+        if scratch.exists():
+            shutil.rmtree(scratch, ignore_errors=True)
+    return splits
+
+
 def prepare_glyphs(data_path: str | Path, limit: int | None = None) -> SplitList:
     """Write ``<data_path>/glyphs/`` once (PNG files + split list); later calls read the split list.
 
@@ -147,35 +181,9 @@ def prepare_glyphs(data_path: str | Path, limit: int | None = None) -> SplitList
     images = render_all(folder, limit=limit)
     train, test = split_classes(sorted(images))
     root = ensure_dir(Path(data_path) / "glyphs")
-    # Images go to a scratch folder renamed into place, then the split list: a crash leaves no list,
-    # so the next call starts again.
-    try:
-        scratch = Path(tempfile.mkdtemp(prefix=".images.", dir=root))
-    except OSError as exc:
-        raise ReirError(f"cannot write in {root}: {exc.strerror}; choose a writable --data_path") from None
-    splits = {"train": Split([], []), "test": Split([], [])}
-    train_pixels = []
-    try:
-        for split, points in (("train", train), ("test", test)):
-            for point in points:
-                ensure_dir(scratch / class_name(point))
-                for font, pixels in images[point].items():
-                    relative = f"{class_name(point)}/{Path(font).stem}.png"
-                    Image.fromarray(pixels).save(scratch / relative, format="PNG")
-                    splits[split].paths.append(f"images/{relative}")
-                    splits[split].labels.append(class_name(point))
-                    if split == "train":
-                        train_pixels.append(pixels)
-        final = root / "images"
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(scratch, final)
-    except OSError as exc:
-        raise ReirError(f"cannot write the glyph images under {root}: {exc.strerror}; "
-                        "free space or choose another --data_path") from None
-    finally:
-        if scratch.exists():
-            shutil.rmtree(scratch, ignore_errors=True)
+    splits = write_images(root, {"train": {p: images[p] for p in train}, "test": {p: images[p] for p in test}},
+                          "glyph")
+    train_pixels = [pixels for point in train for pixels in images[point].values()]
     grey = np.stack(train_pixels).astype(np.float64) / 255.0
     mean, std = [float(grey.mean())] * 3, [float(grey.std())] * 3
     info = {"image_size": IMAGE_SIZE, "fonts": FONTS, "min_fonts": MIN_FONTS, "split_seed": SPLIT_SEED,

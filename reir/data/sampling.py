@@ -45,6 +45,33 @@ class CappedClassSampler(Sampler[int]):
         return sum(min(self.cap, len(m)) for m in self.by_class)
 
 
+class ClassGroupedSampler(CappedClassSampler):
+    """:class:`CappedClassSampler`'s images, ordered in runs of ``per_class`` images of one class.
+
+    The runs are shuffled, so a batch holds about ``batch_size / per_class`` classes with
+    ``per_class`` images each: the positive pairs a pairwise loss needs.
+    """
+
+    def __init__(self, targets: torch.Tensor, per_class: int, cap: int = 300, seed: int = 0):
+        super().__init__(targets, cap, seed)
+        self.per_class = per_class
+
+    def indices(self) -> list[int]:
+        rng = np.random.default_rng([self.seed, self.epoch])
+        runs = []
+        for members in self.by_class:
+            chosen = rng.choice(members, size=min(self.cap, len(members)), replace=False)
+            runs += [chosen[i:i + self.per_class] for i in range(0, len(chosen), self.per_class)]
+        return [int(i) for r in rng.permutation(len(runs)) for i in runs[r]]
+
+
+def class_sampler(targets: torch.Tensor, cap: int, seed: int, per_class: int = 0) -> CappedClassSampler:
+    """Random order (``per_class`` 0), or runs of ``per_class`` images of one class."""
+    if per_class:
+        return ClassGroupedSampler(targets, per_class, cap, seed)
+    return CappedClassSampler(targets, cap, seed)
+
+
 class ReplayableSampler(Sampler):
     """Yields ``(sample_seed, index)``: the wrapped sampler's order, each image with its own seed.
 

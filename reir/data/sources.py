@@ -7,6 +7,7 @@ from pathlib import Path
 
 from reir.data.custom import load_custom
 from reir.data.digits import prepare_digits
+from reir.data.fonts import prepare_fonts
 from reir.data.glyphs import prepare_glyphs
 from reir.data.registry import BENCHMARKS, dataset_info
 from reir.data.splits import SplitList, load_split_list, split_list_path
@@ -14,7 +15,7 @@ from reir.errors import ReirError
 
 log = logging.getLogger(__name__)
 # Datasets generated on first use, with no download.
-EMBEDDED = {"digits": prepare_digits, "glyphs": prepare_glyphs}
+EMBEDDED = {"digits": prepare_digits, "glyphs": prepare_glyphs, "fonts": prepare_fonts}
 
 
 def load_dataset(data_name: str, data_path: str | Path, crop_type: str, image_size: int | None = None) -> SplitList:

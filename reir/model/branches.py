@@ -14,6 +14,7 @@ from torch import nn
 from torchvision.models.resnet import BasicBlock, Bottleneck
 
 from reir.errors import ReirError
+from reir.model.heads import CosineHead, grouped_cosine
 
 BATCHING_MODES = ("auto", "loop", "grouped")
 # Measured with benchmarks/train_throughput.py (docs/SCALING.md): on an idle 2-core CPU the loop ran
@@ -78,6 +79,8 @@ def _grouped(layers: list[nn.Module], x: torch.Tensor) -> torch.Tensor:
         weight = torch.stack([m.weight for m in layers])
         bias = torch.stack([m.bias for m in layers])
         return torch.einsum("bki,koi->bko", inputs, weight) + bias
+    if isinstance(first, CosineHead):
+        return grouped_cosine(layers, x)
     if isinstance(first, nn.Flatten):
         return x.flatten(1)
     if isinstance(first, (nn.ReLU, nn.MaxPool2d, nn.AdaptiveAvgPool2d)):

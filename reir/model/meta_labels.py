@@ -7,6 +7,7 @@ class's *code word*.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import numpy as np
@@ -106,6 +107,31 @@ def check_sizes(num_classes: int, ensemble_size: int, meta_class_size: int, labe
         raise ReirError(f"fixed labels need meta_class_size ** ensemble_size >= {num_classes} classes, "
                         f"but {meta_class_size} ** {ensemble_size} is smaller; raise --ensemble_size or "
                         "--meta_class_size, or use --label_type random", 2)
+
+
+def balanced_groupings(num_classes: int, meta_class_size: int) -> int:
+    """How many different balanced groupings of the classes into meta classes exist (groups unlabelled)."""
+    small, larger = divmod(num_classes, meta_class_size)  # `larger` groups of small + 1, the rest of small
+    sizes = [small + 1] * larger + [small] * (meta_class_size - larger)
+    count = math.factorial(num_classes)
+    for size in sizes:
+        count //= math.factorial(size)
+    return count // (math.factorial(larger) * math.factorial(meta_class_size - larger))
+
+
+def grouping_room(num_classes: int, ensemble_size: int, meta_class_size: int) -> str | None:
+    """A warning when meta classes have no room to differ between branches, else None."""
+    distinct = balanced_groupings(num_classes, meta_class_size)
+    if distinct < ensemble_size:
+        return (f"meta classes have no room: {num_classes} classes in {meta_class_size} meta classes allow only "
+                f"{distinct} different groupings, so {ensemble_size - distinct} of the {ensemble_size} branches "
+                "repeat another's task; REIR's ensemble adds little with so few training classes (docs/ACCURACY.md: "
+                "few classes); prefer more classes, or add --pair_loss multisimilarity --samples_per_class 4")
+    if num_classes < 2 * meta_class_size:
+        return (f"meta classes have no room: {num_classes} classes in {meta_class_size} meta classes leave "
+                f"{2 * meta_class_size - num_classes} meta classes with a single class, so every branch is close to "
+                f"a plain classifier; use --meta_class_size {max(2, num_classes // 4)} or less")
+    return None
 
 
 def ids_path(output_dir: str | Path, data_name: str, crop_type: str, ensemble_size: int,

@@ -22,6 +22,7 @@ from torchvision import models
 
 from reir.errors import ReirError
 from reir.model.branches import RUNNERS
+from reir.model.heads import HEADS, CosineHead
 from reir.model.sharding import split_evenly
 
 MODEL_TYPES = ("resnet18", "resnet34", "resnet50", "resnext50_32x4d")
@@ -38,14 +39,35 @@ class ModelConfig:
     ensemble_size: int = 48
     meta_class_size: int = 12
     with_random: bool = False
+    # The branch head (docs/ACCURACY.md): the original's linear classifier, or a cosine one whose
+    # logits are head_scale times the cosine of features and class weights; learn_scale trains the
+    # scale. projection > 0 puts a Linear(features -> projection) + ReLU before the head.
+    head: str = "linear"
+    head_scale: float = 16.0
+    learn_scale: bool = False
+    projection: int = 0
+
+
+def branch_head(in_features: int, config: ModelConfig) -> list[nn.Module]:
+    """The layers after pooling: an optional projection, then the meta-class classifier."""
+    if config.head not in HEADS:
+        raise ReirError(f"unknown head {config.head!r}; choose one of {', '.join(HEADS)}", 2)
+    layers: list[nn.Module] = []
+    if config.projection:
+        layers += [nn.Linear(in_features, config.projection), nn.ReLU()]
+        in_features = config.projection
+    if config.head == "cosine":
+        return layers + [CosineHead(in_features, config.meta_class_size, config.head_scale, config.learn_scale)]
+    return layers + [nn.Linear(in_features, config.meta_class_size)]
 
 
 class Branch(nn.Sequential):
     """The unshared ResNet layers, pooling and a meta-class classifier."""
 
-    def __init__(self, layers: list[nn.Module], in_features: int, meta_class_size: int):
+    def __init__(self, layers: list[nn.Module], in_features: int, meta_class_size: int,
+                 head: list[nn.Module] | None = None):
         super().__init__(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(1),
-                         nn.Linear(in_features, meta_class_size))
+                         *(head or [nn.Linear(in_features, meta_class_size)]))
 
 
 class REIRNet(nn.Module):
@@ -58,7 +80,8 @@ class REIRNet(nn.Module):
         in_features = backbone.fc.in_features
         rest = children[cut:]
         self.branches = nn.ModuleList(
-            Branch([copy.deepcopy(m) for m in rest], in_features, config.meta_class_size)
+            Branch([copy.deepcopy(m) for m in rest], in_features, config.meta_class_size,
+                   branch_head(in_features, config))
             for _ in range(config.ensemble_size))
         self.branch_batching = branch_batching
         self.channels_last = False
@@ -197,6 +220,8 @@ def create_model(config: ModelConfig, weights: str = "imagenet") -> REIRNet:
         raise ReirError(f"unknown share_type {config.share_type!r}; choose one of {', '.join(SHARE_TYPES)}", 2)
     if config.ensemble_size < 1 or config.meta_class_size < 2:
         raise ReirError("ensemble_size must be >= 1 and meta_class_size >= 2", 2)
+    if config.head_scale <= 0 or config.projection < 0:
+        raise ReirError("head_scale must be > 0 and projection >= 0; fix --head_scale or --projection", 2)
     return REIRNet(build_backbone(config.model_type, weights), config)
 
 

@@ -21,11 +21,14 @@ from reir.errors import UsageError
 from reir.fileio import read_json
 from reir.model.branches import BATCHING_MODES
 from reir.model.meta_labels import LABEL_TYPES
+from reir.model.heads import HEADS
 from reir.model.network import MODEL_TYPES, SHARE_TYPES, ModelConfig
+from reir.training.losses import PAIR_LOSSES
 from reir.training.precision import AMP_DTYPES
 from reir.training.recipe import RECIPES
 
 GROUPS = {"original": "flags of the original train.py", "extra": "REIR extras",
+          "heads": "branch heads and loss terms (defaults: the original's)",
           "speed": "speed and scale-out (none changes what is computed in fp32)"}
 MODEL_FLAGS = ("model_type", "share_type", "ensemble_size", "meta_class_size")
 # The command-line parser of each kind of list field, and its inverse for the checks.
@@ -74,6 +77,18 @@ class TrainConfig:
                              "(slow on SOP on CPU)", minimum=0)
     tensorboard: bool = flag(False, "also write TensorBoard event files per epoch to tensorboard/<save name>/ "
                                     "(needs the tensorboard package)")
+    # branch heads and loss terms (docs/ACCURACY.md); the defaults are the original's
+    head: str = flag("linear", "branch classifier: linear (the original's) or cosine (normalised weights and "
+                               "features, logits = head_scale * cosine)", "heads", HEADS)
+    head_scale: float = flag(16.0, "cosine head: the scale of its logits (1 / softmax temperature)", "heads")
+    learn_scale: bool = flag(False, "cosine head: learn the scale (starting from --head_scale)", "heads")
+    projection: int = flag(0, "a Linear(features -> N) + ReLU before each branch's classifier; 0 = none "
+                              "(the embedding stays the branch's normalised logits)", "heads", minimum=0)
+    pair_loss: str = flag("none", "a pairwise loss on the concatenated embedding beside the branches' "
+                                  "cross-entropy: none or multisimilarity (with its miner)", "heads", PAIR_LOSSES)
+    pair_weight: float = flag(1.0, "weight of --pair_loss against the mean cross-entropy", "heads")
+    samples_per_class: int = flag(0, "batches of N images per class (positive pairs for --pair_loss); "
+                                     "0 = images in random order", "heads", minimum=0)
     # speed and scale-out
     amp: str = flag("off", "autocast precision: bf16, fp16 (with loss scaling) or off (fp32)", "speed",
                     tuple(AMP_DTYPES))
@@ -95,6 +110,11 @@ class TrainConfig:
                     object.__setattr__(self, f.name, LIST_PARSERS[f.name](",".join(str(v) for v in value)))
                 except (argparse.ArgumentTypeError, TypeError) as exc:
                     raise UsageError(f"{f.name}: {exc}") from None
+        for name in ("head_scale", "pair_weight"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0 or (
+                    name == "head_scale" and value == 0):
+                raise UsageError(f"{name} must be a number {'>' if name == 'head_scale' else '>='} 0, not {value!r}")
 
     @property
     def save_name(self) -> str:
@@ -106,7 +126,7 @@ class TrainConfig:
     @property
     def model(self) -> ModelConfig:
         return ModelConfig(self.model_type, self.share_type, self.ensemble_size, self.meta_class_size,
-                           self.with_random)
+                           self.with_random, self.head, self.head_scale, self.learn_scale, self.projection)
 
     def replace(self, **changes) -> "TrainConfig":
         return dataclasses.replace(self, **changes)
@@ -150,6 +170,7 @@ def add_flags(parser: argparse.ArgumentParser, names: tuple[str, ...] | None = N
             groups[meta["group"]].add_argument(f"--{f.name}", action="store_true", help=meta["help"])
             continue
         parse = LIST_PARSERS.get(f.name) or {0: non_negative_int, 1: positive_int}.get(meta["minimum"])
+        parse = float if isinstance(default, float) else parse
         groups[meta["group"]].add_argument(f"--{f.name}", default=default, type=parse, choices=meta["choices"],
                                            metavar=meta["metavar"], help=meta["help"])
     return parser

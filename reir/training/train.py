@@ -25,18 +25,19 @@ from reir.model.branches import resolve_batching
 from reir.training import distributed
 from reir.training.checkpoint import (EpochProgress, TrainingState, checkpoint_path, find_checkpoint, save_checkpoint)
 from reir.data.images import ImageList, build_transform
-from reir.data.sampling import CappedClassSampler, RankSampler, ReplayableSampler, SeededItems, make_loader
+from reir.data.sampling import RankSampler, ReplayableSampler, SeededItems, class_sampler, make_loader
 from reir.data.sources import load_dataset
 from reir.data.splits import SplitList
 from reir.fileio import atomic_write, ensure_dir, save_tensors, write_json
-from reir.model.meta_labels import assign_meta_labels, check_sizes, ids_path, load_ids, save_ids
 from reir.model.embedding import embed
+from reir.model.meta_labels import assign_meta_labels, check_sizes, grouping_room, ids_path, load_ids, save_ids
 from reir.model.network import REIRNet, create_model
 from reir.model.sharding import describe
 from reir.plots.curves import plot_statistics
 from reir.retrieval.database import SUFFIX as DATABASE_SUFFIX, Database, shared_label_ids
 from reir.retrieval.metrics import evaluate_embeddings, format_metrics
 from reir.training.config import TrainConfig
+from reir.training.losses import PairTerm, pair_term
 from reir.training.memory import check_fits, estimate, processes_on_this_host
 from reir.training.devices import training_devices
 from reir.training.precision import Precision, precision_for
@@ -85,8 +86,11 @@ def train_one_epoch(model: REIRNet, loader: DataLoader, optimizer, meta_labels: 
                     device: torch.device, epoch: int, num_epochs: int,
                     progress: EpochProgress | None = None,
                     precision: Precision | None = None,
-                    after_step: Callable[[EpochProgress], None] | None = None) -> tuple[float, float]:
-    """One pass (or its rest, after ``progress``); returns mean loss and meta-class accuracy over all branches."""
+                    after_step: Callable[[EpochProgress], None] | None = None,
+                    extra_loss: PairTerm | None = None) -> tuple[float, float]:
+    """One pass (or its rest, after ``progress``); returns mean loss and meta-class accuracy over all branches.
+
+    ``extra_loss(logits, targets)`` is added to the cross-entropy (``--pair_loss``)."""
     precision = precision or precision_for("off", device)
     model.train()
     progress = progress or EpochProgress()
@@ -99,6 +103,8 @@ def train_one_epoch(model: REIRNet, loader: DataLoader, optimizer, meta_labels: 
         with precision.autocast():
             logits = model(images)  # [batch, ensemble, meta]
             loss = F.cross_entropy(logits.flatten(0, 1).float(), meta_targets.flatten())
+            if extra_loss is not None:
+                loss = loss + extra_loss(logits, targets)
         precision.step(loss, optimizer)
         total_loss += loss.item() * len(images)
         total_correct += (logits.argmax(-1) == meta_targets).sum().item()
@@ -153,6 +159,9 @@ def write_statistics(path: Path, rows: list[dict]) -> None:
 def meta_labels_for(config: TrainConfig, classes: list[str]) -> np.ndarray:
     """The meta labels of a new run: loaded with ``--load_ids``, else drawn from the seed and saved."""
     check_sizes(len(classes), config.ensemble_size, config.meta_class_size, config.label_type)
+    room = grouping_room(len(classes), config.ensemble_size, config.meta_class_size)
+    if room:
+        log.warning("%s", room)
     path = ids_path(config.output_dir, config.data_name, config.crop_type, config.ensemble_size,
                     config.meta_class_size)
     if config.load_ids:
@@ -233,12 +242,17 @@ def _run(config: TrainConfig, stop: StopRequest, context: distributed.Context, d
                                        config.num_workers, device) for split in split_list.eval_splits}
     # Per-image seeds follow the global order, so every rank of a DDP run flips the same images
     # a single process would; a resume skips whole global batches.
-    replay = ReplayableSampler(CappedClassSampler(train_set.targets, IMAGES_PER_CLASS, seed=config.seed),
+    replay = ReplayableSampler(class_sampler(train_set.targets, IMAGES_PER_CLASS, config.seed,
+                                             config.samples_per_class),
                                config.seed, config.batch_size * context.world_size)
     sampler = (RankSampler(replay, config.batch_size, context.rank, context.world_size) if context.enabled
                else replay)
     train_loader = make_loader(SeededItems(train_set), config.batch_size, config.num_workers, device, sampler)
     optimizer, scheduler = build_optimizer(config, model)
+    extra_loss = pair_term(config.pair_loss, config.pair_weight)
+    if extra_loss is not None and not config.samples_per_class:
+        log.warning("--pair_loss %s sees few positive pairs in batches of random images; add --samples_per_class 4",
+                    config.pair_loss)
 
     for folder in ("statistics", "epochs", "results"):
         ensure_dir(output / folder)
@@ -274,7 +288,7 @@ def _run(config: TrainConfig, stop: StopRequest, context: distributed.Context, d
         try:
             train_loss, train_accuracy = train_one_epoch(train_model, train_loader, optimizer, meta_labels, device,
                                                          epoch, config.num_epochs, state.progress, precision,
-                                                         after_step)
+                                                         after_step, extra_loss)
         except TrainingStopped:
             if context.is_main:
                 save_checkpoint(ckpt, model, optimizer, scheduler, precision.scaler, state, meta_labels,
