@@ -44,7 +44,7 @@ def exposed_client(index_file):  # noqa: F811 - the fixture imported above
     from fastapi.testclient import TestClient
 
     args = SimpleNamespace(index=str(index_file), data_base=None, model=None, device=None, max_pixels=10**6,
-                           expose_paths=True)
+                           expose_paths=True, backend="faiss", uri=None, collection=None)
     with TestClient(create_app(load_searcher(args))) as client:
         yield client
 
