@@ -124,16 +124,22 @@ def _saved_bytes(model, image_size: int) -> tuple[int, int]:
             saved[id(base)] = base.numel() * base.element_size()
         return tensor
 
-    images = torch.empty(batch, 3, image_size, image_size, device="meta")
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        shared = model.stem(images)
-        stem_bytes = sum(saved.values())
+    def measure(forward) -> int:
+        """Bytes saved by one forward pass on fresh images, counted on their own."""
+        saved.clear()
+        images = torch.empty(batch, 3, image_size, image_size, device="meta")
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+            forward(images)
+        return sum(saved.values())
+
+    def whole(images):
         logits = model(images)
         F.cross_entropy(logits.flatten(0, 1), torch.zeros(logits.shape[0] * logits.shape[1], dtype=torch.long,
                                                           device="meta"))
-    # The stem ran twice (alone, then in the model): count it once.
-    total = sum(saved.values()) - stem_bytes
-    del shared
+
+    # Separate passes on separate images, so that no tensor of one is mistaken for one of the other.
+    stem_bytes = measure(model.stem)
+    total = max(measure(whole), stem_bytes)
     return stem_bytes // batch, total // batch
 
 
