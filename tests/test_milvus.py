@@ -1,11 +1,16 @@
 """The Milvus backend (Milvus Lite, in-process, from a file under tmp_path) against FAISS and exact search."""
 
+import os
 import re
+import socket
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
 
-from conftest import run_script
+from conftest import REPO, run_script
 
 from reir.retrieval.database import Database
 from reir.retrieval.index import Index
@@ -110,3 +115,48 @@ def test_bad_milvus_options_are_one_line(served_model, tmp_path, args, message):
     result = run_script("reir", "index", "--data_base", str(served_model.database), *args, cwd=tmp_path)
     assert result.returncode != 0 and result.stderr.count("\n") == 1 and message in result.stderr, result.stderr
     assert not (tmp_path / "x.db").exists()
+
+
+@pytest.fixture
+def milvus_server(tmp_path):
+    """A Milvus gRPC server in a process of its own (Milvus Lite's), reached by URI like a standalone Milvus."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = subprocess.Popen([sys.executable, "-m", "milvus_lite", "server", "--data-dir", str(tmp_path / "server"),
+                               "--host", "127.0.0.1", "--port", str(port)],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        line = server.stdout.readline()
+        assert "listening on 127.0.0.1:" in line, line + server.stdout.read()
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+def test_a_milvus_server_by_uri_indexes_and_answers_like_faiss_flat(served_model, milvus_server, tmp_path):
+    from reir.retrieval.database import load_database
+
+    here = tmp_path / "here"
+    here.mkdir()
+    indexed = run_script("reir", "index", "--data_base", str(served_model.database), "--backend", "milvus",
+                         "--uri", milvus_server, "--collection", "digits", cwd=here)
+    assert indexed.returncode == 0, indexed.stderr
+    assert f"collection digits at {milvus_server}" in indexed.stdout and not list(here.iterdir())  # all on the server
+    database = load_database(served_model.database)
+    queries = database.features["test"][:7]
+    flat = Index.from_database(database, factory="Flat")
+    served = Index.open("milvus", uri=milvus_server, collection="digits")
+    try:
+        scores, ids = served.search(queries, 5)
+        exact_scores, exact_ids = flat.search(queries, 5)
+        torch.testing.assert_close(scores, exact_scores, atol=1e-5, rtol=0)
+        assert torch.equal(ids[:, 0], exact_ids[:, 0])
+        assert served.root == flat.root == str(served_model.images) and len(served) == len(flat)
+    finally:
+        served.close()
+    unreachable = run_script("reir", "index", "--data_base", str(served_model.database), "--backend", "milvus",
+                             "--uri", milvus_server.rsplit(":", 1)[0] + ":1", "--collection", "digits")
+    assert unreachable.returncode != 0 and unreachable.stderr.count("\n") == 1, unreachable.stderr
+    assert "cannot reach Milvus at http://127.0.0.1:1" in unreachable.stderr

@@ -103,6 +103,29 @@ def test_tar_shards_give_the_database_of_the_same_images_in_a_folder(served_mode
     assert missing.returncode != 0 and missing.stderr.count("\n") == 1 and "000016.tar does not exist" in missing.stderr
 
 
+def test_a_sample_in_a_tar_reads_like_its_file_and_a_missing_one_is_named(images, tmp_path):
+    from reir.data.images import ImageError, read_image
+    from reir.data.tarshards import sample_image_bytes
+
+    folder, shards, names = images
+    sample = f"{shards / '000003.tar'}::000003_004"
+    assert sample_image_bytes(sample) == ((folder / names[3 * PER_TAR + 4]).read_bytes(), "png")
+    assert np.array_equal(np.asarray(read_image(sample)), np.asarray(read_image(folder / names[3 * PER_TAR + 4])))
+    from reir.cli.report import thumbnail
+
+    assert thumbnail(sample) == thumbnail(str(folder / names[3 * PER_TAR + 4])) != ""  # reports show tar samples
+    with pytest.raises(ImageError, match="does not exist") as missing:
+        read_image(f"{shards / '000003.tar'}::no_such_key")
+    assert missing.value.kind == "missing"
+    with pytest.raises(ImageError, match="does not exist"):
+        read_image(f"{tmp_path / 'gone.tar'}::000000_000")
+    not_a_tar = tmp_path / "fake.tar"
+    not_a_tar.write_bytes(b"this is not a tar file" * 40)
+    with pytest.raises(ImageError, match="cannot be read") as broken:
+        read_image(f"{not_a_tar}::000000_000")
+    assert broken.value.kind == "unreadable"
+
+
 def test_tar_shards_to_torchrun_sharded_database_to_milvus_to_serve(served_model, images, tmp_path):
     _, shards, _ = images
     output, uri = tmp_path / "web_data_base", str(tmp_path / "reir.milvus.db")
@@ -148,6 +171,9 @@ def test_tar_shards_to_torchrun_sharded_database_to_milvus_to_serve(served_model
                               data={"k": "8"}, timeout=120)
         assert response.status_code == 200, response.text
         served = response.json()["results"]
+        thumbnail = httpx.get(f"{found.group(2)}/images/{served[0]['id']}", timeout=60)
+        assert thumbnail.status_code == 200 and thumbnail.headers["content-type"] == "image/png"
+        assert thumbnail.content == (images[0] / images[2][served[0]["id"]]).read_bytes()
     finally:
         server.terminate()
         server.wait(timeout=30)

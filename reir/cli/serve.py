@@ -38,6 +38,7 @@ from reir.api import Model, embed, load_model
 from reir.argtypes import positive_int
 from reir.cli.common import ArgumentParser, reports_errors
 from reir.data.images import ImageError, read_image
+from reir.data.tarshards import IMAGE_TYPES, is_sample_path, sample_image_bytes
 from reir.errors import ReirError, UsageError
 from reir.retrieval.database import UNLABELLED
 from reir.retrieval.index import Index
@@ -76,15 +77,6 @@ def parse_decimal(text, what: str, status: int = 400) -> int:
     return int(text)
 
 
-def indexed_root(paths: list[str]) -> str:
-    """The deepest folder holding every indexed image ("" when the paths share none)."""
-    folders = {os.path.dirname(p) for p in paths if p}
-    try:
-        return os.path.commonpath(folders) if folders else ""
-    except ValueError:  # absolute and relative paths mixed
-        return ""
-
-
 class Searcher:
     """The model and the index: an image (or a database id) -> ranked database images."""
 
@@ -93,7 +85,7 @@ class Searcher:
         self.index = index
         self.max_pixels = max_pixels
         self.expose_paths = expose_paths
-        self.root = indexed_root(index.paths)
+        self.root = index.root
         self.transform = model.transform
         self.large_decodes = threading.BoundedSemaphore(DECODE_SLOTS)
         if index.dim != model.embedding_shape[0] * model.embedding_shape[1]:
@@ -131,12 +123,18 @@ class Searcher:
             raise BadRequest(404, f"no database image has id {str(text)[:20]!r}; ids are 0 to {len(self.index) - 1}")
         return image_id
 
-    def database_image(self, image_id: str) -> Path:
+    def database_image(self, image_id: str) -> Path | tuple[bytes, str]:
+        """The file of a database image, or ``(bytes, extension)`` of a sample inside a tar shard."""
         image_id = self.database_id(image_id)
-        path = Path(self.index.paths[image_id])
-        if not path.is_file():
+        path = self.index.paths[image_id]
+        if is_sample_path(path) and not os.path.exists(path):
+            try:
+                return sample_image_bytes(path)
+            except OSError:
+                raise BadRequest(404, f"database image {image_id} is no longer in its tar shard") from None
+        if not Path(path).is_file():
             raise BadRequest(404, f"database image {image_id} is no longer on disk")
-        return path
+        return Path(path)
 
     def name(self, image_id: int) -> str:
         """What a client sees of a database image's path: relative to the indexed root unless exposed."""
@@ -245,7 +243,7 @@ def create_app(searcher: Searcher, max_body_bytes: int = MAX_BODY_BYTES, default
     """The FastAPI application; a bounded, spooling body reader with a cap on requests in flight wraps it."""
     from fastapi import FastAPI, Request
     from fastapi.exceptions import RequestValidationError
-    from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
+    from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
     from starlette.concurrency import run_in_threadpool
     from starlette.datastructures import UploadFile
     from starlette.exceptions import HTTPException
@@ -298,8 +296,12 @@ def create_app(searcher: Searcher, max_body_bytes: int = MAX_BODY_BYTES, default
     async def database_image(image_id: str, request: Request):
         # images go whole: Range is ignored (as HTTP allows), so a malformed one cannot get a plain-text error
         request.scope["headers"] = [(k, v) for k, v in request.scope["headers"] if k not in (b"range", b"if-range")]
-        return FileResponse(searcher.database_image(image_id),
-                            headers={"Cache-Control": "max-age=3600", "Accept-Ranges": "none"})
+        found = searcher.database_image(image_id)
+        headers = {"Cache-Control": "max-age=3600", "Accept-Ranges": "none"}
+        if isinstance(found, Path):
+            return FileResponse(found, headers=headers)
+        data, extension = found
+        return Response(data, media_type=IMAGE_TYPES[extension], headers=headers)
 
     @app.post("/search")
     async def search(request: Request):

@@ -15,6 +15,7 @@ from torch.utils.data import Dataset
 from torchvision import transforms
 
 from reir.data.splits import SplitList
+from reir.data.tarshards import is_sample_path, sample_image_bytes
 from reir.errors import ReirError
 
 
@@ -42,7 +43,8 @@ class ImageError(ReirError):
 def read_image(source: str | os.PathLike | bytes | BinaryIO, max_pixels: int | None = None,
                gate: Callable[[int, int], ContextManager] | None = None) -> Image.Image:
     """A file (its path, bytes or an open binary file) as RGB; a missing, non-image, truncated or too large
-    image is an :class:`ImageError`.
+    image is an :class:`ImageError`. A path ``<tar file>::<key>`` (a database row made from WebDataset
+    shards) reads that sample's image from the tar.
 
     The pixel count is checked from the header before anything is decoded: against ``max_pixels``
     when given, and always against PIL's decompression-bomb limit. ``gate(width, height)``, when
@@ -53,6 +55,8 @@ def read_image(source: str | os.PathLike | bytes | BinaryIO, max_pixels: int | N
     name = "the image" if in_memory else f"image {source}"
     size = None
     try:
+        if not in_memory and is_sample_path(source) and not os.path.exists(source):
+            source = sample_image_bytes(source)[0]
         with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as image:
             size = image.size
             if max_pixels is not None and size[0] * size[1] > max_pixels:

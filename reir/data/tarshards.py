@@ -10,10 +10,13 @@ caller decides which shard each process reads).
 
 from __future__ import annotations
 
+import functools
 import glob
 import io
 import json
 import os
+import re
+import tarfile
 from pathlib import Path
 from typing import Iterator
 
@@ -21,9 +24,11 @@ from PIL import Image, UnidentifiedImageError
 
 from reir.errors import ReirError
 
-IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
+IMAGE_TYPES = {"jpg": "image/jpeg", "jpeg": "image/jpeg", "png": "image/png", "webp": "image/webp"}
+IMAGE_KEYS = tuple(IMAGE_TYPES)
 LABEL_KEYS = ("cls", "json")
 MEMBER_SEPARATOR = "::"  # a sample's path: <tar file>::<sample key>
+MEMBER_NAME = re.compile(r"^((?:.*/|)[^./]+)\.([^/]*)$")  # WebDataset: key = name up to the basename's first dot
 
 
 def is_shard_pattern(text: str) -> bool:
@@ -111,3 +116,41 @@ def iter_samples(shard: Path) -> Iterator[tuple[str, Image.Image | None, str, st
 def shard_fingerprint(shards: list[Path]) -> list:
     """What identifies the shards' content for resuming: path, size and modification time of each."""
     return [[str(s.resolve()), os.stat(s).st_size, os.stat(s).st_mtime_ns] for s in shards]
+
+
+def is_sample_path(path: str | os.PathLike) -> bool:
+    """Whether a database path names a sample inside a tar shard (``<tar file>::<key>``) rather than a file."""
+    shard, separator, _ = str(path).rpartition(MEMBER_SEPARATOR)
+    return bool(separator) and shard.endswith(".tar")
+
+
+@functools.lru_cache(maxsize=16)
+def _image_members(shard: str, size: int, mtime_ns: int) -> dict[str, tuple[int, int, str]]:
+    """``key -> (offset, size, extension)`` of a tar's image members, read once per version of the file."""
+    table: dict[str, tuple[int, int, str]] = {}
+    with tarfile.open(shard, "r:") as tar:
+        for member in tar:
+            found = MEMBER_NAME.match(member.name) if member.isfile() else None
+            if found and found.group(2).lower() in IMAGE_KEYS and found.group(1) not in table:
+                table[found.group(1)] = (member.offset_data, member.size, found.group(2).lower())
+    return table
+
+
+def sample_image_bytes(path: str | os.PathLike) -> tuple[bytes, str]:
+    """The image bytes of the sample ``<tar file>::<key>`` and their extension (``jpg``, ``png`` ...), read
+    straight from the tar; a missing tar or key raises ``FileNotFoundError``, a broken tar ``OSError``."""
+    shard, _, key = str(path).rpartition(MEMBER_SEPARATOR)
+    stat = os.stat(shard)
+    try:
+        members = _image_members(shard, stat.st_size, stat.st_mtime_ns)
+    except tarfile.TarError as exc:
+        raise OSError(f"{shard} is not a readable tar ({exc})") from None
+    if key not in members:
+        raise FileNotFoundError(f"{shard} holds no image for sample {key}")
+    offset, size, extension = members[key]
+    with open(shard, "rb") as file:
+        file.seek(offset)
+        data = file.read(size)
+    if len(data) != size:
+        raise OSError(f"{shard} ends inside sample {key}")
+    return data, extension

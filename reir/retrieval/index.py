@@ -8,7 +8,7 @@ import math
 import os
 import re
 from pathlib import Path
-from typing import Sequence
+from typing import Iterable, Sequence
 
 import torch
 
@@ -60,6 +60,11 @@ class Index:
 
     def __len__(self) -> int:
         return self.faiss_index.ntotal
+
+    @property
+    def root(self) -> str:
+        """The deepest folder holding every indexed image ("" when the paths share none)."""
+        return common_folder(self.paths)
 
     @classmethod
     def build(cls, features: torch.Tensor, paths: Sequence[str] | None = None, labels: Sequence[str] | None = None,
@@ -267,6 +272,15 @@ def database_chunks(database, splits: Sequence[str] | None = None):
     else:
         chunks = ((s, loaded.features[s], loaded.paths(s), loaded.labels(s)) for s in chosen)
     return chosen, info, chunks
+
+
+def common_folder(paths: Iterable[str], start: str | None = None) -> str:
+    """The deepest folder holding every path (and ``start``, a folder found before); "" when they share none."""
+    folders = {os.path.dirname(p) for p in paths if p} | ({start} if start is not None else set())
+    try:
+        return os.path.commonpath(folders) if folders else ""
+    except ValueError:  # absolute and relative paths mixed
+        return ""
 
 
 def id_map_path(index_path: str | os.PathLike) -> Path:

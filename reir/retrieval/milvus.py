@@ -23,6 +23,7 @@ import torch
 
 from reir.errors import ReirError
 from reir.retrieval.database import UNLABELLED
+from reir.retrieval.index import _as_vectors, common_folder, database_chunks
 from reir.retrieval.results import Results
 
 INDEX_TYPES = ("FLAT", "HNSW", "IVF_FLAT", "IVF_PQ")
@@ -120,6 +121,13 @@ class MilvusIndex:
     def dim(self) -> int:
         return self._dim
 
+    @property
+    def root(self) -> str:
+        """The deepest folder holding every image, kept in the collection's info as rows are added."""
+        if "root" not in self.info:  # a collection written before the root was kept
+            self.info["root"] = common_folder(self.paths)
+        return self.info["root"]
+
     def __len__(self) -> int:
         if self._count is None:
             self._count = int(self.client.get_collection_stats(self.collection)["row_count"])
@@ -158,8 +166,6 @@ class MilvusIndex:
               index_type: str = "FLAT", info: dict | None = None, *, uri: str | None = None, collection: str = "reir",
               parameters: dict | None = None) -> "MilvusIndex":
         """A collection over ``features`` (``[N, ensemble, meta]`` or ``[N, D]``), inserted in batches."""
-        from reir.retrieval.index import _as_vectors
-
         vectors = _as_vectors(features)
         built = cls.create(uri, collection, vectors.shape[1], index_type, parameters, info)
         built.add(vectors, paths, labels)
@@ -170,8 +176,6 @@ class MilvusIndex:
                       uri: str | None = None,
                       collection: str = "reir", parameters: dict | None = None) -> "MilvusIndex":
         """A collection over a database's splits, streamed shard by shard from a sharded database."""
-        from reir.retrieval.index import database_chunks
-
         chosen, info, chunks = database_chunks(database, splits)
         index = None
         for _, features, paths, labels in chunks:
@@ -184,8 +188,6 @@ class MilvusIndex:
 
     def add(self, features, paths: Sequence[str] | None = None, labels: Sequence[str] | None = None) -> None:
         """Rows ``len .. len + N - 1``, in batches of :data:`INSERT_BATCH`."""
-        from reir.retrieval.index import _as_vectors
-
         vectors = _as_vectors(features)
         if vectors.shape[1] != self.dim:
             raise ReirError(f"vectors of dimension {vectors.shape[1]} cannot join an index of dimension {self.dim}; "
@@ -207,6 +209,8 @@ class MilvusIndex:
             except Exception as exc:  # noqa: BLE001 - the server's refusal
                 raise ReirError(f"Milvus refused an insert into {self.collection} ({_message(exc)})") from None
         self._count = start + len(vectors)
+        self.info["root"] = common_folder(paths, self.info.get("root"))
+        self.save_info()
 
     def tune(self, **parameters) -> None:
         """Search-time parameters, by FAISS's names (``efSearch``, ``nprobe``) or Milvus's (``ef``)."""
@@ -218,8 +222,6 @@ class MilvusIndex:
 
     def search(self, queries, k: int = 10) -> Results:
         """``[Q, k]`` scores and ids best first; ids ``-1`` (scores ``-inf``) pad rows not filled."""
-        from reir.retrieval.index import _as_vectors
-
         queries = _as_vectors(queries)
         if queries.shape[1] != self.dim:
             raise ReirError(f"queries have dimension {queries.shape[1]} but the index {self.dim}; "
