@@ -9,7 +9,7 @@ import importlib
 __version__ = "0.1.0"
 
 # public name -> the module that defines it
-_API = {"load_model": "reir.api", "embed": "reir.api", "evaluate": "reir.api", "Model": "reir.api",
+_API = {"load_model": "reir.api", "embed": "reir.api", "evaluate": "reir.retrieval.evaluation", "Model": "reir.api",
         "Index": "reir.retrieval.index"}
 __all__ = list(_API)
 

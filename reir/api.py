@@ -19,17 +19,15 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Iterable, Sequence
 
 import torch
 
 from reir.errors import ReirError
 from reir.fileio import load_tensors
 from reir.model.embedding import Model, embed  # noqa: F401 - re-exported: reir.embed, reir.Model
+from reir.retrieval.evaluation import evaluate  # noqa: F401 - re-exported: reir.evaluate
 from reir.model.network import ModelConfig, create_model
-from reir.retrieval.database import UNLABELLED
-from reir.validation import (as_features, check_device, check_labels, check_positive_ints,
-                             check_recorded_fields, file_structure)
+from reir.validation import check_device, check_recorded_fields, file_structure
 
 MODEL_FORMAT = "reir-model/1"
 
@@ -76,61 +74,3 @@ def _preprocessing(info: dict) -> tuple[int, list[float], list[float]]:
     if not all(v > 0 for v in std):
         raise ValueError(f"std {std!r:.40}")
     return size, [float(v) for v in mean], [float(v) for v in std]
-
-
-def evaluate(features, labels: Sequence | torch.Tensor | None = None, *, recalls: Iterable[int] = (1, 2, 4, 8),
-             gallery: torch.Tensor | None = None, gallery_labels: Sequence | torch.Tensor | None = None,
-             with_nmi: bool = True, device: torch.device | str | None = None
-             ) -> dict[str, float | None]:
-    """Recall@K, precision@1, R-precision, MAP@R and NMI (``None`` when skipped), exact.
-
-    ``features`` with ``labels``: every image queries the others (itself excluded), or the
-    ``gallery`` when one is given. ``features`` may instead be a database (or its path):
-    its test split against itself, or query against gallery, as ``reir eval`` does.
-    """
-    from reir.retrieval.database import Database, load_database
-    from reir.retrieval.metrics import evaluate_embeddings
-
-    if isinstance(features, (str, os.PathLike, Database)):
-        db = features if isinstance(features, Database) else load_database(features)
-        splits = db.eval_splits
-        missing = [s for s in splits if s not in db.features]
-        if missing:
-            raise ReirError(f"database has no {', '.join(missing)} features; regenerate it with train.py")
-        unlabelled = [s for s in splits if UNLABELLED in db.labels(s)]
-        if unlabelled:
-            raise ReirError(f"the {unlabelled[0]} split has images without a label; metrics need every label")
-        ids = db.label_ids(*splits)
-        features, labels = db.features[splits[0]], ids[0]
-        if len(splits) == 2:
-            gallery, gallery_labels = db.features[splits[1]], ids[1]
-    elif labels is None:
-        raise ReirError("evaluate needs labels for the features (or pass a database)")
-    else:
-        features = as_features(features, "features")
-        labels = check_labels(labels, len(features), "labels", "features")
-        if gallery is not None:
-            gallery = as_features(gallery, "gallery")
-            if gallery_labels is None:
-                raise ReirError("evaluate was given a gallery but no gallery_labels; pass the gallery's labels "
-                                "(metrics cannot score a gallery with the queries' labels)")
-            gallery_labels = check_labels(gallery_labels, len(gallery), "gallery_labels", "gallery")
-        elif gallery_labels is not None:
-            raise ReirError("evaluate was given gallery_labels but no gallery; pass gallery= too, or neither")
-        labels, gallery_labels = _label_ids(labels, gallery_labels)
-    recalls = check_positive_ints(recalls, "recalls")
-    if device is not None:
-        device = check_device(device)
-    return evaluate_embeddings(features, labels, sorted(set(recalls)), gallery, gallery_labels,
-                               with_nmi=with_nmi, device=device)
-
-
-def _label_ids(labels, gallery_labels):
-    """Class names (or ids) of queries and gallery as integers on one shared vocabulary."""
-    groups = [labels] + ([gallery_labels] if gallery_labels is not None else [])
-    if all(isinstance(g, torch.Tensor) for g in groups):
-        return labels, gallery_labels
-    from reir.retrieval.database import shared_label_ids
-
-    ids = shared_label_ids(*([str(l) for l in (g.tolist() if isinstance(g, torch.Tensor) else g)] for g in groups))
-    return ids[0], (ids[1] if len(ids) > 1 else None)

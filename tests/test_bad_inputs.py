@@ -18,7 +18,7 @@ import torch
 from reir import cli
 from reir.cli.common import reports_errors
 from reir.cli.train import main as train_main
-from reir.data.splits import load_split_list, save_split_list, split_list_path
+from reir.data.splits import load_split_list, split_list_path
 from reir.fileio import save_tensors
 from reir.model.meta_labels import ids_path
 from reir.retrieval.database import load_database, resolve_database_path

@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import REPO, run_script
+from conftest import REPO, run_reir
 from reir.retrieval.database import load_database
 
 IMAGES = 240
@@ -33,7 +33,7 @@ def collection(tmp_path_factory):
 
 
 def embed(model, *args, cwd=None):
-    return run_script("reir", "embed", "--model", str(model), "--num_workers", "0", *args, cwd=cwd)
+    return run_reir("embed", "--model", str(model), "--num_workers", "0", *args, cwd=cwd)
 
 
 def assert_same_database(a, b):
@@ -118,7 +118,7 @@ def test_csv_and_prepared_dataset(served_model, collection, tmp_path):
     embedded, trained = load_database(tmp_path / "d.safetensors"), load_database(served_model.database)
     assert embedded.splits == trained.splits
     assert all(torch.allclose(embedded.features[s], trained.features[s], atol=1e-5) for s in trained.features)
-    evaluated = run_script("reir", "eval", "--data_base", str(tmp_path / "d.safetensors"), "--no_nmi")
+    evaluated = run_reir("eval", "--data_base", str(tmp_path / "d.safetensors"), "--no_nmi")
     assert evaluated.returncode == 0 and "recall@1" in evaluated.stdout
 
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import reir
-from conftest import run_script
+from conftest import run_reir
 from reir.retrieval.database import load_database
 
 
@@ -16,7 +16,7 @@ from reir.retrieval.database import load_database
 @pytest.mark.parametrize("export_format", ["onnx", "torchscript"])
 def test_export_matches_pytorch(served_model, tmp_path, export_format):
     output = tmp_path / f"model.{export_format}"
-    result = run_script("reir", "export", "--model", str(served_model.model), "--format", export_format,
+    result = run_reir("export", "--model", str(served_model.model), "--format", export_format,
                         "--output", str(output))
     assert result.returncode == 0, result.stderr
     difference = float(re.search(r"max abs diff ([\d.e+-]+)", result.stdout).group(1))
@@ -40,7 +40,7 @@ def test_export_matches_pytorch(served_model, tmp_path, export_format):
 
 
 def test_export_refuses_to_overwrite_the_model(served_model):
-    result = run_script("reir", "export", "--model", str(served_model.model), "--format", "onnx",
+    result = run_reir("export", "--model", str(served_model.model), "--format", "onnx",
                         "--output", str(served_model.model))
     assert result.returncode == 2 and "overwrite the model" in result.stderr and result.stderr.count("\n") == 1
 

@@ -8,7 +8,7 @@ from reir.retrieval import metrics
 from reir.retrieval.database import Database
 from reir.retrieval.metrics import evaluate_embeddings, relevant_counts, retrieval_metrics
 from reir.retrieval.similarity import flatten, knn
-from conftest import run_script
+from conftest import run_reir
 
 PML_NAMES = {"precision@1": "precision_at_1", "r_precision": "r_precision", "map@r": "mean_average_precision_at_r",
              "nmi": "NMI"}
@@ -263,7 +263,7 @@ def write_database(path, query_gallery):
 def test_eval_command_prints_every_metric(tmp_path, query_gallery):
     path = tmp_path / "x_data_base.safetensors"
     features, labels = write_database(path, query_gallery)
-    result = run_script("reir", "eval", "--data_base", str(path))
+    result = run_reir("eval", "--data_base", str(path))
     assert result.returncode == 0, result.stderr
     printed = {line.split()[0]: float(line.split()[1].rstrip("%")) / 100
                for line in result.stdout.splitlines()[1:]}
@@ -278,13 +278,27 @@ def test_eval_command_prints_every_metric(tmp_path, query_gallery):
 
 @pytest.mark.slow
 def test_eval_command_errors_are_one_line(tmp_path):
-    missing = run_script("reir", "eval", "--data_base", str(tmp_path / "none_data_base.safetensors"))
+    missing = run_reir("eval", "--data_base", str(tmp_path / "none_data_base.safetensors"))
     assert missing.returncode == 1 and len(missing.stderr.strip().splitlines()) == 1
     assert "not found" in missing.stderr
-    no_flag = run_script("reir", "eval")
+    no_flag = run_reir("eval")
     assert no_flag.returncode == 2 and len(no_flag.stderr.strip().splitlines()) == 1
     path = tmp_path / "x_data_base.safetensors"
     write_database(path, False)
     before = path.read_bytes()
-    bad = run_script("reir", "eval", "--data_base", str(path), "--recalls", "0,5")
+    bad = run_reir("eval", "--data_base", str(path), "--recalls", "0,5")
     assert bad.returncode == 2 and "positive integers" in bad.stderr and path.read_bytes() == before
+
+
+@pytest.mark.parametrize("size,first_classes,second_classes", [(500, 7, 7), (300, 2, 9), (50, 1, 4), (40, 1, 1),
+                                                                (200, 30, 3)])
+def test_nmi_equals_scikit_learns(size, first_classes, second_classes):
+    from sklearn.metrics import normalized_mutual_info_score
+
+    rng = np.random.default_rng(size + first_classes)
+    first = rng.integers(0, first_classes, size)
+    second = (first * 3 + rng.integers(0, 2, size)) % second_classes  # related, not equal
+    for a, b in ((first, second), (first, rng.integers(0, second_classes, size)), (first, first)):
+        labels = np.array([f"class {x}" for x in a])  # names, not ids, for one side
+        assert metrics.normalized_mutual_information(labels, b) == pytest.approx(
+            normalized_mutual_info_score(a, b), abs=1e-12)

@@ -1,16 +1,14 @@
 """The Milvus backend (Milvus Lite, in-process, from a file under tmp_path) against FAISS and exact search."""
 
-import os
 import re
 import socket
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
 
-from conftest import REPO, run_script
+from conftest import run_reir
 
 from reir.retrieval.database import Database
 from reir.retrieval.index import Index
@@ -95,7 +93,7 @@ def test_collection_survives_reopening_with_its_info_and_search_parameters(tmp_p
 
 def test_reir_index_milvus_prints_recall_and_speed(served_model, tmp_path):
     uri = str(tmp_path / "reir.milvus.db")
-    result = run_script("reir", "index", "--data_base", str(served_model.database), "--backend", "milvus",
+    result = run_reir("index", "--data_base", str(served_model.database), "--backend", "milvus",
                         "--uri", uri, "--collection", "digits", "--index_type", "HNSW", "--index_params",
                         "M=8,efConstruction=32", "--efSearch", "16")
     assert result.returncode == 0, result.stderr
@@ -112,7 +110,7 @@ def test_reir_index_milvus_prints_recall_and_speed(served_model, tmp_path):
     (["--uri", "x.db"], "are for --backend milvus"),
 ])
 def test_bad_milvus_options_are_one_line(served_model, tmp_path, args, message):
-    result = run_script("reir", "index", "--data_base", str(served_model.database), *args, cwd=tmp_path)
+    result = run_reir("index", "--data_base", str(served_model.database), *args, cwd=tmp_path)
     assert result.returncode != 0 and result.stderr.count("\n") == 1 and message in result.stderr, result.stderr
     assert not (tmp_path / "x.db").exists()
 
@@ -140,7 +138,7 @@ def test_a_milvus_server_by_uri_indexes_and_answers_like_faiss_flat(served_model
 
     here = tmp_path / "here"
     here.mkdir()
-    indexed = run_script("reir", "index", "--data_base", str(served_model.database), "--backend", "milvus",
+    indexed = run_reir("index", "--data_base", str(served_model.database), "--backend", "milvus",
                          "--uri", milvus_server, "--collection", "digits", cwd=here)
     assert indexed.returncode == 0, indexed.stderr
     assert f"collection digits at {milvus_server}" in indexed.stdout and not list(here.iterdir())  # all on the server
@@ -156,7 +154,7 @@ def test_a_milvus_server_by_uri_indexes_and_answers_like_faiss_flat(served_model
         assert served.root == flat.root == str(served_model.images) and len(served) == len(flat)
     finally:
         served.close()
-    unreachable = run_script("reir", "index", "--data_base", str(served_model.database), "--backend", "milvus",
+    unreachable = run_reir("index", "--data_base", str(served_model.database), "--backend", "milvus",
                              "--uri", milvus_server.rsplit(":", 1)[0] + ":1", "--collection", "digits")
     assert unreachable.returncode != 0 and unreachable.stderr.count("\n") == 1, unreachable.stderr
     assert "cannot reach Milvus at http://127.0.0.1:1" in unreachable.stderr

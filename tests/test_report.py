@@ -5,14 +5,14 @@ import re
 import pytest
 
 from browser import chromium, screenshot
-from conftest import run_script
+from conftest import run_reir
 from reir.retrieval.database import load_database
 
 
 @pytest.fixture(scope="module")
 def report(served_model, tmp_path_factory):
     output = tmp_path_factory.mktemp("report") / "report.html"
-    result = run_script("reir", "report", "--data_base", str(served_model.database), "--output", str(output),
+    result = run_reir("report", "--data_base", str(served_model.database), "--output", str(output),
                         "--k", "5", "--queries", "3")
     assert result.returncode == 0, result.stderr
     return output
@@ -56,9 +56,9 @@ def test_report_opens_in_a_browser_with_metrics_curves_and_queries(report, serve
 
 def test_report_of_an_unlabelled_collection_shows_queries_without_metrics(served_model, tmp_path):
     database = tmp_path / "plain_data_base.safetensors"
-    assert run_script("reir", "embed", "--model", str(served_model.model), "--images", str(served_model.images),
+    assert run_reir("embed", "--model", str(served_model.model), "--images", str(served_model.images),
                       "--output", str(database), "--num_workers", "0").returncode == 0
-    result = run_script("reir", "report", "--data_base", str(database), "--queries", "2")
+    result = run_reir("report", "--data_base", str(database), "--queries", "2")
     assert result.returncode == 0, result.stderr
     text = (tmp_path / "plain_data_base.html").read_text()
     assert "not computed" in text and text.count('class="row"') == 2 and "Worst queries" not in text

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import builtins
 import pickle
-import shutil
 
 import pytest
 import torch

@@ -16,7 +16,7 @@ import pytest
 from PIL import Image
 
 from browser import chromium, screenshot
-from conftest import REPO, run_script
+from conftest import REPO, run_reir
 
 MAX_BODY_MB = 1
 
@@ -24,7 +24,7 @@ MAX_BODY_MB = 1
 @pytest.fixture(scope="module")
 def index_file(served_model, tmp_path_factory):
     output = tmp_path_factory.mktemp("index") / "digits.faiss"
-    result = run_script("reir", "index", "--data_base", str(served_model.database), "--output", str(output))
+    result = run_reir("index", "--data_base", str(served_model.database), "--output", str(output))
     assert result.returncode == 0, result.stderr
     assert re.search(r"Indexed \d+ images \(test\) of dimension 12 with Flat", result.stdout)
     return output
@@ -72,7 +72,7 @@ def assert_one_line_error(response, status):
 
 
 def test_index_reports_recall_and_speed_of_approximate_indexes(served_model, tmp_path):
-    result = run_script("reir", "index", "--data_base", str(served_model.database), "--factory", "HNSW8",
+    result = run_reir("index", "--data_base", str(served_model.database), "--factory", "HNSW8",
                         "--efSearch", "7", "--output", str(tmp_path / "hnsw.faiss"))
     assert result.returncode == 0, result.stderr
     recall = re.search(r"Recall@10 against exact search: ([\d.]+)% on \d+ queries; ([\d,]+) queries/s", result.stdout)
@@ -83,7 +83,7 @@ def test_index_reports_recall_and_speed_of_approximate_indexes(served_model, tmp
     from reir.retrieval.index import Index
 
     assert faiss.downcast_index(Index.load(tmp_path / "hnsw.faiss").faiss_index).hnsw.efSearch == 7
-    bad = run_script("reir", "index", "--data_base", str(served_model.database), "--factory", "IVF100000,Flat",
+    bad = run_reir("index", "--data_base", str(served_model.database), "--factory", "IVF100000,Flat",
                      "--output", str(tmp_path / "ivf.faiss"))
     assert bad.returncode == 1 and bad.stderr.count("\n") == 1 and "cannot train" in bad.stderr
     assert not (tmp_path / "ivf.faiss").exists()

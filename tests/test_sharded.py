@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from conftest import run_script
+from conftest import run_reir
 from handmade import write_images
 from reir.retrieval.database import MANIFEST, iter_database, load_database
 
@@ -24,7 +24,7 @@ def collection(tmp_path_factory):
 
 
 def embed(model, collection, output, *extra):
-    return run_script("reir", "embed", "--model", str(model), "--images", str(collection), "--output", str(output),
+    return run_reir("embed", "--model", str(model), "--images", str(collection), "--output", str(output),
                       "--labels_from_folders", "--shard_size", "20", "--batch_size", "10", "--num_workers", "0", *extra)
 
 
@@ -59,12 +59,12 @@ def test_shard_output_is_a_folder_with_a_manifest_holding_what_one_file_holds(bo
 
 def test_every_reader_gives_the_same_answer_for_both_forms(both_forms, tmp_path):
     single, sharded, _ = both_forms
-    evaluated = [run_script("reir", "eval", "--data_base", str(db), "--no_nmi") for db in (single, sharded)]
+    evaluated = [run_reir("eval", "--data_base", str(db), "--no_nmi") for db in (single, sharded)]
     assert all(r.returncode == 0 for r in evaluated), evaluated[1].stderr
     assert "recall@1" in evaluated[0].stdout and evaluated[0].stdout == evaluated[1].stdout
     maps = []
     for db, name in ((single, "one"), (sharded, "many")):
-        result = run_script("reir", "index", "--data_base", str(db), "--output", str(tmp_path / f"{name}.faiss"))
+        result = run_reir("index", "--data_base", str(db), "--output", str(tmp_path / f"{name}.faiss"))
         assert result.returncode == 0, result.stderr
         maps.append(json.loads((tmp_path / f"{name}.faiss.ids.json").read_text()))
     assert maps[0]["paths"] == maps[1]["paths"] and maps[0]["labels"] == maps[1]["labels"]
@@ -72,7 +72,7 @@ def test_every_reader_gives_the_same_answer_for_both_forms(both_forms, tmp_path)
     import reir
 
     assert reir.evaluate(str(single), with_nmi=False) == reir.evaluate(str(sharded), with_nmi=False)
-    report = run_script("reir", "report", "--data_base", str(sharded), "--output", str(tmp_path / "many.html"))
+    report = run_reir("report", "--data_base", str(sharded), "--output", str(tmp_path / "many.html"))
     assert report.returncode == 0, report.stderr
     assert f"test {IMAGES} images" in (tmp_path / "many.html").read_text()
 
@@ -88,7 +88,7 @@ def test_outputs_are_replaced_only_when_databases_and_a_damaged_shard_is_named(s
     # the first run asks for shards, the second gets them from the size threshold, replacing the first
     for source, count, extra in ((collection / "b", IMAGES // 3, "--shard_output"),
                                  (collection, IMAGES, "--max_file_gb=0.000001")):
-        result = run_script("reir", "embed", "--model", str(served_model.model), "--images", str(source),
+        result = run_reir("embed", "--model", str(served_model.model), "--images", str(source),
                             "--output", str(output), extra, "--shard_size", "20", "--num_workers", "0")
         assert result.returncode == 0, result.stderr
         assert output.is_dir() and len(load_database(output).features["test"]) == count
@@ -97,6 +97,6 @@ def test_outputs_are_replaced_only_when_databases_and_a_damaged_shard_is_named(s
     data = bytearray(shard.read_bytes())
     data[-1] ^= 0xFF
     shard.write_bytes(bytes(data))
-    evaluated = run_script("reir", "eval", "--data_base", str(output), "--no_nmi")
+    evaluated = run_reir("eval", "--data_base", str(output), "--no_nmi")
     assert evaluated.returncode != 0 and evaluated.stderr.count("\n") == 1
     assert "shard-000002.safetensors" in evaluated.stderr and "checksum" in evaluated.stderr

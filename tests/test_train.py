@@ -11,7 +11,7 @@ from reir.fileio import load_tensors
 from reir.retrieval.database import load_database
 from reir.training.config import TrainConfig
 from reir.training.devices import parse_device, training_devices
-from conftest import run_script, tiny_args
+from conftest import run_reir, run_script, tiny_args
 
 ORIGINAL_DEFAULTS = {
     "data_name": "car", "crop_type": "uncropped", "label_type": "fixed", "recalls": [1, 2, 4, 8],
@@ -61,7 +61,7 @@ def test_absent_gpu_ids_do_not_crash_and_cuda_n_means_that_gpu(monkeypatch, caps
 
 
 def test_params_command_prints_the_table_cell():
-    result = run_script("reir", "params", "--model_type", "resnet50", "--meta_class_size", "512")
+    result = run_reir("params", "--model_type", "resnet50", "--meta_class_size", "512")
     assert result.returncode == 0 and result.stdout.splitlines()[0] == "1,168,150,592"
 
 

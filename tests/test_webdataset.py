@@ -19,7 +19,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import REPO, run_script
+from conftest import REPO, run_reir, run_script
 from reir.retrieval.database import load_database
 
 PER_TAR, TARS = 15, 16
@@ -82,7 +82,7 @@ def descendants(pid: int) -> list[int]:
 
 
 def embed(model, images, output, *extra):
-    return run_script("reir", "embed", "--model", str(model), "--images", str(images), "--output", str(output),
+    return run_reir("embed", "--model", str(model), "--images", str(images), "--output", str(output),
                       "--batch_size", "5", "--shard_size", str(PER_TAR), "--num_workers", "0", *extra)
 
 

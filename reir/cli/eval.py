@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from reir.api import evaluate
+from reir.retrieval.evaluation import evaluate
 from reir.argtypes import csv_ints
 from reir.cli.common import ArgumentParser, reports_errors
 from reir.data.registry import DATA_NAMES, dataset_info

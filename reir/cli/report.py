@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from reir.api import evaluate
+from reir.retrieval.evaluation import evaluate
 from reir.argtypes import positive_int
 from reir.cli.common import ArgumentParser, reports_errors
 from reir.data.images import read_image

@@ -12,15 +12,16 @@ from typing import BinaryIO, Callable, ContextManager, Sequence
 import torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
-from torchvision import transforms
 
 from reir.data.splits import SplitList
 from reir.data.tarshards import is_sample_path, sample_image_bytes
 from reir.errors import ReirError
 
 
-def build_transform(image_size: int, mean, std, train: bool) -> transforms.Compose:
+def build_transform(image_size: int, mean, std, train: bool):
     """Resize to a square, random horizontal flip in training, normalise (the original's recipe)."""
+    from torchvision import transforms  # here, so that reading images alone does not import torchvision
+
     steps = [transforms.Resize((image_size, image_size))]
     if train:
         steps.append(transforms.RandomHorizontalFlip())
