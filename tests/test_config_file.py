@@ -7,7 +7,7 @@ import json
 from reir.cli.train import main as train_main
 from tests.conftest import tiny_args
 
-NAME = "digits_uncropped_fixed_unrandom_layer1_resnet18_3_2"
+NAME = "digits_uncropped_fixed_unrandom_layer4_resnet18_3_2"
 
 
 def recorded(output) -> dict:

@@ -68,8 +68,9 @@ def test_params_command_prints_the_table_cell():
 @pytest.mark.slow
 def test_training_on_digits_writes_every_output(small_digits_root, tmp_path):
     out = tmp_path / "out"
+    # the seed's sharing point (layer1): branches that hold layers 2-4, end to end through train.py
     result = run_script("train.py", *tiny_args(small_digits_root, out, "--num_epochs", "2", "--with_random",
-                                                      "--nmi_every", "2"))
+                                                      "--nmi_every", "2", "--share_type", "layer1"))
     assert result.returncode == 0, result.stderr
     name = "digits_uncropped_fixed_random_layer1_resnet18_3_2"
     with open(out / "statistics" / f"{name}_results.csv") as handle:
