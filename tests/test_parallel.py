@@ -150,6 +150,16 @@ def test_train_one_epoch_runs_under_bf16():
     assert all(not torch.equal(a, b) for a, b in zip(before, model.parameters()) if a.ndim > 1)
 
 
+def test_the_progress_bar_never_shows_a_stale_step_count_beside_the_loss(capsys):
+    model = _model(share_type="layer4", ensemble=2, meta=2, with_random=False, dtype=torch.float32)
+    data = TensorDataset(torch.randn(12, 3, 16, 16), torch.tensor([0, 1, 2] * 4))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    train_one_epoch(model, DataLoader(data, batch_size=4), optimizer, torch.tensor([[0, 1, 1], [1, 0, 1]]), CPU, 1, 1,
+                    precision=precision_for("off", CPU))
+    shown = [s for s in capsys.readouterr().out.replace("\n", "\r").split("\r") if "loss" in s]
+    assert shown and all("3/3" in s for s in shown), shown
+
+
 def test_unknown_amp_is_a_usage_error(small_digits_root, tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         train_main(tiny_args(small_digits_root, tmp_path, "--amp", "fp8"))

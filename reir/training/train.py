@@ -112,8 +112,9 @@ def train_one_epoch(model: REIRNet, loader: DataLoader, optimizer, meta_labels: 
         progress.after_step(total_loss, total_correct, total_seen)
         if after_step is not None:
             after_step(progress)
+        # shown with the bar's next update: refreshing here would print a stale step count (0/N) every step
         bar.set_postfix_str(f"loss {total_loss / total_seen:.4f} acc "
-                            f"{100 * total_correct / (total_seen * meta_targets.shape[1]):.2f}%")
+                            f"{100 * total_correct / (total_seen * meta_targets.shape[1]):.2f}%", refresh=False)
     bar.close()
     return total_loss / max(total_seen, 1), total_correct / max(total_seen * meta_labels.shape[0], 1)
 
