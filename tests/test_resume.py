@@ -14,7 +14,7 @@ import torch
 from reir.fileio import load_tensors
 from reir.training.checkpoint import pack, unpack
 from reir.training.signals import StopRequest, TrainingStopped
-from conftest import run_script, tiny_args
+from conftest import run_reir, run_script, tiny_args
 
 NAME = "digits_uncropped_fixed_random_layer4_resnet18_3_2"
 
@@ -214,9 +214,9 @@ def test_a_resume_takes_the_weights_from_the_checkpoint_and_refuses_other_weight
     assert killed.returncode == -9, killed.stderr
     weights.unlink()
     name = "digits_uncropped_fixed_unrandom_layer4_resnet18_3_2"
-    other = run_script("train.py", *flags, "--weights", "none", "--resume", "auto")
+    other = run_reir("train", *flags, "--weights", "none", "--resume", "auto")
     assert other.returncode == 2 and f"--weights {str(weights)!r} (not 'none')" in other.stderr.strip().splitlines()[-1]
-    resumed = run_script("train.py", *flags, "--resume", "auto")
+    resumed = run_reir("train", *flags, "--resume", "auto")
     assert resumed.returncode == 0, resumed.stderr
     assert "2 epochs done" not in resumed.stdout and "Resuming from" in resumed.stdout
     rows = (tmp_path / "out" / "statistics" / f"{name}_results.csv").read_text().splitlines()
