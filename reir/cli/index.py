@@ -163,8 +163,9 @@ def main(argv: list[str] | None = None) -> int:
         index.info["search_parameters"] = tuning
     if args.backend == "milvus":
         index.save_info()
+        parameters = index.info["index_parameters"]
         print(f"Indexed {len(index)} images ({', '.join(splits)}) of dimension {index.dim} with {index.factory}"
-              f"{' ' + str(index.info['index_parameters']) if index.info['index_parameters'] else ''} in {build_seconds:.2f} s: collection {args.collection} "
+              f"{f' {parameters}' if parameters else ''} in {build_seconds:.2f} s: collection {args.collection} "
               f"at {args.uri}")
     else:
         output = Path(args.output) if args.output else default_output(database_path, args.factory)

@@ -127,7 +127,7 @@ class Searcher:
         """The file of a database image, or ``(bytes, extension)`` of a sample inside a tar shard."""
         image_id = self.database_id(image_id)
         path = self.index.paths[image_id]
-        if is_sample_path(path) and not os.path.exists(path):
+        if is_sample_path(path):
             try:
                 return sample_image_bytes(path)
             except OSError:

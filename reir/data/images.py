@@ -56,7 +56,7 @@ def read_image(source: str | os.PathLike | bytes | BinaryIO, max_pixels: int | N
     name = "the image" if in_memory else f"image {source}"
     size = None
     try:
-        if not in_memory and is_sample_path(source) and not os.path.exists(source):
+        if not in_memory and is_sample_path(source):
             source = sample_image_bytes(source)[0]
         with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as image:
             size = image.size

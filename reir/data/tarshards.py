@@ -15,7 +15,6 @@ import glob
 import io
 import json
 import os
-import re
 import tarfile
 from pathlib import Path
 from typing import Iterator
@@ -28,7 +27,6 @@ IMAGE_TYPES = {"jpg": "image/jpeg", "jpeg": "image/jpeg", "png": "image/png", "w
 IMAGE_KEYS = tuple(IMAGE_TYPES)
 LABEL_KEYS = ("cls", "json")
 MEMBER_SEPARATOR = "::"  # a sample's path: <tar file>::<sample key>
-MEMBER_NAME = re.compile(r"^((?:.*/|)[^./]+)\.([^/]*)$")  # WebDataset: key = name up to the basename's first dot
 
 
 def is_shard_pattern(text: str) -> bool:
@@ -119,20 +117,23 @@ def shard_fingerprint(shards: list[Path]) -> list:
 
 
 def is_sample_path(path: str | os.PathLike) -> bool:
-    """Whether a database path names a sample inside a tar shard (``<tar file>::<key>``) rather than a file."""
+    """Whether a database path names a sample inside a tar shard (``<tar file>::<key>``) rather than a file
+    (a file of that very name wins)."""
     shard, separator, _ = str(path).rpartition(MEMBER_SEPARATOR)
-    return bool(separator) and shard.endswith(".tar")
+    return bool(separator) and shard.endswith(".tar") and not os.path.exists(path)
 
 
 @functools.lru_cache(maxsize=16)
 def _image_members(shard: str, size: int, mtime_ns: int) -> dict[str, tuple[int, int, str]]:
     """``key -> (offset, size, extension)`` of a tar's image members, read once per version of the file."""
+    from webdataset.tariterators import base_plus_ext  # the key rule the reader groups samples by
+
     table: dict[str, tuple[int, int, str]] = {}
     with tarfile.open(shard, "r:") as tar:
         for member in tar:
-            found = MEMBER_NAME.match(member.name) if member.isfile() else None
-            if found and found.group(2).lower() in IMAGE_KEYS and found.group(1) not in table:
-                table[found.group(1)] = (member.offset_data, member.size, found.group(2).lower())
+            key, extension = base_plus_ext(member.name) if member.isfile() else (None, None)
+            if key is not None and extension.lower() in IMAGE_KEYS and key not in table:
+                table[key] = (member.offset_data, member.size, extension.lower())
     return table
 
 
