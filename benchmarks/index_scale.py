@@ -41,7 +41,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from reir.cli.index import recall_against_exact  # noqa: E402
+from reir.retrieval.index_quality import recall_against_exact  # noqa: E402
 from reir.fileio import load_tensors, save_tensors  # noqa: E402
 from reir.retrieval.index import Index  # noqa: E402
 from reir.retrieval.similarity import knn  # noqa: E402

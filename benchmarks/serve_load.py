@@ -34,7 +34,7 @@ import tempfile
 import threading
 import time
 import uuid
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -51,15 +51,14 @@ def synthetic_setup(folder: Path, ensemble: int, image_size: int, images: int) -
     """A random-init model file and a Flat index of random embeddings of its shape."""
     import torch
 
-    from reir.fileio import save_tensors
+    from reir.model.files import save_model
     from reir.model.network import ModelConfig, create_model
     from reir.retrieval.index import Index
 
     config = ModelConfig("resnet18", "layer1", ensemble, 12)
     model_file = folder / "synthetic_model.safetensors"
-    save_tensors(model_file, create_model(config, weights="none").state_dict(),
-                 {"format": "reir-model/1", "config": {"save_name": "synthetic"}, "model": asdict(config),
-                  "info": {"image_size": image_size, "mean": [0.5] * 3, "std": [0.25] * 3}})
+    save_model(model_file, create_model(config, weights="none").state_dict(), config, {"save_name": "synthetic"},
+               {"image_size": image_size, "mean": [0.5] * 3, "std": [0.25] * 3})
     picture = folder / "image.png"
     Image.fromarray(np.random.default_rng(0).integers(0, 256, (image_size, image_size, 3), dtype=np.uint8)).save(picture)
     features = torch.nn.functional.normalize(torch.randn(images, ensemble, 12, generator=torch.Generator().manual_seed(0)), dim=-1)

@@ -1,7 +1,17 @@
 """REIR: Randomized Ensembles for Image Retrieval.
 
-``reir.load_model``, ``reir.embed``, ``reir.Index`` and ``reir.evaluate`` are the Python API; they
-are imported on first use so that ``import reir`` stays light.
+The Python API, imported on first use so that ``import reir`` stays light::
+
+    import reir
+    model = reir.load_model("epochs/<name>_model.safetensors")
+    features = reir.embed(model, "my_photos/")          # [N, ensemble, meta]
+    index = reir.Index.build(features, paths=...)        # exact inner product ("Flat")
+    scores, ids = index.search(reir.embed(model, ["query.jpg"]), k=10)
+    reir.evaluate(features, labels)                      # Recall@K, MAP@R, ...
+
+Every ``reir`` command that embeds, indexes or searches calls these, so the CLI and the library
+share one code path; ``embed`` is the one path from images to embeddings that training's
+evaluation takes too.
 """
 
 import importlib
@@ -9,8 +19,10 @@ import importlib
 __version__ = "0.1.0"
 
 # public name -> the module that defines it
-_API = {"load_model": "reir.api", "embed": "reir.api", "evaluate": "reir.retrieval.evaluation", "Model": "reir.api",
-        "Index": "reir.retrieval.index"}
+_API = {"load_model": "reir.model.files", "Model": "reir.model.files", "embed": "reir.model.embedding",
+        "evaluate": "reir.retrieval.evaluation", "Index": "reir.retrieval.index",
+        "build_index": "reir.retrieval.backends", "index_from_database": "reir.retrieval.backends",
+        "open_index": "reir.retrieval.backends"}
 __all__ = list(_API)
 
 

@@ -6,7 +6,8 @@ import pytest
 import torch
 from PIL import Image
 
-from reir.cli.ablation import compare, main
+from reir.cli.ablation import main
+from reir.retrieval.ablation import compare
 from reir.plots import grids
 from conftest import run_script
 from handmade import BETTER_ANGLES, TEST_LABELS, WORSE_ANGLES, make_database

@@ -29,7 +29,7 @@ def db(served_model):
 def test_import_is_light_and_exports_the_api():
     code = "import sys, reir; print('torch' in sys.modules); print(reir.load_model.__module__, reir.Index.__name__)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, check=True).stdout
-    assert out.split() == ["False", "reir.api", "Index"]
+    assert out.split() == ["False", "reir.model.files", "Index"]
 
 
 def test_embed_reproduces_the_training_database(model, db):

@@ -52,7 +52,7 @@ def test_onnx_weights_in_a_companion_file_travel_with_the_graph(served_model, tm
 
     import onnxruntime
 
-    from reir.cli.export import example_images, export
+    from reir.model.export import example_images, export
     from reir.model.network import embedding_from_logits
 
     model = reir.load_model(served_model.model)

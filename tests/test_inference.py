@@ -8,7 +8,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from reir.cli.search import main, rank
+from reir.cli.search import main
+from reir.retrieval.lookup import rank
 from reir.plots import grids
 from reir.retrieval.database import load_database
 from conftest import run_script, tiny_args

@@ -11,6 +11,7 @@ import torch
 from conftest import run_reir
 
 from reir.retrieval.database import Database
+from reir.retrieval.backends import build_index, index_from_database, open_index
 from reir.retrieval.index import Index
 
 COUNT, ENSEMBLE, META = 10_000, 16, 12
@@ -39,7 +40,7 @@ def test_flat_collection_gives_faiss_flat_ids_and_scores(tmp_path):
     queries = torch.cat([features[:3], reir_like(97, 1)])
     paths = [f"/images/{i:05d}.jpg" for i in range(COUNT)]
     labels = [str(i % 7) for i in range(COUNT)]
-    milvus = Index.build(features, paths, labels, backend="milvus", uri=str(tmp_path / "r.milvus.db"), collection="c")
+    milvus = build_index(features, paths, labels, backend="milvus", uri=str(tmp_path / "r.milvus.db"), collection="c")
     try:
         faiss_flat = Index.build(features, paths, labels, "Flat")
         k = 10
@@ -74,12 +75,12 @@ def test_collection_survives_reopening_with_its_info_and_search_parameters(tmp_p
     features = reir_like(500, 2)
     db = Database({"test": features}, {"test": {"paths": [f"p{i}" for i in range(500)], "labels": ["x"] * 500}},
                   {}, {"model_file": "/models/m.safetensors"})
-    built = Index.from_database(db, factory="HNSW", backend="milvus", uri=uri, collection="photos",
+    built = index_from_database(db, factory="HNSW", backend="milvus", uri=uri, collection="photos",
                                 parameters={"M": 8, "efConstruction": 40})
     built.tune(efSearch=64)
     built.save_info()
     built.close()
-    opened = Index.open("milvus", uri=uri, collection="photos")
+    opened = open_index("milvus", uri=uri, collection="photos")
     try:
         assert len(opened) == 500 and opened.dim == ENSEMBLE * META and not opened.exact
         assert opened.info["model_file"] == "/models/m.safetensors" and opened.info["index_parameters"]["M"] == 8
@@ -145,7 +146,7 @@ def test_a_milvus_server_by_uri_indexes_and_answers_like_faiss_flat(served_model
     database = load_database(served_model.database)
     queries = database.features["test"][:7]
     flat = Index.from_database(database, factory="Flat")
-    served = Index.open("milvus", uri=milvus_server, collection="digits")
+    served = open_index("milvus", uri=milvus_server, collection="digits")
     try:
         scores, ids = served.search(queries, 5)
         exact_scores, exact_ids = flat.search(queries, 5)

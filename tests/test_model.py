@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from reir.errors import ReirError
+from reir.model.embedding import embed
 from reir.model.network import ModelConfig, count_parameters, create_model, embedding_from_logits
 
 # The original's table (REIR.md): defaults share_type layer1, ensemble 48.
@@ -179,7 +180,7 @@ def test_embed_runs_in_eval_mode_and_keeps_the_callers_mode():
     model = create_model(ModelConfig("resnet18", "layer1", 3, 4, with_random=True), weights="none").train()
     images = torch.randn(4, 3, 32, 32)
     buffers = [b.clone() for b in model.buffers()]
-    embedding = model.embed(images)
+    embedding = embed(model, images)
     assert model.training
     assert all(torch.equal(a, b) for a, b in zip(buffers, model.buffers())), "running statistics changed"
     with torch.no_grad():

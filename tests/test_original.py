@@ -18,7 +18,7 @@ import torchvision
 from PIL import Image
 from torch import nn
 
-from reir.api import load_model
+from reir.model.files import load_model
 from reir.cli import main as reir
 from reir.data.images import build_transform
 from reir.retrieval.database import load_database

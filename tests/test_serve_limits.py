@@ -6,7 +6,8 @@ import json
 import httpx
 import pytest
 
-from reir.cli.serve import BodyLimit, SPOOL_BYTES, Searcher, create_app, load_searcher
+from reir.cli.serve import load_searcher
+from reir.service import SPOOL_BYTES, BodyLimit, Searcher, create_app
 from reir.data.splits import Split
 from test_serve import assert_one_line_error, index_file, png_bytes, search, server  # noqa: F401 - fixtures
 
@@ -59,7 +60,7 @@ def test_absolute_paths_only_with_expose_paths(exposed_client, served_model):
 
 
 def test_relative_names_come_from_the_common_folder(served_model):
-    from reir.api import load_model
+    from reir.model.files import load_model
     from reir.retrieval.index import Index
     from reir.retrieval.database import load_database
 

@@ -10,7 +10,7 @@ from reir.errors import ReirError
 from reir.fileio import load_tensors
 from reir.retrieval.database import load_database
 from reir.training.config import TrainConfig
-from reir.training.devices import parse_device, training_devices
+from reir.devices import parse_device, training_devices
 from conftest import run_reir, run_script, tiny_args
 
 ORIGINAL_DEFAULTS = {

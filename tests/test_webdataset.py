@@ -111,7 +111,7 @@ def test_a_sample_in_a_tar_reads_like_its_file_and_a_missing_one_is_named(images
     sample = f"{shards / '000003.tar'}::000003_004"
     assert sample_image_bytes(sample) == ((folder / names[3 * PER_TAR + 4]).read_bytes(), "png")
     assert np.array_equal(np.asarray(read_image(sample)), np.asarray(read_image(folder / names[3 * PER_TAR + 4])))
-    from reir.cli.report import thumbnail
+    from reir.plots.report import thumbnail
 
     assert thumbnail(sample) == thumbnail(str(folder / names[3 * PER_TAR + 4])) != ""  # reports show tar samples
     with pytest.raises(ImageError, match="does not exist") as missing:

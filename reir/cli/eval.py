@@ -7,7 +7,7 @@ from reir.argtypes import csv_ints
 from reir.cli.common import ArgumentParser, reports_errors
 from reir.data.registry import DATA_NAMES, dataset_info
 from reir.retrieval.database import load_database, resolve_database_path
-from reir.training.devices import parse_device
+from reir.devices import parse_device
 
 
 def get_args_parser() -> ArgumentParser:

@@ -8,24 +8,17 @@ embedded with the model the database records. Results are ranked by
 from __future__ import annotations
 
 import json
-import os
 import sys
 from pathlib import Path
 
-import torch
-
-from reir.api import embed, load_model
 from reir.argtypes import positive_int
 from reir.cli.common import ArgumentParser, reports_errors
-from reir.data.images import read_image
 from reir.errors import ReirError
 from reir.fileio import write_json
 from reir.plots import grids
-from reir.model.original import convert_model_beside
-from reir.retrieval.database import Database, load_database
+from reir.retrieval.database import load_database
+from reir.retrieval.lookup import embed_image, locate_query, rank, search_split
 from reir.retrieval.original import find_or_convert_database
-from reir.retrieval.results import PAD, Results
-from reir.retrieval.similarity import knn
 
 DEFAULT_QUERY = "data/car/uncropped/008055.jpg"
 DEFAULT_DATABASE = "car_uncropped_fixed_random_layer1_resnet18_48_12_data_base.pth"
@@ -48,72 +41,6 @@ def get_args_parser(prog: str = "inference.py") -> ArgumentParser:
                        help="class of a query that is not in the database, to colour the results")
     extra.add_argument("--json", action="store_true", help="print the JSON report instead of writing it")
     return parser
-
-
-def search_split(db: Database, data_type: str) -> str:
-    """The split results come from: train, or the test set (the gallery when there is one)."""
-    if data_type == "train":
-        return "train"
-    return db.eval_splits[-1]
-
-
-def locate_query(db: Database, name: str, data_type: str) -> tuple[str, int] | None:
-    """``(split, index)`` of the query in the database, or ``None`` when it is not there.
-
-    Paths are compared as absolute paths. A name that is not an existing file (such as
-    the original's ``data/car/uncropped/008055.jpg``) may also match the one database
-    image with the same file name.
-    """
-    order = [search_split(db, data_type)] + [s for s in db.splits if s != search_split(db, data_type)]
-    target = os.path.normpath(os.path.abspath(name))
-    for split in order:
-        for index, path in enumerate(db.paths(split)):
-            if os.path.normpath(os.path.abspath(path)) == target:
-                return split, index
-    if Path(name).is_file():
-        return None
-    base = Path(name).name
-    matches = [(s, i) for s in order for i, p in enumerate(db.paths(s)) if Path(p).name == base]
-    if len(matches) == 1:
-        return matches[0]
-    if matches:
-        raise ReirError(f"query {name} does not exist and {len(matches)} database images are named {base}; "
-                        "pass the full path of the image as stored in the database")
-    raise ReirError(f"query {name} is neither an image file nor in the database; check --query_img_name")
-
-
-def model_path(db: Database, db_path: Path) -> Path:
-    """The model file the database records, also looked for beside a moved output folder."""
-    recorded = db.info.get("model_file")
-    if not recorded:
-        raise ReirError(f"database {db_path} records no model file, so it can only rank its own images; "
-                        "retrain with the current train.py to query with other images")
-    candidates = [Path(recorded), db_path.resolve().parent.parent / "epochs" / Path(recorded).name]
-    for candidate in candidates:
-        if candidate.is_file():
-            return candidate
-    for candidate in candidates:  # the original's own model file, from a converted database
-        original = candidate.with_name(candidate.name.removesuffix(".safetensors") + ".pth")
-        if original.is_file():
-            return convert_model_beside(original)
-    raise ReirError(f"model file {recorded} of database {db_path} not found; put it back (or under "
-                    f"{candidates[1].parent}) to query with images outside the database")
-
-
-def embed_image(db: Database, db_path: Path, image_path: str) -> torch.Tensor:
-    """``[1, ensemble, meta]`` embedding of an image outside the database, as training embedded the rest."""
-    features = embed(load_model(model_path(db, db_path)), [image_path])
-    stored = next(iter(db.features.values())).shape[1:]
-    if features.shape[1:] != stored:
-        raise ReirError(f"model file of {db_path} embeds {tuple(features.shape[1:])} but the database holds "
-                        f"{tuple(stored)}; the model was replaced after the database was written, retrain")
-    return features
-
-
-def rank(query: torch.Tensor, gallery: torch.Tensor, k: int, exclude: int | None = None) -> Results:
-    """Top-``k`` gallery rows for one query; ``exclude`` (the query's own row) is never returned."""
-    found = knn(query, gallery, k + (exclude is not None))
-    return found.top(k, excluding=[PAD if exclude is None else exclude])
 
 
 def retrieve(args) -> dict:
@@ -145,29 +72,10 @@ def retrieve(args) -> dict:
               "database": str(db_path), "data_type": args.data_type, "split": split,
               "retrieval_num": args.retrieval_num, "results": results,
               "grid": str(folder / "grid.png"), "json": None if args.json else str(folder / "results.json")}
-    save_pictures(folder, query_path, label, results)
+    grids.save_search_pictures(folder, query_path, label, results, COLUMNS)
     if not args.json:
         write_json(folder / "results.json", report)
     return report
-
-
-def save_pictures(folder: Path, query_path: str, label: str | None, results: list[dict]) -> None:
-    """The grid, and the original's per-image files; older per-image files of this query are removed."""
-    query_tile = grids.Tile(query_path, "query" if label is None else f"query ({label})", grids.BLUE)
-    tiles = [query_tile] + [grids.Tile(r["path"], f"{r['rank']}: {r['score']:.4f}", grids.status_colour(r["correct"]))
-                            for r in results]
-    grids.save_image(grids.grid(grids.wrap(tiles, COLUMNS)), folder / "grid.png")
-    grids.save_image(grids.bordered(read_image(query_path), grids.BLUE, grids.FILE_SIZE, 0), folder / "query_img.jpg")
-    written = set()
-    for r in results:
-        status = "" if r["correct"] is None else f"_{r['correct']}"
-        name = f"retrieval_img_{r['rank']}_{r['score']:.4f}{status}.jpg"
-        grids.save_image(grids.bordered(read_image(r["path"]), grids.status_colour(r["correct"]), grids.FILE_SIZE),
-                       folder / name)
-        written.add(name)
-    for stale in folder.glob("retrieval_img_*.jpg"):
-        if stale.name not in written:
-            stale.unlink(missing_ok=True)
 
 
 @reports_errors

@@ -1,7 +1,7 @@
 """Images -> embeddings: the one path every caller takes.
 
-Training's evaluation, the baselines, ``reir.embed``, ``reir embed``, ``reir search``, the service and
-``REIRNet.embed`` all call :func:`embed`, so an image gets the same embedding whichever way it
+Training's evaluation, the baselines, ``reir.embed``, ``reir embed``, ``reir search`` and the service
+all call :func:`embed`, so an image gets the same embedding whichever way it
 arrives: the same reader (:func:`reir.data.images.read_image`), transform, eval-mode forward pass,
 autocast scope and fp32 normalisation. It sits in the model layer, under training, because
 training's evaluation embeds through it.
@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable
 
@@ -20,39 +19,11 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from reir.data.images import ImageItems, build_transform, image_files
+from reir.data.images import ImageItems, image_files
 from reir.errors import ReirError
+from reir.model.files import Model
 from reir.model.network import REIRNet, embedding_from_logits
 from reir.validation import check_k
-
-
-@dataclass
-class Model:
-    """A trained network and the preprocessing its training used (resize, normalisation)."""
-
-    network: REIRNet
-    image_size: int
-    mean: list[float]
-    std: list[float]
-    config: dict = field(default_factory=dict)  # the training run's configuration
-    path: Path | None = None
-
-    @property
-    def device(self) -> torch.device:
-        return next(self.network.parameters()).device
-
-    @property
-    def embedding_shape(self) -> tuple[int, int]:
-        """``(ensemble, meta)``: the shape of one image's embedding."""
-        return self.network.config.ensemble_size, self.network.config.meta_class_size
-
-    @property
-    def transform(self):
-        return build_transform(self.image_size, self.mean, self.std, False)
-
-    def to(self, device: torch.device | str) -> "Model":
-        self.network.to(device)
-        return self
 
 
 def embed(model: Model | REIRNet, images, device: torch.device | str | None = None, precision=None,

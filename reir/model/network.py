@@ -149,12 +149,6 @@ class REIRNet(nn.Module):
         uniform = torch.rand(self.config.ensemble_size, device=device)
         return torch.softmax(uniform, dim=0).to(dtype).expand(batch, -1)
 
-    def embed(self, images: torch.Tensor) -> torch.Tensor:
-        """L2-normalised branch outputs in eval mode, on the CPU: :func:`reir.model.embedding.embed`."""
-        from reir.model.embedding import embed  # that module builds on this one
-
-        return embed(self, images)
-
 
 def embedding_from_logits(logits: torch.Tensor) -> torch.Tensor:
     """Each branch's output L2-normalised: ``[batch, ensemble, meta]``."""

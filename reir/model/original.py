@@ -20,7 +20,6 @@ import logging
 import pickle
 import re
 import zipfile
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +28,7 @@ from torch import nn
 
 from reir.data.registry import BENCHMARKS, IMAGENET_MEAN, IMAGENET_STD
 from reir.errors import ReirError
-from reir.fileio import save_tensors
+from reir.model.files import save_model
 from reir.model.network import _SHARED_UP_TO, _STAGES, MODEL_TYPES, SHARE_TYPES, ModelConfig, create_model
 
 log = logging.getLogger(__name__)
@@ -215,8 +214,7 @@ def convert_model(state: Any, path: str | Path, output: str | Path, overrides: d
     info["converted_from"] = str(path.resolve())
     run_config = {**{k: v for k, v in settings.items() if k not in ("mean", "std")},
                   "save_name": path.name.removesuffix(".pth").removesuffix("_model")}
-    return save_tensors(output, weights, {"format": "reir-model/1", "config": run_config,
-                                          "model": asdict(config), "info": info})
+    return save_model(output, weights, config, run_config, info)
 
 
 def converted_name(path: str | Path) -> Path:

@@ -90,3 +90,22 @@ def save_image(image: Image.Image, path: str | Path) -> Path:
     path = Path(path)
     image_format = "PNG" if path.suffix.lower() == ".png" else "JPEG"
     return atomic_write_with(path, lambda tmp: image.save(tmp, format=image_format))
+
+
+def save_search_pictures(folder: Path, query_path: str, label: str | None, results: list[dict], columns: int) -> None:
+    """The grid, and the original's per-image files; older per-image files of this query are removed."""
+    query_tile = Tile(query_path, "query" if label is None else f"query ({label})", BLUE)
+    tiles = [query_tile] + [Tile(r["path"], f"{r['rank']}: {r['score']:.4f}", status_colour(r["correct"]))
+                            for r in results]
+    save_image(grid(wrap(tiles, columns)), folder / "grid.png")
+    save_image(bordered(read_image(query_path), BLUE, FILE_SIZE, 0), folder / "query_img.jpg")
+    written = set()
+    for r in results:
+        status = "" if r["correct"] is None else f"_{r['correct']}"
+        name = f"retrieval_img_{r['rank']}_{r['score']:.4f}{status}.jpg"
+        save_image(bordered(read_image(r["path"]), status_colour(r["correct"]), FILE_SIZE),
+                       folder / name)
+        written.add(name)
+    for stale in folder.glob("retrieval_img_*.jpg"):
+        if stale.name not in written:
+            stale.unlink(missing_ok=True)

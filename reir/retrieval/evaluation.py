@@ -1,6 +1,6 @@
 """Metrics of embeddings or of a database, for the API and the commands that need no model.
 
-Kept apart from :mod:`reir.api` so that ``reir eval`` and ``reir report`` import neither the
+Kept apart from the model layer so that ``reir eval`` and ``reir report`` import neither the
 network nor torchvision.
 """
 

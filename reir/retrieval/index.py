@@ -8,15 +8,16 @@ import math
 import os
 import re
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Sequence
 
 import torch
 
 from reir.errors import ReirError
 from reir.fileio import atomic_write, read_json
 from reir.retrieval.database import UNLABELLED
+from reir.retrieval.index_common import as_vectors, common_folder, database_chunks
 from reir.retrieval.results import Results
-from reir.retrieval.similarity import flatten, knn
+from reir.retrieval.similarity import knn
 from reir.validation import check_k, check_text_list, file_structure
 
 INDEX_FORMAT = "reir-index/1"
@@ -68,19 +69,12 @@ class Index:
 
     @classmethod
     def build(cls, features: torch.Tensor, paths: Sequence[str] | None = None, labels: Sequence[str] | None = None,
-              factory: str = EXACT_FACTORY, info: dict | None = None, train_size: int | None = None,
-              **backend) -> "Index":
+              factory: str = EXACT_FACTORY, info: dict | None = None, train_size: int | None = None) -> "Index":
         """An index over ``features`` (``[N, ensemble, meta]`` or flattened ``[N, D]``).
 
         Approximate factories are trained on the features (on a random ``train_size`` of them when given).
-        ``backend="milvus", uri=..., collection=...`` builds a Milvus collection instead, ``factory``
-        then being a Milvus index type (``FLAT``, ``HNSW``, ``IVF_FLAT``, ``IVF_PQ``).
         """
-        if _milvus_backend(backend):
-            from reir.retrieval.milvus import MilvusIndex
-
-            return MilvusIndex.build(features, paths, labels, _milvus_type(factory), info, **backend)
-        vectors = _as_vectors(features)
+        vectors = as_vectors(features)
         index = _new_faiss_index(vectors.shape[1], factory)
         if not index.is_trained:
             sample = vectors
@@ -97,17 +91,12 @@ class Index:
 
     @classmethod
     def from_database(cls, database, splits: Sequence[str] | None = None, factory: str = EXACT_FACTORY,
-                      **build_options) -> "Index":
+                      train_size: int | None = None) -> "Index":
         """An index over a database's splits (default: every split but train, else train).
 
         A sharded database is added shard by shard when the index needs no training (Flat, HNSW);
         a trained one (IVF, PQ) is trained on all the vectors, so they are gathered first.
-        ``backend="milvus", uri=..., collection=...`` as in :meth:`build`.
         """
-        if _milvus_backend(build_options):
-            from reir.retrieval.milvus import MilvusIndex
-
-            return MilvusIndex.from_database(database, splits, _milvus_type(factory), **build_options)
         chosen, info, chunks = database_chunks(database, splits)
         first = next(chunks, None)
         if first is None:
@@ -117,27 +106,15 @@ class Index:
         if not _new_faiss_index(dim, factory).is_trained:
             gathered = list(chunks)
             return cls.build(torch.cat([c[1] for c in gathered]), [p for c in gathered for p in c[2]],
-                             [l for c in gathered for l in c[3]], factory, info, **build_options)
+                             [l for c in gathered for l in c[3]], factory, info, train_size)
         index = cls(_new_faiss_index(dim, factory), factory, [], [], info)
         for _, features, paths, labels in chunks:
             index.add(features, paths, labels)
         return index
 
-    @classmethod
-    def open(cls, backend: str = "faiss", path: str | os.PathLike | None = None, *, uri: str | None = None,
-             collection: str = "reir"):
-        """A saved index: a FAISS file (``path``) or a Milvus collection (``uri``, ``collection``)."""
-        if _milvus_backend({"backend": backend}):
-            from reir.retrieval.milvus import MilvusIndex
-
-            if not uri:
-                raise ReirError("the milvus backend needs --uri (a Milvus Lite *.db file or http://HOST:19530)", 2)
-            return MilvusIndex.load(uri, collection)
-        return cls.load(path)
-
     def add(self, features: torch.Tensor, paths: Sequence[str] | None = None,
             labels: Sequence[str] | None = None) -> None:
-        vectors = _as_vectors(features)
+        vectors = as_vectors(features)
         if len(self) and vectors.shape[1] != self.dim:
             raise ReirError(f"vectors of dimension {vectors.shape[1]} cannot join an index of dimension {self.dim}; "
                             "embed with the same model")
@@ -162,7 +139,7 @@ class Index:
     def search(self, queries: torch.Tensor, k: int = 10) -> Results:
         """The top ``k`` per query, best first, with this index's labels; ids ``-1`` pad rows an approximate
         index could not fill. Unpacks as ``scores, ids``, each ``[Q, k]``."""
-        queries = _as_vectors(queries)
+        queries = as_vectors(queries)
         k = check_k(k)
         if queries.shape[1] != self.dim:
             raise ReirError(f"queries have dimension {queries.shape[1]} but the index {self.dim}; "
@@ -225,18 +202,6 @@ class Index:
         return loaded
 
 
-def _milvus_backend(options: dict) -> bool:
-    """Pops ``backend`` from keyword options: whether they ask for Milvus (the rest go to it)."""
-    backend = options.pop("backend", "faiss")
-    if backend not in ("faiss", "milvus"):
-        raise ReirError(f"unknown index backend {backend!r}; use faiss or milvus", 2)
-    return backend == "milvus"
-
-
-def _milvus_type(factory: str) -> str:
-    return "FLAT" if factory == EXACT_FACTORY else factory.upper()
-
-
 def _new_faiss_index(dim: int, factory: str):
     faiss = _faiss()
     try:
@@ -246,62 +211,8 @@ def _new_faiss_index(dim: int, factory: str):
                         "try Flat, HNSW32, IVF1024,Flat or IVF4096,PQ48", 2) from None
 
 
-def database_chunks(database, splits: Sequence[str] | None = None):
-    """``(splits, info, chunks)`` of a database (object, file or sharded folder) for indexing.
-
-    ``chunks`` yields ``(split, features, paths, labels)`` in id order, all of one split before
-    the next; a sharded database is read one shard at a time.
-    """
-    from reir.retrieval.database import Database, iter_database, load_database, read_manifest
-
-    if isinstance(database, Database):
-        loaded, manifest, source = database, None, None
-    elif Path(database).is_dir():
-        loaded, manifest, source = None, read_manifest(database), str(database)
-    else:
-        loaded, manifest, source = load_database(database), None, str(database)
-    available = list(manifest["counts"]) if manifest else list(loaded.features)
-    chosen = list(splits or collection_splits(available))
-    missing = [s for s in chosen if s not in available]
-    if missing:
-        raise ReirError(f"database has no split {', '.join(missing)}; it has {', '.join(available)}")
-    model_file = (manifest["info"] if manifest else loaded.info).get("model_file")
-    info = {"splits": chosen, "model_file": model_file, **({"database": source} if source else {})}
-    if manifest:
-        chunks = (chunk for split in chosen for chunk in iter_database(database, [split], manifest))
-    else:
-        chunks = ((s, loaded.features[s], loaded.paths(s), loaded.labels(s)) for s in chosen)
-    return chosen, info, chunks
-
-
-def common_folder(paths: Iterable[str], start: str | None = None) -> str:
-    """The deepest folder holding every path (and ``start``, a folder found before); "" when they share none."""
-    folders = {os.path.dirname(p) for p in paths if p} | ({start} if start is not None else set())
-    try:
-        return os.path.commonpath(folders) if folders else ""
-    except ValueError:  # absolute and relative paths mixed
-        return ""
-
-
 def id_map_path(index_path: str | os.PathLike) -> Path:
     return Path(f"{index_path}.ids.json")
-
-
-def collection_splits(database) -> list[str]:
-    """The splits that form the searchable collection: all but train, or train when it is alone.
-
-    ``database`` is a :class:`Database` or its split names.
-    """
-    names = list(getattr(database, "features", database))
-    return [s for s in names if s != "train"] or names
-
-
-def _as_vectors(features) -> torch.Tensor:
-    if not isinstance(features, torch.Tensor):
-        features = torch.as_tensor(features)
-    if features.dim() not in (2, 3):
-        raise ReirError(f"embeddings must be [N, ensemble, meta] or [N, D], not {tuple(features.shape)}")
-    return flatten(features.detach().float().cpu()).contiguous()
 
 
 def _numpy_bytes(data: bytes):

@@ -23,7 +23,7 @@ import torch
 
 from reir.errors import ReirError
 from reir.retrieval.database import UNLABELLED
-from reir.retrieval.index import _as_vectors, common_folder, database_chunks
+from reir.retrieval.index_common import as_vectors, common_folder, database_chunks
 from reir.retrieval.results import Results
 
 INDEX_TYPES = ("FLAT", "HNSW", "IVF_FLAT", "IVF_PQ")
@@ -166,7 +166,7 @@ class MilvusIndex:
               index_type: str = "FLAT", info: dict | None = None, *, uri: str | None = None, collection: str = "reir",
               parameters: dict | None = None) -> "MilvusIndex":
         """A collection over ``features`` (``[N, ensemble, meta]`` or ``[N, D]``), inserted in batches."""
-        vectors = _as_vectors(features)
+        vectors = as_vectors(features)
         built = cls.create(uri, collection, vectors.shape[1], index_type, parameters, info)
         built.add(vectors, paths, labels)
         return built
@@ -188,7 +188,7 @@ class MilvusIndex:
 
     def add(self, features, paths: Sequence[str] | None = None, labels: Sequence[str] | None = None) -> None:
         """Rows ``len .. len + N - 1``, in batches of :data:`INSERT_BATCH`."""
-        vectors = _as_vectors(features)
+        vectors = as_vectors(features)
         if vectors.shape[1] != self.dim:
             raise ReirError(f"vectors of dimension {vectors.shape[1]} cannot join an index of dimension {self.dim}; "
                             "embed with the same model")
@@ -222,7 +222,7 @@ class MilvusIndex:
 
     def search(self, queries, k: int = 10) -> Results:
         """``[Q, k]`` scores and ids best first; ids ``-1`` (scores ``-inf``) pad rows not filled."""
-        queries = _as_vectors(queries)
+        queries = as_vectors(queries)
         if queries.shape[1] != self.dim:
             raise ReirError(f"queries have dimension {queries.shape[1]} but the index {self.dim}; "
                             "embed with the model the index was built for")

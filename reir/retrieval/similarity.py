@@ -171,3 +171,20 @@ def _resolve_ties(scores, indices, k, full_rows):
             row_scores, row_indices = _order(values[chosen][None], chosen[None])
             scores[row], indices[row] = row_scores[0].to(scores.device), row_indices[0].to(indices.device)
     return scores, indices
+
+
+def streamed_knn(queries: torch.Tensor, chunks, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact top-k over vectors given in chunks, merged chunk by chunk (ties to the lower id, as knn)."""
+    best_scores = torch.empty(len(queries), 0)
+    best_ids = torch.empty(len(queries), 0, dtype=torch.long)
+    start = 0
+    for vectors in chunks:
+        scores, ids = knn(queries, vectors, k)
+        scores = torch.cat([best_scores, scores], 1)
+        ids = torch.cat([best_ids, ids + start], 1)
+        order = torch.argsort(ids, dim=1)  # stable sort by score below then keeps lower ids first on ties
+        scores, ids = scores.gather(1, order), ids.gather(1, order)
+        top = torch.sort(scores, dim=1, descending=True, stable=True).indices[:, :k]
+        best_scores, best_ids = scores.gather(1, top), ids.gather(1, top)
+        start += len(vectors)
+    return best_scores, best_ids

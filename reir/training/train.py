@@ -11,7 +11,7 @@ import io
 import logging
 import os
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -22,13 +22,14 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from reir.model.branches import resolve_batching
-from reir.training import distributed
+from reir import distributed
 from reir.training.checkpoint import (EpochProgress, TrainingState, checkpoint_path, find_checkpoint, save_checkpoint)
 from reir.data.images import ImageList, build_transform
 from reir.data.sampling import RankSampler, ReplayableSampler, SeededItems, class_sampler, make_loader
 from reir.data.sources import load_dataset
 from reir.data.splits import SplitList
-from reir.fileio import atomic_write, ensure_dir, save_tensors, write_json
+from reir.fileio import atomic_write, ensure_dir, write_json
+from reir.model.files import save_model
 from reir.model.embedding import embed
 from reir.model.meta_labels import assign_meta_labels, check_sizes, grouping_room, ids_path, load_ids, save_ids
 from reir.model.network import REIRNet, create_model
@@ -39,7 +40,7 @@ from reir.retrieval.metrics import evaluate_embeddings, format_metrics
 from reir.training.config import TrainConfig
 from reir.training.losses import PairTerm, pair_term
 from reir.training.memory import check_fits, estimate, processes_on_this_host
-from reir.training.devices import training_devices
+from reir.devices import training_devices
 from reir.training.precision import Precision, precision_for
 from reir.training.recipe import recipe_for
 from reir.training.rng import fresh_seed, seed_everything
@@ -323,8 +324,7 @@ def _run(config: TrainConfig, stop: StopRequest, context: distributed.Context, d
             # Absolute paths: the database and the model work from any directory.
             splits = {split: {"paths": [os.path.abspath(p) for p in split_list.absolute(split)],
                               "labels": split_list.splits[split].labels} for split in features}
-            save_tensors(model_file, model.state_dict(),
-                         {"format": "reir-model/1", "config": run_config, "model": asdict(config.model), "info": info})
+            save_model(model_file, model.state_dict(), config.model, run_config, info)
             Database(features, splits, run_config, info).save(database_file)
         state.epoch_done(epoch, best_recall)
         save_checkpoint(ckpt, model, optimizer, scheduler, precision.scaler, state, meta_labels, train_set.classes,

@@ -1,35 +1,74 @@
-"""The Python API: a trained model file to embeddings, an index, search results and metrics.
+"""The model file format in one place: what training, conversion, the commands and the service read and write.
 
-Four names are exported from the package, so a library user needs no CLI and no database::
-
-    import reir
-    model = reir.load_model("epochs/<name>_model.safetensors")
-    features = reir.embed(model, "my_photos/")          # [N, ensemble, meta]
-    index = reir.Index.build(features, paths=...)        # exact inner product ("Flat")
-    scores, ids = index.search(reir.embed(model, ["query.jpg"]), k=10)
-    reir.evaluate(features, labels)                      # Recall@K, MAP@R, ...
-
-Every ``reir`` command that embeds, indexes or searches calls these, so the CLI and the
-library share one code path; ``embed`` is :func:`reir.model.embedding.embed`, the one path from
-images to embeddings that training's evaluation takes too. Exact search ranks through :func:`reir.retrieval.similarity.knn`, the same
-ranking evaluation uses; other FAISS factory strings give approximate indexes.
+A model file is a safetensors file whose metadata holds ``format`` (:data:`MODEL_FORMAT`), the
+training run's configuration, the network's :class:`~reir.model.network.ModelConfig` and the
+preprocessing (image size, mean, std), so it embeds images with nothing else beside it.
+Nothing is unpickled.
 """
 
 from __future__ import annotations
 
 import os
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 
+from reir.data.images import build_transform
 from reir.errors import ReirError
-from reir.fileio import load_tensors
-from reir.model.embedding import Model, embed  # noqa: F401 - re-exported: reir.embed, reir.Model
-from reir.retrieval.evaluation import evaluate  # noqa: F401 - re-exported: reir.evaluate
-from reir.model.network import ModelConfig, create_model
+from reir.fileio import load_tensors, save_tensors
+from reir.model.network import ModelConfig, REIRNet, create_model
 from reir.validation import check_device, check_recorded_fields, file_structure
 
 MODEL_FORMAT = "reir-model/1"
+
+
+@dataclass
+class Model:
+    """A trained network and the preprocessing its training used (resize, normalisation)."""
+
+    network: REIRNet
+    image_size: int
+    mean: list[float]
+    std: list[float]
+    config: dict = field(default_factory=dict)  # the training run's configuration
+    path: Path | None = None
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.network.parameters()).device
+
+    @property
+    def embedding_shape(self) -> tuple[int, int]:
+        """``(ensemble, meta)``: the shape of one image's embedding."""
+        return self.network.config.ensemble_size, self.network.config.meta_class_size
+
+    @property
+    def transform(self):
+        return build_transform(self.image_size, self.mean, self.std, False)
+
+    def to(self, device: torch.device | str) -> "Model":
+        self.network.to(device)
+        return self
+
+
+def save_model(path: str | os.PathLike, state: dict[str, torch.Tensor], model: ModelConfig, run_config: dict,
+               info: dict) -> Path:
+    """Write a model file atomically: the weights, the network's configuration, the run's and ``info``
+    (``image_size``, ``mean``, ``std`` and whatever the writer records of where the weights came from)."""
+    return save_tensors(path, state, {"format": MODEL_FORMAT, "config": run_config, "model": asdict(model),
+                                      "info": info})
+
+
+def model_candidates(recorded: str, database_path: str | os.PathLike) -> list[Path]:
+    """Where a database's recorded model file may be: as recorded, or in ``epochs/`` beside the database's
+    folder when the whole output folder was moved."""
+    return [Path(recorded), Path(database_path).resolve().parent.parent / "epochs" / Path(recorded).name]
+
+
+def find_model(recorded: str, database_path: str | os.PathLike) -> Path | None:
+    """The first of :func:`model_candidates` that exists, or ``None``."""
+    return next((candidate for candidate in model_candidates(recorded, database_path) if candidate.is_file()), None)
 
 
 def load_model(path: str | os.PathLike, device: torch.device | str = "cpu") -> Model:

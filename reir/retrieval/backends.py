@@ -1,0 +1,62 @@
+"""Choosing an index backend: FAISS (:class:`reir.retrieval.index.Index`, an index file and its id map) or
+Milvus (:class:`reir.retrieval.milvus.MilvusIndex`, a collection in Milvus Lite or a Milvus server).
+
+Both classes know nothing of each other; these functions are the one place that picks between them,
+so neither module imports the other.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Sequence
+
+import torch
+
+from reir.errors import ReirError
+from reir.retrieval.index import EXACT_FACTORY, Index
+from reir.retrieval.milvus import MilvusIndex
+
+BACKENDS = ("faiss", "milvus")
+
+
+def check_backend(backend: str) -> str:
+    if backend not in BACKENDS:
+        raise ReirError(f"unknown index backend {backend!r}; use faiss or milvus", 2)
+    return backend
+
+
+def milvus_type(factory: str) -> str:
+    """A FAISS-style factory name as a Milvus index type (``Flat`` -> ``FLAT``, ``hnsw`` -> ``HNSW``)."""
+    return "FLAT" if factory == EXACT_FACTORY else factory.upper()
+
+
+def build_index(features: torch.Tensor, paths: Sequence[str] | None = None, labels: Sequence[str] | None = None,
+                factory: str = EXACT_FACTORY, info: dict | None = None, train_size: int | None = None, *,
+                backend: str = "faiss", uri: str | None = None, collection: str = "reir",
+                parameters: dict | None = None) -> Index | MilvusIndex:
+    """An index over ``features``; with ``backend="milvus"`` a collection at ``uri``, ``factory`` then being a
+    Milvus index type (``FLAT``, ``HNSW``, ``IVF_FLAT``, ``IVF_PQ``)."""
+    if check_backend(backend) == "milvus":
+        return MilvusIndex.build(features, paths, labels, milvus_type(factory), info, uri=uri, collection=collection,
+                                 parameters=parameters)
+    return Index.build(features, paths, labels, factory, info, train_size)
+
+
+def index_from_database(database, splits: Sequence[str] | None = None, factory: str = EXACT_FACTORY,
+                        train_size: int | None = None, *, backend: str = "faiss", uri: str | None = None,
+                        collection: str = "reir", parameters: dict | None = None) -> Index | MilvusIndex:
+    """An index over a database's splits (default: every split but train, else train), of either backend."""
+    if check_backend(backend) == "milvus":
+        return MilvusIndex.from_database(database, splits, milvus_type(factory), uri=uri, collection=collection,
+                                         parameters=parameters)
+    return Index.from_database(database, splits, factory, train_size)
+
+
+def open_index(backend: str = "faiss", path: str | os.PathLike | None = None, *, uri: str | None = None,
+               collection: str = "reir") -> Index | MilvusIndex:
+    """A saved index: a FAISS file (``path``) or a Milvus collection (``uri``, ``collection``)."""
+    if check_backend(backend) == "milvus":
+        if not uri:
+            raise ReirError("the milvus backend needs --uri (a Milvus Lite *.db file or http://HOST:19530)", 2)
+        return MilvusIndex.load(uri, collection)
+    return Index.load(path)

@@ -1,0 +1,180 @@
+"""A model and a collection of images -> a feature database, resumable and shardable (``reir embed``).
+
+The collection is a folder, a CSV (``path[,label]``), a prepared dataset or WebDataset tar
+shards (``'shards/{000000..000099}.tar'``). Work is cut into fixed shards (``--shard_size``
+images, or one tar file each); each finished shard is written atomically under
+``<output>.parts/`` as a database shard, so a killed run started again skips what is done and
+ends with the same database as an uninterrupted one. Under ``torchrun`` rank ``r`` embeds shards
+``r, r + W, ...``. At the end rank 0 either concatenates the shards into one file or, with
+``--shard_output`` or when one file would pass ``--max_file_gb``, writes a manifest and moves the
+folder of shards into place: then no process ever holds more than one shard. Images that cannot
+be read are skipped, counted and listed, never fatal.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+
+
+from reir import distributed
+from reir.errors import ReirError, UsageError
+from reir.fileio import atomic_write
+from reir.model.files import Model
+from reir.retrieval.database import (MANIFEST, Database, gather, read_shard, read_shard_metadata, save_shard,
+                                     write_manifest)
+
+LISTED_FAILURES = 10  # unreadable images printed; the rest are in the database and a text file
+
+
+def fingerprint(model: Model, collection, shard_size: int, batch_size: int) -> str:
+    """Changes whenever a finished shard could differ: another model file, image list, shard or batch size."""
+    stat = Path(model.path).stat()
+    digest = hashlib.sha256(json.dumps(
+        [str(Path(model.path).resolve()), stat.st_size, stat.st_mtime_ns, shard_size, batch_size,
+         collection.identity()], separators=(",", ":")).encode())
+    return digest.hexdigest()[:16]
+
+
+def parts_folder(output: Path) -> Path:
+    return output.with_name(output.name + ".parts")
+
+
+def shard_name(shard: int) -> str:
+    return f"shard-{shard:06d}.safetensors"
+
+
+def finished(parts: Path, shard: int, key: str) -> bool:
+    meta = read_shard_metadata(parts / shard_name(shard)) if (parts / shard_name(shard)).is_file() else None
+    return meta is not None and meta.get("fingerprint") == key
+
+
+def prepare_parts(parts: Path, key: str) -> None:
+    """Keep finished shards of this very job; shards of any other job are removed."""
+    marker = parts / "job.json"
+    if parts.is_dir():
+        try:
+            same = json.loads(marker.read_text())["fingerprint"] == key
+        except (OSError, ValueError, KeyError, TypeError):
+            same = False
+        if not same:
+            shutil.rmtree(parts)
+    atomic_write(marker, json.dumps({"fingerprint": key}))
+
+
+def embed_shards(model: Model, collection, parts: Path, key: str, shard_size: int, batch_size: int,
+                 num_workers: int, context: distributed.Context) -> tuple[int, int]:
+    """Embed this rank's unfinished shards; returns (shards done now, shards skipped as finished)."""
+    from tqdm import tqdm
+
+    shard_count = collection.shard_count(shard_size)
+    if context.is_main:  # the one rank that prints counts every rank's finished shards
+        kept = sum(finished(parts, s, key) for s in range(shard_count))
+        if kept:
+            print(f"Resuming: {kept} finished shard(s) of {shard_count} kept", flush=True)
+    mine = range(context.rank, shard_count, context.world_size)
+    todo = [s for s in mine if not finished(parts, s, key)]
+    skipped = len(mine) - len(todo)
+    images = sum(collection.shard_images(s, shard_size) for s in todo) or None
+    with tqdm(total=images, unit="img", desc="Embed", file=sys.stderr, dynamic_ncols=True,
+              disable=not context.is_main, mininterval=0.5 if sys.stderr.isatty() else 10.0) as bar:
+        for shard in todo:
+            done = collection.embed_shard(model, shard, shard_size, batch_size, num_workers, bar)
+            save_shard(parts / shard_name(shard), done["features"], done["splits"],
+                       {"fingerprint": key, "failed": done["failed"], "embedding_shape": list(model.embedding_shape)})
+    return len(todo), skipped
+
+
+def database_info(model: Model, collection, skipped: list[list]) -> dict:
+    return {"model_file": str(Path(model.path).resolve()), "image_size": model.image_size,
+            "mean": model.mean, "std": model.std, "source": collection.source,
+            "data_name": model.config.get("data_name"), "skipped": skipped}
+
+
+def shard_summary(parts: Path, shard_count: int) -> tuple[dict[str, int], list[list]]:
+    """Images per split and the ``[path, error]`` of skipped images, from the shards' headers alone."""
+    counts: dict[str, int] = {}
+    skipped: list[list] = []
+    for shard in range(shard_count):
+        meta = read_shard_metadata(parts / shard_name(shard))
+        for split, listing in meta["splits"].items():
+            counts[split] = counts.get(split, 0) + len(listing["paths"])
+        skipped += meta["failed"]
+    return counts, skipped
+
+
+def merge(model: Model, collection, parts: Path, shard_count: int, skipped: list[list]) -> Database:
+    """All shards, in order, into one in-memory database (for outputs under ``--max_file_gb``)."""
+
+    def slices():
+        for shard in range(shard_count):
+            features, meta = read_shard(parts / shard_name(shard))
+            for split, tensor in features.items():
+                yield split, tensor, meta["splits"][split]["paths"], meta["splits"][split]["labels"]
+
+    return Database(*gather(slices()), model.config, database_info(model, collection, skipped))
+
+
+def publish_sharded(model: Model, collection, parts: Path, output: Path, shard_count: int, skipped: list[list]) -> None:
+    """Manifest into the parts folder, then the folder into place; an earlier database there is replaced last."""
+    write_manifest(parts, [shard_name(s) for s in range(shard_count)], model.config,
+                   database_info(model, collection, skipped))
+    (parts / "job.json").unlink()
+    previous = output.with_name(output.name + f".previous-{os.getpid()}")
+    if output.exists():
+        output.rename(previous)
+    parts.rename(output)
+    if previous.is_dir():
+        shutil.rmtree(previous)
+    elif previous.exists():
+        previous.unlink()
+
+
+def run(model: Model, collection, output: Path, context: distributed.Context, *, shard_size: int, batch_size: int,
+        num_workers: int, shard_output: bool, max_file_gb: float) -> int:
+    """Embed ``collection`` into the database ``output`` (on every rank; rank 0 publishes it)."""
+    parts = parts_folder(output)
+    key = fingerprint(model, collection, shard_size, batch_size)
+    if context.is_main:
+        prepare_parts(parts, key)
+    distributed.barrier(context)
+    shard_count = collection.shard_count(shard_size)
+    count = sum(collection.shard_images(s, shard_size) for s in range(shard_count))
+    print(f"Embedding {f'{count} images' if count else f'{shard_count} tar shard(s)'} from {collection.source} "
+          f"with {model.path} on {model.device} ({shard_count} shard(s)"
+          + (f" of {shard_size}" if count else "") + (f", {context.world_size} ranks" if context.enabled else "")
+          + ")", flush=True)
+    embed_shards(model, collection, parts, key, shard_size, batch_size, num_workers, context)
+    distributed.barrier(context)
+    if not context.is_main:
+        return 0
+    counts, skipped = shard_summary(parts, shard_count)
+    if not counts:
+        raise ReirError(f"none of the {count or len(skipped)} images could be read"
+                        + (f" (e.g. {skipped[0][1]})" if skipped else "") + "; check the collection")
+    ensemble, meta = model.embedding_shape
+    sharded = shard_output or sum(counts.values()) * ensemble * meta * 4 > max_file_gb * 2**30
+    if sharded:
+        publish_sharded(model, collection, parts, output, shard_count, skipped)
+    else:
+        if output.is_dir():
+            raise UsageError(f"--output {output} is a sharded database; pass --shard_output to replace it")
+        merge(model, collection, parts, shard_count, skipped).save(output)
+    listing = output.with_name(output.name + ".skipped.txt")
+    listing.unlink(missing_ok=True)
+    if skipped:
+        atomic_write(listing, "".join(f"{path}\t{error}\n" for path, error in skipped))
+        print(f"Skipped {len(skipped)} unreadable image(s) (all listed in {listing}):", file=sys.stderr)
+        for path, error in skipped[:LISTED_FAILURES]:
+            print(f"  {error}", file=sys.stderr)
+        if len(skipped) > LISTED_FAILURES:
+            print(f"  ... and {len(skipped) - LISTED_FAILURES} more", file=sys.stderr)
+    shutil.rmtree(parts, ignore_errors=True)
+    sizes = ", ".join(f"{split} {n}" for split, n in counts.items())
+    form = f"a sharded database of {shard_count} shard(s) and {MANIFEST}" if sharded else "one file"
+    print(f"Wrote {output} ({form}): {sizes} images, embeddings {(ensemble, meta)}")
+    return 0

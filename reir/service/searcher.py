@@ -1,0 +1,134 @@
+"""The searcher: an image (or a database id) -> ranked database images, and the client errors it raises."""
+
+import contextlib
+import io
+import os
+import threading
+from pathlib import Path
+
+from PIL import Image
+
+from reir.model.embedding import embed
+from reir.model.files import Model
+from reir.data.images import ImageError, read_image
+from reir.data.tarshards import is_sample_path, sample_image_bytes
+from reir.errors import ReirError
+from reir.retrieval.database import UNLABELLED
+from reir.retrieval.index import Index
+
+MAX_PIXELS = 40_000_000
+# Large images decoded at once: a decode holds up to --max_pixels x 3 bytes twice (decoded and RGB).
+DECODE_SLOTS = 2
+LARGE_PIXELS = 2_000_000
+
+
+class BadRequest(Exception):
+    """A client error: the HTTP status and the one-line message sent back."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+
+
+def parse_decimal(text, what: str, status: int = 400) -> int:
+    """An ASCII decimal number; "²", "①" or Arabic-Indic digits pass ``str.isdigit`` but are no id."""
+    text = str(text)
+    if not (text.isascii() and text.isdigit()) or len(text) > 18:
+        raise BadRequest(status, f"{what} must be a decimal number (digits 0-9), not {text[:20]!r}")
+    return int(text)
+
+
+class Searcher:
+    """The model and the index: an image (or a database id) -> ranked database images."""
+
+    def __init__(self, model: Model, index: Index, max_pixels: int = MAX_PIXELS, expose_paths: bool = False):
+        self.model = model
+        self.index = index
+        self.max_pixels = max_pixels
+        self.expose_paths = expose_paths
+        self.root = index.root
+        self.transform = model.transform
+        self.large_decodes = threading.BoundedSemaphore(DECODE_SLOTS)
+        if index.dim != model.embedding_shape[0] * model.embedding_shape[1]:
+            raise ReirError(f"the index holds vectors of dimension {index.dim} but the model embeds "
+                            f"{model.embedding_shape[0] * model.embedding_shape[1]}; serve the model the index was built from")
+
+    def decode(self, data) -> Image.Image:
+        """Bytes, a binary file or a path -> RGB image, refusing empty, non-image, truncated and too-large uploads."""
+        source = io.BytesIO(data) if isinstance(data, (bytes, bytearray)) else data
+        if hasattr(source, "seek") and source.seek(0, os.SEEK_END) == 0:
+            raise BadRequest(400, "the upload is empty; send an image file")
+        if hasattr(source, "seek"):
+            source.seek(0)
+        try:
+            return read_image(source, self.max_pixels, gate=self.decode_gate)
+        except ImageError as exc:
+            if exc.kind == "too_large" and exc.size:
+                width, height = exc.size
+                raise BadRequest(413, f"the image is {width}x{height} = {width * height / 1e6:.1f} megapixels; "
+                                      f"the limit is {self.max_pixels / 1e6:g} megapixels") from None
+            if exc.kind == "too_large":
+                raise BadRequest(413, f"the image has too many pixels; the limit is {self.max_pixels / 1e6:g} megapixels") from None
+            if exc.kind == "not_image":
+                raise BadRequest(415, "the upload is not an image PIL can read (JPEG, PNG, WebP, ...)") from None
+            raise BadRequest(400, f"the image cannot be decoded ({exc.reason}); it may be truncated") from None
+
+    def decode_gate(self, width: int, height: int):
+        """Large images decode a few at a time; small ones never wait behind them."""
+        return self.large_decodes if width * height > LARGE_PIXELS else contextlib.nullcontext()
+
+    def database_id(self, text) -> int:
+        """A database id from a client's text: ASCII decimal, within the index."""
+        image_id = parse_decimal(text, "a database image id", status=404)
+        if image_id >= len(self.index):
+            raise BadRequest(404, f"no database image has id {str(text)[:20]!r}; ids are 0 to {len(self.index) - 1}")
+        return image_id
+
+    def database_image(self, image_id: str) -> Path | tuple[bytes, str]:
+        """The file of a database image, or ``(bytes, extension)`` of a sample inside a tar shard."""
+        image_id = self.database_id(image_id)
+        path = self.index.paths[image_id]
+        if is_sample_path(path):
+            try:
+                return sample_image_bytes(path)
+            except OSError:
+                raise BadRequest(404, f"database image {image_id} is no longer in its tar shard") from None
+        if not Path(path).is_file():
+            raise BadRequest(404, f"database image {image_id} is no longer on disk")
+        return Path(path)
+
+    def name(self, image_id: int) -> str:
+        """What a client sees of a database image's path: relative to the indexed root unless exposed."""
+        path = self.index.paths[image_id]
+        if self.expose_paths or not path:
+            return path
+        return os.path.relpath(path, self.root) if self.root else os.path.basename(path)
+
+    def prepare(self, data):
+        """Decoded and transformed: ``(tensor [3, S, S], width, height)``."""
+        image = self.decode(data)
+        return self.transform(image), image.width, image.height
+
+    def search(self, image: Image.Image, k: int, query_label: str | None = None) -> list[dict]:
+        return self.search_batch(self.transform(image)[None], [k], [query_label])[0]
+
+    def search_batch(self, images, ks: list[int], query_labels: list[str | None]) -> list[list[dict]]:
+        """Ranked results per query; one network pass for the batch, one index search per distinct k."""
+        features = embed(self.model, images)
+        answers: list[list[dict]] = [[] for _ in ks]
+        for k in sorted(set(ks)):
+            rows = [row for row, wanted in enumerate(ks) if wanted == k]
+            found = self.index.search(features[rows], k)
+            for position, row in enumerate(rows):
+                answers[row] = self.results(found.row(position), query_labels[row])
+        return answers
+
+    def results(self, ranked, query_label: str | None) -> list[dict]:
+        """JSON results of one query's ``(image id, score)`` pairs."""
+        results = []
+        for image_id, score in ranked:
+            label = self.index.labels[image_id]
+            known = query_label not in (None, UNLABELLED) and label != UNLABELLED
+            results.append({"id": image_id, "path": self.name(image_id), "label": label or None,
+                            "score": score, "correct": (label == query_label) if known else None})
+        return results
