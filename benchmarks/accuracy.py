@@ -325,7 +325,8 @@ def prepare_dataset(name: str, work: Path, data_path: Path, args) -> tuple[Path,
     start = "random init"
     if args.weights != "none":  # the file's name and hash, and the recipe its runs get
         digest = hashlib.sha256(Path(args.weights).read_bytes()).hexdigest()
-        start = f"{Path(args.weights).name} (SHA-256 {digest[:12]}), {recipe_for(args.recipe, args.weights).name} recipe"
+        recipe = recipe_for(args.recipe, args.weights).name
+        start = f"{Path(args.weights).name} (SHA-256 {digest[:12]}), {recipe} recipe"
     described = (f"{name}: train {counts['train'][0]} images in {counts['train'][1]} classes, test "
                  f"{counts['test'][0]} images in {counts['test'][1]} unseen classes; resnet18 from {start}, "
                  f"{args.image_size} px, batch {args.batch_size}; REIR {args.ensemble_size} branches x "

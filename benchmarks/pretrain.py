@@ -14,17 +14,17 @@ Left out, so no target class is ever a pretraining class:
 - every character the targets' fonts map (the glyph and font targets can only use these), and every
   character whose compatibility decomposition contains one (ligatures, letters with marks, styled
   letters); the digits' classes are digits, Fashion-MNIST's garments;
-- look-alikes: a character whose rendering (in the first font that maps it) has cosine similarity >= ``--lookalike`` with some target
-  character's rendering in Noto Sans/Serif, DejaVu Sans or STIX (Runic gebo and X, Coptic L-shaped ha
-  and L);
+- look-alikes: a character whose rendering (in the first font that maps it) has cosine similarity
+  >= ``--lookalike`` with some target character's rendering in Noto Sans/Serif, DejaVu Sans or STIX
+  (Runic gebo and X, Coptic L-shaped ha and L);
 - duplicates: characters the same fonts draw pixel for pixel alike (kept once).
 
 The script then checks, from the targets' own definitions, that no class is a target class or
 decomposes into one, and stops if any is. An image is one of the character's renderings (one per
-Noto font that maps it: 1 to 8) under a random affine transform (scale, rotation, shear, shift) and
-random stroke thickening or thinning by half a pixel; an epoch draws ``--draws`` images of every class. Validation
-images are drawn once from another seed. Training is the scratch recipe of reir/training/recipe.py
-(AdamW 1e-3, weight decay 0.05, cosine decay) in batches of 256.
+Noto font that maps it: 1 to 8) under a random affine transform (scale, rotation, shear, shift) and,
+for 2 images in 5, strokes half a pixel thicker or thinner; an epoch draws ``--draws`` images of
+every class. Validation images are drawn once from another seed. Training is the scratch recipe of
+reir/training/recipe.py (AdamW 1e-3, weight decay 0.05, cosine decay) in batches of 256.
 
 Outputs, written together: ``--output`` (a safetensors torchvision state dict with its classifier:
 ``train.py --weights`` and ``benchmarks/accuracy.py --weights`` take it and drop the classifier) with
