@@ -1,9 +1,11 @@
 """REIR, its branch-head variants and the best peer losses on unseen classes, at equal budget.
 
-Same data, backbone (resnet18 from random initialisation), image size, batch size, recipe and
-epochs for every trained method; every (dataset, budget, seed, method) is one run:
+Same data, backbone (resnet18 from random initialisation, or from the state dict ``--weights`` names),
+image size, batch size, recipe and epochs for every trained method; every (dataset, budget, seed,
+method) is one run:
 
-- raw pixels (cosine of the mean-centred pixels) and the untrained network (REIR's shape);
+- raw pixels (cosine of the mean-centred pixels) and the untrained network (REIR's shape, random
+  weights); with ``--weights``, the pretrained backbone's own features (its pooled 512-d output);
 - REIR with the defaults ``reir train`` picks for ``--weights none``, and each variant of
   :data:`REIR_VARIANTS` (one ``reir train`` flag set each: cosine heads with a fixed or learned
   scale, twice the meta classes, a projection before the head, a MultiSimilarity term on the
@@ -20,6 +22,7 @@ lines) as they finish; a rerun with the same file skips the runs it holds, so an
 continues where it stopped.
 
     python benchmarks/accuracy.py --results runs.jsonl --markdown tables.md --jobs 2
+    python benchmarks/accuracy.py --weights pretrained.safetensors ...   # every method from that backbone
 
 Datasets (``--datasets``): ``glyphs`` (look-alike characters: the classes with the lowest code points
 from U+0100 on, Latin letters with diacritics), ``fonts`` (reir/data/fonts.py: test characters *and*
@@ -34,6 +37,7 @@ import contextlib
 import csv
 import dataclasses
 import gzip
+import hashlib
 import io
 import json
 import multiprocessing
@@ -65,11 +69,14 @@ from reir.model.network import ModelConfig, build_backbone  # noqa: E402
 from reir.retrieval.baselines import label_ids, network_features, raw_pixel_features, untrained_features  # noqa: E402
 from reir.retrieval.database import load_database  # noqa: E402
 from reir.retrieval.metrics import retrieval_metrics  # noqa: E402
-from reir.training.recipe import SCRATCH  # noqa: E402
+from reir.training.recipe import RECIPES, recipe_for  # noqa: E402
 
 FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 RECALLS = (1, 2, 4, 8)
-BASELINES = ("raw pixels", "untrained network")
+PRETRAINED = "pretrained features"
+BASELINES = ("raw pixels", "untrained network", PRETRAINED)
+# Baselines that no seed changes: measured once, as seed 0.
+SEEDLESS = ("raw pixels", PRETRAINED)
 # ``reir train`` flags of each REIR row; "{m}" is the m-per-class of the dataset, "{meta2}" twice its meta
 # classes (at most one less than its training classes).
 REIR_VARIANTS = {
@@ -154,7 +161,8 @@ def slug(text: str) -> str:
 def train_cli(source: Path, output: Path, args, *options: str) -> tuple[dict, Path]:
     """``reir train`` (in this process); the best epoch's row of its statistics and its database."""
     argv = ["train", "--data_name", "custom", "--data_path", str(source), "--output_dir", str(output),
-            "--weights", "none", "--image_size", str(args.image_size), "--batch_size", str(args.batch_size),
+            "--weights", args.weights, "--recipe", args.recipe, "--image_size", str(args.image_size),
+            "--batch_size", str(args.batch_size),
             "--num_epochs", str(args.epochs), "--num_workers", "0", "--seed", str(args.seed), "--device", "cpu",
             "--nmi_every", "0", *options]
     log = io.StringIO()
@@ -173,12 +181,13 @@ def train_cli(source: Path, output: Path, args, *options: str) -> tuple[dict, Pa
 
 
 class Embedder(nn.Module):
-    """resnet18 with its classifier replaced by a linear embedding head."""
+    """resnet18 (random or ``weights``) with its classifier replaced by a linear embedding head, or by
+    nothing (``size`` 0: the backbone's pooled features)."""
 
-    def __init__(self, size: int):
+    def __init__(self, size: int, weights: str = "none"):
         super().__init__()
-        self.backbone = build_backbone("resnet18", "none")
-        self.backbone.fc = nn.Linear(self.backbone.fc.in_features, size)
+        self.backbone = build_backbone("resnet18", weights)
+        self.backbone.fc = nn.Linear(self.backbone.fc.in_features, size) if size else nn.Identity()
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.backbone(images)[:, None]  # one "branch" of REIR's [batch, ensemble, size] shape
@@ -207,7 +216,7 @@ def samples_per_class(num_classes: int, batch_size: int) -> int:
 
 
 def train_embedder(split_list, method: str, args) -> dict:
-    """A peer on resnet18 with a linear head, REIR's scratch recipe."""
+    """A peer on resnet18 with a linear head, with the recipe REIR's runs get (``--recipe``)."""
     from pytorch_metric_learning import losses, miners, samplers
 
     torch.manual_seed(args.seed)
@@ -215,7 +224,7 @@ def train_embedder(split_list, method: str, args) -> dict:
                                                                train=True))
     classes = len(train_set.classes)
     # softmax: one logit per training class, embedded as REIR embeds a branch (its logits L2-normalised).
-    model = Embedder(classes if method == "softmax" else EMBEDDING_SIZE)
+    model = Embedder(classes if method == "softmax" else EMBEDDING_SIZE, args.weights)
     groups = [{"params": model.parameters()}]
     miner, sampler = None, None
     if method == "softmax":
@@ -231,7 +240,7 @@ def train_embedder(split_list, method: str, args) -> dict:
     if method in ("ProxyAnchor", "MultiSimilarity"):
         sampler = samplers.MPerClassSampler(train_set.targets.numpy(), samples_per_class(classes, args.batch_size),
                                             args.batch_size, length_before_new_iter=len(train_set))
-    optimizer, scheduler = SCRATCH.optimizer(groups, args.epochs)
+    optimizer, scheduler = recipe_for(args.recipe, args.weights).optimizer(groups, args.epochs)
     loader = torch.utils.data.DataLoader(train_set, batch_size=args.batch_size, sampler=sampler,
                                          shuffle=sampler is None, drop_last=True)
     labels = label_ids(split_list, "test")
@@ -289,6 +298,9 @@ def measure(unit: dict, source: Path, work: Path, args) -> dict:
         config = ModelConfig("resnet18", args.share_type, args.ensemble_size, args.meta_class_size)
         result = {"metrics": scores(untrained_features(config, args.seed, split_list, "test", args.image_size),
                                     labels)}
+    elif method == PRETRAINED:
+        features = network_features(Embedder(0, args.weights), split_list, "test", args.image_size)
+        result = {"metrics": scores(features, labels)}
     elif method in REIR_VARIANTS:
         output = work / f"{unit['epochs']}-{unit['seed']}-{slug(method)}"
         result, database = train_cli(source, output, args, *reir_options(method, args))
@@ -310,8 +322,13 @@ def prepare_dataset(name: str, work: Path, data_path: Path, args) -> tuple[Path,
     args = argparse.Namespace(**vars(args), train_class_count=counts["train"][1])
     if args.meta_class_size is None:  # 12 as the original, or about 4 classes per meta class where there are fewer
         args.meta_class_size = max(2, min(12, counts["train"][1] // 4))
+    start = "random init"
+    if args.weights != "none":  # the file's name and hash, and the recipe its runs get
+        digest = hashlib.sha256(Path(args.weights).read_bytes()).hexdigest()
+        recipe = recipe_for(args.recipe, args.weights).name
+        start = f"{Path(args.weights).name} (SHA-256 {digest[:12]}), {recipe} recipe"
     described = (f"{name}: train {counts['train'][0]} images in {counts['train'][1]} classes, test "
-                 f"{counts['test'][0]} images in {counts['test'][1]} unseen classes; resnet18 from random init, "
+                 f"{counts['test'][0]} images in {counts['test'][1]} unseen classes; resnet18 from {start}, "
                  f"{args.image_size} px, batch {args.batch_size}; REIR {args.ensemble_size} branches x "
                  f"{args.meta_class_size} meta classes, share_type {args.share_type}")
     return source, args, described
@@ -327,10 +344,10 @@ def units(names: list[str], args) -> list[dict]:
                 for method in args.methods:
                     if method == BEST_BRANCH:
                         continue
-                    if method in BASELINES:  # no training: one per seed (raw pixels: one in all, as seed 0)
-                        if epochs != args.epochs[0] or (method == "raw pixels" and seed != args.seeds[0]):
+                    if method in BASELINES:  # no training: one per seed (seedless ones: one in all, as seed 0)
+                        if epochs != args.epochs[0] or (method in SEEDLESS and seed != args.seeds[0]):
                             continue
-                        grid.append({"dataset": name, "epochs": 0, "seed": 0 if method == "raw pixels" else seed,
+                        grid.append({"dataset": name, "epochs": 0, "seed": 0 if method in SEEDLESS else seed,
                                      "method": method})
                         continue
                     grid.append({"dataset": name, "epochs": epochs, "seed": seed, "method": method})
@@ -515,6 +532,12 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help="REIR meta classes (default: 12, or a quarter of the training classes where that is fewer, "
                              "at least 2)")
     parser.add_argument("--share_type", default="layer4", help="REIR's last shared module")
+    parser.add_argument("--weights", default="none",
+                        help="every method's starting backbone: none (random init) or a resnet18 state-dict file "
+                             f"(e.g. benchmarks/pretrain.py's); a file adds the {PRETRAINED!r} baseline")
+    parser.add_argument("--recipe", default="auto", choices=RECIPES,
+                        help="every trained method's optimiser and schedule (reir/training/recipe.py); auto: "
+                             "the original's with --weights, the scratch one without, as reir train picks")
     parser.add_argument("--jobs", type=int, default=1,
                         help="runs at a time, each in its own process with one thread "
                              "(results unchanged; seconds then measure a shared machine)")
@@ -532,6 +555,12 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [m for m in args.methods if m not in METHODS]
     if unknown:
         raise SystemExit(f"error: unknown method(s) {', '.join(unknown)}; choose from {', '.join(METHODS)}")
+    if PRETRAINED in args.methods and args.weights == "none":
+        if args.methods != list(DEFAULT_METHODS):
+            raise SystemExit(f"error: {PRETRAINED!r} needs --weights (a pretrained state dict)")
+        args.methods.remove(PRETRAINED)
+    if args.weights != "none" and not Path(args.weights).is_file():
+        raise SystemExit(f"error: --weights {args.weights} does not exist; pass a resnet18 state-dict file")
     if BEST_BRANCH in args.methods and "REIR" not in args.methods:
         args.methods.append("REIR")
     names = [d.strip() for d in args.datasets.split(",") if d.strip()]

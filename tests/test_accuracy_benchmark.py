@@ -39,14 +39,15 @@ def table_rows(markdown) -> dict[str, dict[str, list[str]]]:
 
 def test_every_method_yields_a_complete_row(accuracy, glyphs_root, tmp_path):
     markdown, plot = tmp_path / "tables.md", tmp_path / "ensemble.png"
+    methods = [m for m in accuracy.METHODS if m != accuracy.PRETRAINED]  # needs --weights: its own test
     assert accuracy.main(["--datasets", "glyphs", "--glyph_from", "U+0000", "--data_path", str(glyphs_root), *TINY,
                           "--seeds", "0",
-                          "--methods", ",".join(accuracy.METHODS), "--markdown", str(markdown),
+                          "--methods", ",".join(methods), "--markdown", str(markdown),
                           "--plot", str(plot)]) == 0
     sections = table_rows(markdown)
     assert set(sections) == {"glyphs, 1 epochs"}
     for rows in sections.values():
-        for method in accuracy.METHODS:
+        for method in methods:
             cells = rows[method]
             assert len(cells) == 6 and 0 <= float(cells[0]) <= 100 and 0 <= float(cells[1]) <= 100
         trained = [m for m in accuracy.METHODS if m not in accuracy.BASELINES + (accuracy.BEST_BRANCH,)]
@@ -74,6 +75,47 @@ def test_seeds_give_mean_and_spread_and_finished_runs_are_skipped(accuracy, tmp_
     assert accuracy.main(argv) == 0
     assert ", 0 runs" in capsys.readouterr().out
     assert len(accuracy.load_results(results)) == len(records)
+
+
+def test_weights_start_every_method_from_that_backbone_beside_its_own_features(accuracy, tmp_path):
+    import torch
+    import torchvision
+
+    from reir.data.custom import load_custom
+    from reir.data.fonts import prepare_fonts
+    from reir.errors import ReirError
+    from reir.retrieval.baselines import label_ids, network_features
+
+    prepare_fonts(tmp_path / "data", limit=20)
+    torch.manual_seed(0)
+    backbone = torchvision.models.resnet18()
+    weights = tmp_path / "backbone.pth"
+    torch.save(backbone.state_dict(), weights)
+    common = ["--datasets", "fonts", "--data_path", str(tmp_path / "data"), *TINY, "--seeds", "0,1"]
+    results, work = tmp_path / "runs.jsonl", tmp_path / "work"
+    assert accuracy.main([*common, "--methods", "pretrained features,REIR,softmax", "--weights", str(weights),
+                          "--results", str(results), "--work", str(work)]) == 0
+    records = accuracy.load_results(results)
+    assert sorted((r["method"], r["seed"]) for r in records) == [
+        ("REIR", 0), ("REIR", 1), ("pretrained features", 0), ("softmax", 0), ("softmax", 1)]
+    assert all("resnet18 from backbone.pth (SHA-256 " in r["setting"] and "original recipe" in r["setting"]
+               for r in records)
+    # the row is the file's backbone, its classifier removed: the same metrics computed here
+    backbone.fc = torch.nn.Identity()
+    split_list = load_custom(work / "fonts" / "fonts.csv", "uncropped")
+    pooled = torch.nn.Sequential(backbone, torch.nn.Unflatten(1, (1, 512)))  # [N, 1 "branch", 512]
+    expected = accuracy.scores(network_features(pooled, split_list, "test", 16), label_ids(split_list, "test"))
+    (pretrained,) = [r for r in records if r["method"] == "pretrained features"]
+    assert pretrained["metrics"] == pytest.approx(expected)
+    # REIR and the peers are built from the file: one that is not a resnet18 stops both
+    other = tmp_path / "other.pth"
+    torch.save(torchvision.models.resnet34().state_dict(), other)
+    with pytest.raises(SystemExit, match="not a resnet18 state dict"):
+        accuracy.main([*common, "--methods", "REIR", "--weights", str(other)])
+    with pytest.raises(ReirError, match="not a resnet18 state dict"):
+        accuracy.main([*common, "--methods", "softmax", "--weights", str(other)])
+    with pytest.raises(SystemExit, match="needs --weights"):
+        accuracy.main([*common, "--methods", "pretrained features"])
 
 
 def write_idx(path, array: np.ndarray) -> None:

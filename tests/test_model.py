@@ -138,14 +138,13 @@ def test_evaluation_is_unweighted_with_random():
 
 
 def test_offline_imagenet_weights_error_names_file_and_fix(monkeypatch, tmp_path):
-    import urllib.error
-
-    import torchvision.models._api as api
+    import socket
 
     def refuse(*args, **kwargs):
-        raise urllib.error.URLError("no network")
+        raise OSError("no network")
 
-    monkeypatch.setattr(api, "load_state_dict_from_url", refuse)
+    monkeypatch.setattr(socket, "getaddrinfo", refuse)
+    monkeypatch.setattr(socket.socket, "connect", refuse)
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
     with pytest.raises(ReirError) as info:
         create_model(ModelConfig("resnet34", "layer1", 2, 3), weights="imagenet")

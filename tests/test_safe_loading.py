@@ -95,3 +95,20 @@ def test_a_pickle_given_as_weights_is_refused(small_digits_root, tmp_path, capsy
     line = assert_refused(train_main(args), capsys.readouterr().err, marker, exit_code=2)
     assert "--weights" in line and ("cannot be loaded safely" in line or "no state dict" in line)
     assert not (tmp_path / "out").exists(), "nothing is written before the weights are checked"
+
+
+@pytest.mark.parametrize("torch_format", [False, True])
+def test_a_pickle_in_torchvisions_imagenet_cache_is_refused(tmp_path, monkeypatch, capsys, torch_format):
+    """torchvision unpickles its cached weights in full (``weights_only=False``); REIR reads that file itself."""
+    import torchvision
+
+    from reir.model.network import ModelConfig, create_model
+
+    marker = tmp_path / "ran"
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    cached = tmp_path / "torch" / "hub" / "checkpoints" / torchvision.models.ResNet18_Weights.IMAGENET1K_V1.url.rsplit(
+        "/", 1)[-1]
+    plant(cached, marker, torch_format)
+    code = reports_errors(lambda: create_model(ModelConfig("resnet18", "layer4", 2, 2), weights="imagenet"))()
+    line = assert_refused(code, capsys.readouterr().err, marker)
+    assert str(cached) in line and "corrupt" in line

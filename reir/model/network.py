@@ -10,8 +10,10 @@ see reir/model/branches.py), and in which memory layout (``use_channels_last``).
 from __future__ import annotations
 
 import copy
+import hashlib
+import io
+import logging
 import os
-import urllib.error
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,6 +26,8 @@ from reir.errors import ReirError
 from reir.model.branches import RUNNERS
 from reir.model.heads import HEADS, CosineHead
 from reir.model.sharding import split_evenly
+
+log = logging.getLogger(__name__)
 
 MODEL_TYPES = ("resnet18", "resnet34", "resnet50", "resnext50_32x4d")
 SHARE_TYPES = ("none", "maxpool", "layer1", "layer2", "layer3", "layer4")
@@ -84,6 +88,8 @@ class REIRNet(nn.Module):
                    branch_head(in_features, config))
             for _ in range(config.ensemble_size))
         self.branch_batching = branch_batching
+        # Where the backbone's starting weights came from (:func:`load_backbone`), for the run's record.
+        self.initial_weights: dict = {}
         self.channels_last = False
         self._shard_groups = [range(config.ensemble_size)]
 
@@ -159,25 +165,79 @@ def _weights_enum(model_type: str):
     return models.get_model_weights(model_type).IMAGENET1K_V1
 
 
-def build_backbone(model_type: str, weights: str = "imagenet") -> nn.Module:
-    """A torchvision ResNet; ``weights`` is ``imagenet``, ``none`` or a state-dict path."""
+def imagenet_weights_file(model_type: str) -> Path:
+    """Where torchvision's weights API keeps the ImageNet weights, and where an offline machine needs them:
+    ``$TORCH_HOME/hub/checkpoints/<the file name of the weights' URL>``."""
+    return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(_weights_enum(model_type).url)
+
+
+def _imagenet_file(model_type: str) -> Path:
+    """The cached ImageNet weights, downloaded (hash-checked, as torchvision does) when absent."""
+    url, target = _weights_enum(model_type).url, imagenet_weights_file(model_type)
+    if not target.is_file():
+        published = torch.hub.HASH_REGEX.search(target.name)
+        log.info("Downloading %s to %s", url, target)
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            torch.hub.download_url_to_file(url, str(target), published.group(1) if published else None)
+        except Exception as exc:  # noqa: BLE001 - every failure to fetch has the same remedy
+            reason = (str(exc).splitlines() or [type(exc).__name__])[0][:120]
+            raise ReirError(f"cannot download ImageNet weights {url} ({reason}); put that file at {target} "
+                            "or use --weights none (random init)") from None
+    return target
+
+
+def _read_state_dict(path: Path) -> tuple[dict, str]:
+    """The object a weights file holds and the SHA-256 of the very bytes it was read from.
+
+    Safetensors, or a torch file read with ``weights_only=True``: never code from a pickle. torchvision's
+    own loader unpickles its cache file in full, so the ImageNet file is read here too.
+    """
+    data = path.read_bytes()
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load as load_safetensors
+
+        state = load_safetensors(data)
+    else:
+        state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    return state, hashlib.sha256(data).hexdigest()
+
+
+def _imagenet_backbone(model_type: str) -> tuple[nn.Module, dict]:
+    enum, target = _weights_enum(model_type), _imagenet_file(model_type)
+    try:
+        state, digest = _read_state_dict(target)
+        backbone = models.get_model(model_type, weights=None)  # torchvision's 1000 ImageNet classes
+        backbone.load_state_dict(state)
+    except Exception as exc:  # noqa: BLE001 - unreadable or not this backbone's: either way the file is wrong
+        raise ReirError(f"ImageNet weights at {target} are corrupt or not {model_type}'s "
+                        f"({type(exc).__name__}); delete the file and download it again, or use --weights none"
+                        ) from None
+    published = torch.hub.HASH_REGEX.search(target.name)
+    origin = {"weights": "imagenet", "torchvision": f"{type(enum).__name__}.{enum.name}", "url": enum.url,
+              "file": str(target.resolve()), "sha256": digest,
+              "published_file": bool(published) and digest.startswith(published.group(1))}
+    if not origin["published_file"]:
+        log.warning("ImageNet weights at %s are not torchvision's published file (SHA-256 %s..., the URL names "
+                    "%s): training starts from whatever weights it holds", target, digest[:8],
+                    published.group(1) if published else "no hash")
+    return backbone, origin
+
+
+def load_backbone(model_type: str, weights: str = "imagenet") -> tuple[nn.Module, dict]:
+    """A torchvision ResNet and where its weights came from (recorded with a run).
+
+    ``weights`` is ``imagenet`` (torchvision's cache, downloaded when absent), ``none`` (random) or a
+    state-dict file; the record names the source, the file and the SHA-256 of its bytes.
+    """
     if model_type not in MODEL_TYPES:
         raise ReirError(f"unknown model_type {model_type!r}; choose one of {', '.join(MODEL_TYPES)}", 2)
     if weights == "imagenet":
-        enum = _weights_enum(model_type)
-        try:
-            return models.get_model(model_type, weights=enum)
-        except (urllib.error.URLError, OSError, RuntimeError) as exc:
-            target = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(enum.url)
-            if isinstance(exc, RuntimeError) and "download" not in str(exc).lower() and target.exists():
-                raise ReirError(f"ImageNet weights at {target} are corrupt; delete the file "
-                                "and download it again, or use --weights none") from None
-            raise ReirError(f"cannot download ImageNet weights {enum.url}; put that file at {target} "
-                            "or use --weights none (random init)") from None
+        return _imagenet_backbone(model_type)
     backbone = models.get_model(model_type, weights=None)
     if weights == "none":
-        return backbone
-    state = load_state_dict_file(weights)
+        return backbone, {"weights": "none"}
+    state, digest = load_state_dict_file(weights)
     state = {k: v for k, v in state.items() if not k.startswith("fc.")}
     missing, unexpected = backbone.load_state_dict(state, strict=False)
     missing = [k for k in missing if not k.startswith("fc.")]
@@ -185,19 +245,20 @@ def build_backbone(model_type: str, weights: str = "imagenet") -> nn.Module:
         raise ReirError(f"--weights {weights} is not a {model_type} state dict "
                         f"({len(missing)} missing, {len(unexpected)} unexpected keys); "
                         "pass a matching torchvision state dict or --weights none", 2)
-    return backbone
+    return backbone, {"weights": weights, "file": str(Path(weights).resolve()), "sha256": digest}
 
 
-def load_state_dict_file(path: str) -> dict[str, torch.Tensor]:
-    """A backbone state dict from safetensors or a torch file, never with pickle code execution."""
+def build_backbone(model_type: str, weights: str = "imagenet") -> nn.Module:
+    """A torchvision ResNet; ``weights`` is ``imagenet``, ``none`` or a state-dict path."""
+    return load_backbone(model_type, weights)[0]
+
+
+def load_state_dict_file(path: str) -> tuple[dict[str, torch.Tensor], str]:
+    """A backbone state dict from safetensors or a torch file, and the SHA-256 of the file's bytes."""
     if not Path(path).is_file():
         raise ReirError(f"--weights {path} does not exist; use imagenet, none or a state-dict file", 2)
     try:
-        if path.endswith(".safetensors"):
-            from safetensors.torch import load_file
-            state = load_file(path)
-        else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
+        state, digest = _read_state_dict(Path(path))
     except Exception as exc:  # noqa: BLE001 - any failure here means "not a safe state dict"
         raise ReirError(f"--weights {path} cannot be loaded safely ({type(exc).__name__}); "
                         "pass a plain state dict (.pth with tensors only, or .safetensors)", 2) from None
@@ -205,7 +266,7 @@ def load_state_dict_file(path: str) -> dict[str, torch.Tensor]:
         state = state["state_dict"]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ReirError(f"--weights {path} holds no state dict of tensors; pass a backbone state dict", 2)
-    return state
+    return state, digest
 
 
 def create_model(config: ModelConfig, weights: str = "imagenet") -> REIRNet:
@@ -216,7 +277,10 @@ def create_model(config: ModelConfig, weights: str = "imagenet") -> REIRNet:
         raise ReirError("ensemble_size must be >= 1 and meta_class_size >= 2", 2)
     if config.head_scale <= 0 or config.projection < 0:
         raise ReirError("head_scale must be > 0 and projection >= 0; fix --head_scale or --projection", 2)
-    return REIRNet(build_backbone(config.model_type, weights), config)
+    backbone, origin = load_backbone(config.model_type, weights)
+    model = REIRNet(backbone, config)
+    model.initial_weights = origin
+    return model
 
 
 def count_parameters(config: ModelConfig) -> int:

@@ -185,6 +185,15 @@ def train_transform(config: TrainConfig, split_list: SplitList):
     return build_transform(config.image_size, split_list.mean, split_list.std, True)
 
 
+def describe_weights(origin: dict) -> str:
+    """``origin`` (:func:`reir.model.network.load_backbone`'s record) in one line."""
+    if origin.get("weights") == "none":
+        return "random"
+    source = f"torchvision {origin['torchvision']} from " if "torchvision" in origin else ""
+    digest = f" (SHA-256 {origin['sha256'][:16]}...)" if "sha256" in origin else ""
+    return f"{source}{origin.get('file', origin.get('weights'))}{digest}"
+
+
 def build_optimizer(config: TrainConfig, model: torch.nn.Module):
     """The recipe's optimiser and scheduler: the original's with pretrained weights, reir/training/recipe.py's from scratch."""
     return recipe_for(config.recipe, config.weights).optimizer(model.parameters(), config.num_epochs)
@@ -261,7 +270,12 @@ def _run(config: TrainConfig, stop: StopRequest, context: distributed.Context, d
     statistics = output / "statistics" / f"{name}_results.csv"
     model_file = output / "epochs" / f"{name}_model.safetensors"
     database_file = output / "results" / f"{name}{DATABASE_SUFFIX}"
-    run_config = {**config.to_dict(), "save_name": name, "num_train_classes": len(train_set.classes)}
+    # Where the backbone's starting weights came from; a resumed run's are those its checkpoint recorded.
+    initial_weights = (resumed.meta["config"].get("initial_weights", {"weights": config.weights}) if resumed
+                       else model.initial_weights)
+    log.info("%s: initial weights %s", name, describe_weights(initial_weights))
+    run_config = {**config.to_dict(), "save_name": name, "num_train_classes": len(train_set.classes),
+                  "initial_weights": initial_weights}
     run_config.pop("resume")  # a resumed run writes the same files as an uninterrupted one
     tensorboard = TensorBoardWriter(output / "tensorboard" / name) if config.tensorboard and context.is_main else None
     if tensorboard:
