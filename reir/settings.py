@@ -13,13 +13,24 @@ from typing import Any
 
 from reir.errors import UsageError
 
+# How a resumed run treats a setting (the ``resume`` rule of its field).
+MUST_MATCH = "must match"
+MAY_CHANGE = "may change"
+OUTPUT_ONLY = "output only"
+RESUME_RULES = {
+    MUST_MATCH: "changes what the run computes (data, network, initial weights, optimiser, schedule, loss, "
+                "numerics): a resume with another value is refused",
+    MAY_CHANGE: "changes how fast or where the run computes, not what: a resume may change it",
+    OUTPUT_ONLY: "changes what is written beside the run, not what it trains: a resume may change it",
+}
+
 
 def setting(default: Any, help: str, *, choices=None, minimum: int | float | None = None, above: float | None = None,
             metavar: str | None = None, group: str = "extra", **rules: Any):
     """A field with its help and checks: ``choices`` (allowed values), ``minimum`` (an integer, or a number for a
     float field, at least this), ``above`` (a number greater than this); ``group`` and ``metavar`` for its flag
-    and ``rules`` for whoever uses the setting beyond its value (training's resume rule). List defaults are copied
-    per instance."""
+    and ``rules`` for whoever uses the setting beyond its value (``resume``: one of :data:`RESUME_RULES`).
+    List defaults are copied per instance."""
     metadata = {"help": help, "group": group, "choices": choices, "minimum": minimum, "above": above,
                 "metavar": metavar, **rules}
     if isinstance(default, list):

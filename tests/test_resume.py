@@ -198,7 +198,8 @@ def other_value(name: str, value):
 def must_match_settings() -> list[str]:
     from dataclasses import fields
 
-    from reir.training.config import MUST_MATCH, TrainConfig, resume_rule
+    from reir.settings import MUST_MATCH
+    from reir.training.config import TrainConfig, resume_rule
 
     return [f.name for f in fields(TrainConfig) if resume_rule(f) == MUST_MATCH]
 
@@ -207,7 +208,8 @@ def test_every_setting_has_a_resume_rule_and_the_run_defining_ones_must_match():
     from dataclasses import fields
 
     from reir.model.network import ModelConfig
-    from reir.training.config import RESUME_RULES, TrainConfig, resume_rule
+    from reir.settings import RESUME_RULES
+    from reir.training.config import TrainConfig, resume_rule
 
     unruled = [f.name for f in fields(TrainConfig) if resume_rule(f) not in RESUME_RULES]
     assert not unruled, f"settings without a resume rule: {unruled}"

@@ -137,8 +137,8 @@ def test_every_setting_declares_its_help_its_resume_rule_and_its_flag_once():
     import dataclasses
 
     from reir.model.network import ModelConfig
-    from reir.settings import default_of
-    from reir.training.config import RESUME_RULES, flag_name, resume_rule
+    from reir.settings import RESUME_RULES, default_of
+    from reir.training.config import flag_name, resume_rule
 
     options = {a.option_strings[0]: a for a in get_args_parser()._actions if a.option_strings}
     for declared in dataclasses.fields(TrainConfig):

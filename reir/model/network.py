@@ -24,7 +24,7 @@ from reir.errors import ReirError
 from reir.model.branches import RUNNERS
 from reir.model.heads import HEADS, CosineHead
 from reir.model.sharding import split_evenly
-from reir.settings import check_settings, setting
+from reir.settings import MUST_MATCH, check_settings, setting
 
 MODEL_TYPES = ("resnet18", "resnet34", "resnet50", "resnext50_32x4d")
 SHARE_TYPES = ("none", "maxpool", "layer1", "layer2", "layer3", "layer4")
@@ -36,23 +36,28 @@ _SHARED_UP_TO = {"none": 0, "maxpool": 4, "layer1": 5, "layer2": 6, "layer3": 7,
 @dataclass(frozen=True)
 class ModelConfig:
     """The network's settings, each declared once with its help and checks (:mod:`reir.settings`): a training
-    configuration extends this class, so its command line and checks are these fields' own."""
+    configuration extends this class, so its command line and checks are these fields' own. Every one must
+    match when a training run resumes: a checkpoint holds the weights of one network."""
 
-    model_type: str = setting("resnet18", "backbone type", choices=MODEL_TYPES, group="original")
-    share_type: str = setting("layer1", "last shared module", choices=SHARE_TYPES, group="original")
-    ensemble_size: int = setting(48, "ensemble model size", minimum=1, group="original")
-    meta_class_size: int = setting(12, "meta class size", minimum=2, group="original")
-    with_random: bool = setting(False, "random branch weights in training", group="original")
+    model_type: str = setting("resnet18", "backbone type", choices=MODEL_TYPES, group="original", resume=MUST_MATCH)
+    share_type: str = setting("layer1", "last shared module", choices=SHARE_TYPES, group="original",
+                              resume=MUST_MATCH)
+    ensemble_size: int = setting(48, "ensemble model size", minimum=1, group="original", resume=MUST_MATCH)
+    meta_class_size: int = setting(12, "meta class size", minimum=2, group="original", resume=MUST_MATCH)
+    with_random: bool = setting(False, "random branch weights in training", group="original", resume=MUST_MATCH)
     # The branch head (docs/ACCURACY.md): the original's linear classifier, or a cosine one whose
     # logits are head_scale times the cosine of features and class weights; learn_scale trains the
     # scale. projection > 0 puts a Linear(features -> projection) + ReLU before the head.
     head: str = setting("linear", "branch classifier: linear (the original's) or cosine (normalised weights and "
-                                  "features, logits = head_scale * cosine)", choices=HEADS, group="heads")
+                                  "features, logits = head_scale * cosine)", choices=HEADS, group="heads",
+                        resume=MUST_MATCH)
     head_scale: float = setting(16.0, "cosine head: the scale of its logits (1 / softmax temperature)", above=0.0,
-                                group="heads")
-    learn_scale: bool = setting(False, "cosine head: learn the scale (starting from head_scale)", group="heads")
+                                group="heads", resume=MUST_MATCH)
+    learn_scale: bool = setting(False, "cosine head: learn the scale (starting from head_scale)", group="heads",
+                                resume=MUST_MATCH)
     projection: int = setting(0, "a Linear(features -> N) + ReLU before each branch's classifier; 0 = none "
-                                 "(the embedding stays the branch's normalised logits)", minimum=0, group="heads")
+                                 "(the embedding stays the branch's normalised logits)", minimum=0, group="heads",
+                              resume=MUST_MATCH)
 
     def __post_init__(self):
         check_settings(self, fields(ModelConfig))

@@ -22,8 +22,8 @@ import torch
 
 from reir.errors import ReirError, UsageError
 from reir.fileio import load_tensors, save_tensors
-from reir.settings import default_of
-from reir.training.config import MUST_MATCH, TrainConfig, flag_name, resume_rule
+from reir.settings import MUST_MATCH, default_of
+from reir.training.config import TrainConfig, flag_name, resume_rule
 from reir.training.rng import rng_state, set_rng_state
 
 log = logging.getLogger(__name__)

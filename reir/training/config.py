@@ -1,10 +1,11 @@
 """What a training run is configured by: :class:`TrainConfig`, one typed field per ``train.py`` flag.
 
 Each field carries its flag's help, choices, group and the rule a resumed run applies to it
-(:data:`RESUME_RULES`), so the command line is generated from the dataclass (:func:`add_flags`),
-a configuration built in Python is checked by the same rules as one parsed from flags, and a
-checkpoint is compared on exactly the settings that must match. The network's settings are
-:class:`~reir.model.network.ModelConfig`'s fields, inherited, never declared twice. The resolved configuration of a run is saved beside its outputs
+(:data:`reir.settings.RESUME_RULES`), so the command line is generated from the dataclass
+(:func:`add_flags`), a configuration built in Python is checked by the same rules as one parsed
+from flags, and a checkpoint is compared on exactly the settings that must match. The network's
+settings are :class:`~reir.model.network.ModelConfig`'s fields, inherited, never declared twice.
+The resolved configuration of a run is saved beside its outputs
 (``statistics/<save name>_config.json``) and loads back with :meth:`TrainConfig.load`, or
 ``reir train --config``, which repeats the run with the flags given beside it changed.
 """
@@ -24,7 +25,7 @@ from reir.fileio import read_json
 from reir.model.branches import BATCHING_MODES
 from reir.model.meta_labels import LABEL_TYPES
 from reir.model.network import ModelConfig
-from reir.settings import check_settings, default_of, setting
+from reir.settings import MAY_CHANGE, MUST_MATCH, OUTPUT_ONLY, check_settings, default_of, setting
 from reir.training.losses import PAIR_LOSSES
 from reir.training.precision import AMP_DTYPES
 from reir.training.recipe import RECIPES
@@ -37,29 +38,16 @@ MODEL_FLAGS = ("model_type", "share_type", "ensemble_size", "meta_class_size")
 # The command-line parser of each kind of list field, and its inverse for the checks.
 LIST_PARSERS = {"recalls": csv_ints, "gpu_ids": gpu_id_list}
 
-# How a resumed run treats each setting (the ``resume`` of every field's metadata).
-MUST_MATCH = "must match"
-MAY_CHANGE = "may change"
-OUTPUT_ONLY = "output only"
-RESUME_RULES = {
-    MUST_MATCH: "changes what the run computes (data, network, initial weights, optimiser, schedule, loss, "
-                "numerics): a resume with another value is refused",
-    MAY_CHANGE: "changes how fast or where the run computes, not what: a resume may change it",
-    OUTPUT_ONLY: "changes what is written beside the run, not what it trains: a resume may change it",
-}
-
-
 def flag(default: Any, help: str, resume: str, group: str = "extra", choices=None, minimum: float | None = None,
          metavar: str | None = None):
-    """A setting that is also a ``--flag``, with the rule a resumed run applies to it (one of :data:`RESUME_RULES`)."""
+    """A setting that is also a flag, with the rule a resumed run applies to it (one of
+    :data:`reir.settings.RESUME_RULES`)."""
     return setting(default, help, choices=choices, minimum=minimum, metavar=metavar, group=group, resume=resume)
 
 
 def resume_rule(declared: Field) -> str | None:
-    """How resume treats a setting: its declared rule; every network setting (:class:`ModelConfig`) must match,
-    since a checkpoint holds the weights of one network."""
-    if declared.name in NETWORK_SETTINGS:
-        return MUST_MATCH
+    """How a resumed run treats a setting: the rule its field declares (the network's settings declare theirs on
+    :class:`ModelConfig`), ``None`` for a field that declares none (a test fails on one)."""
     return declared.metadata.get("resume")
 
 
