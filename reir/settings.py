@@ -39,6 +39,7 @@ def setting(default: Any, help: str, *, choices=None, minimum: int | float | Non
 
 
 def default_of(declared: Field) -> Any:
+    """A field's default (a fresh copy for a list)."""
     return declared.default if declared.default_factory is MISSING else declared.default_factory()
 
 
