@@ -45,3 +45,26 @@ def test_bad_config_file_is_a_one_line_error(tmp_path, capsys):
     assert train_main(["--config", str(bad)]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "unknown settings ['ensemble_sizes']" in err
+
+
+def test_a_configuration_recorded_before_the_network_settings_moved_to_model_config_still_loads(tmp_path):
+    """Records written by earlier versions: the run's own settings first, the head settings among the loss terms,
+    and none of the settings added since (they take their defaults, which reproduce the earlier behaviour)."""
+    from reir.training.config import TrainConfig
+
+    earlier = {"data_name": "digits", "crop_type": "uncropped", "label_type": "fixed", "recalls": [1, 2],
+               "model_type": "resnet34", "share_type": "layer4", "with_random": True, "load_ids": False,
+               "batch_size": 8, "num_epochs": 3, "ensemble_size": 5, "meta_class_size": 3, "gpu_ids": [0],
+               "weights": "none", "seed": 9, "image_size": 32, "data_path": "data", "output_dir": "out",
+               "num_workers": 0, "device": "cpu", "resume": None, "head": "cosine", "head_scale": 8.0}
+    path = tmp_path / "earlier_config.json"
+    path.write_text(json.dumps(earlier))
+    config = TrainConfig.load(path)
+    assert {name: getattr(config, name) for name in earlier} == earlier
+    assert (config.amp, config.recipe, config.pair_loss, config.projection) == ("off", "auto", "none", 0)
+    assert config.model.head_scale == 8.0 and config.model.ensemble_size == 5
+    again = tmp_path / "again_config.json"
+    again.write_text(json.dumps(config.to_dict()))
+    assert TrainConfig.load(again) == config and set(config.to_dict()) >= set(earlier)
+    path.write_text(json.dumps({**earlier, "head_scale": 0}))
+    assert train_main(["--config", str(path)]) == 2  # checked by the one rule of ModelConfig

@@ -1,5 +1,6 @@
 """reir embed: folders, CSVs and prepared datasets; unreadable images; a real kill and resume; torchrun."""
 
+import json
 import os
 import signal
 import subprocess
@@ -104,6 +105,55 @@ def test_changed_settings_do_not_reuse_old_shards(served_model, collection, tmp_
     assert "Resuming" not in result.stdout
     assert len(load_database(output).features["test"]) == IMAGES // 2
     assert set(load_database(output).labels("test")) == {""}  # no labels asked for
+
+
+def test_a_rerun_with_other_split_or_labels_starts_afresh_instead_of_mixing_jobs(served_model, collection, tmp_path,
+                                                                                 monkeypatch):
+    """A job stopped after its shards were written, run again with other flags: its shards are not reused."""
+    from reir.errors import ReirError
+    from reir.retrieval import embedding_job
+
+    output = tmp_path / "mixed_data_base.safetensors"
+    parts = tmp_path / (output.name + ".parts")
+    images = ["--images", str(collection), "--output", str(output), "--shard_size", "100", "--batch_size", "50"]
+
+    def stopped(*args):
+        raise ReirError("stopped before the database was written")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(embedding_job, "shard_summary", stopped)
+        first = embed(served_model.model, *images, "--split", "gallery", "--labels_from_folders")
+    assert first.returncode == 1 and len(list(parts.glob("shard-*.safetensors"))) == 3
+    recorded = json.loads((parts / "job.json").read_text())["arguments"]
+    assert recorded["splits"] == ["gallery"] and recorded["labelled"] is True
+
+    again = embed(served_model.model, *images)  # the default split test, no labels
+    assert again.returncode == 0, again.stderr
+    assert "Resuming" not in again.stdout
+    assert ("Starting afresh: " in again.stdout and "splits ['gallery'] (now ['test'])" in again.stdout
+            and "labelled True (now False)" in again.stdout), again.stdout
+    database = load_database(output)
+    assert list(database.features) == ["test"] and len(database.features["test"]) == IMAGES
+    assert set(database.labels("test")) == {""}
+
+
+def test_every_job_argument_is_recorded_and_any_change_is_named(served_model, collection):
+    from dataclasses import fields, replace
+
+    from reir.model.files import load_model
+    from reir.retrieval.collections import from_folder
+    from reir.retrieval.embedding_job import JobArguments
+
+    arguments = JobArguments.of(load_model(served_model.model, "cpu"), from_folder(collection, "test", True), 20, 10)
+    recorded = arguments.record()
+    assert set(recorded) == {f.name for f in fields(JobArguments)} and arguments.differences(recorded) == []
+    for declared in fields(JobArguments):
+        value = getattr(arguments, declared.name)
+        other = (not value if isinstance(value, bool) else value + 1 if isinstance(value, int)
+                 else value + ("x",) if isinstance(value, tuple) else f"{value}x")
+        changed = replace(arguments, **{declared.name: other})
+        assert changed.key != arguments.key, declared.name
+        assert [d.split()[0] for d in changed.differences(recorded)] == [declared.name]
 
 
 def test_csv_and_prepared_dataset(served_model, collection, tmp_path):

@@ -124,10 +124,36 @@ def test_optimizer_and_scheduler_states_survive_the_json_round_trip():
         pack(object(), {}, "x")
 
 
-def test_the_fp16_loss_scale_is_checkpointed_and_a_resume_must_keep_the_precision(tmp_path):
-    from reir.training.checkpoint import MUST_MATCH, TrainingState, find_checkpoint, load_checkpoint, save_checkpoint
+def save_tiny_checkpoint(folder: Path, config, recorded: dict | None = None) -> Path:
+    """A checkpoint of a ``Linear(3, 2)`` after one epoch, recording ``recorded`` (default: ``config``'s settings
+    as a run records them); no training."""
+    from reir.training.checkpoint import TrainingState, checkpoint_path, save_checkpoint
+    from reir.training.precision import precision_for
+
+    model = torch.nn.Linear(3, 2)
+    optimizer = torch.optim.AdamW(model.parameters())
+    run_config = recorded if recorded is not None else {**config.to_dict(), "save_name": config.save_name,
+                                                          "num_train_classes": 4}
+    return save_checkpoint(checkpoint_path(folder, config.save_name), model, optimizer,
+                           torch.optim.lr_scheduler.StepLR(optimizer, 1), precision_for("off", "cpu").scaler,
+                           TrainingState(epoch=1), torch.zeros(2, 4, dtype=torch.long), ["a", "b", "c", "d"],
+                           {**run_config, "save_name": config.save_name})
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory):
+    """One checkpoint, made once, that every resume check of this module compares settings against."""
     from reir.training.config import TrainConfig
-    from reir.errors import ReirError
+
+    folder = tmp_path_factory.mktemp("tiny_checkpoint")
+    config = TrainConfig(data_name="digits", seed=3, weights="none", output_dir=str(folder), device="cpu",
+                         share_type="layer4", ensemble_size=3, meta_class_size=2, image_size=32, batch_size=8)
+    return save_tiny_checkpoint(folder, config), config
+
+
+def test_the_fp16_loss_scale_is_checkpointed_and_restored(tmp_path):
+    from reir.training.checkpoint import TrainingState, load_checkpoint, save_checkpoint
+    from reir.training.config import TrainConfig
     from reir.training.precision import precision_for
 
     def trainables():
@@ -148,14 +174,11 @@ def test_the_fp16_loss_scale_is_checkpointed_and_a_resume_must_keep_the_precisio
     assert fresh.scaler.state_dict()["scale"] != 1024.0
     load_checkpoint(path).restore(model, optimizer, scheduler, fresh.scaler)
     assert fresh.scaler.state_dict() == scaled
-    assert "amp" in MUST_MATCH
-    with pytest.raises(ReirError, match="--amp 'fp16' \\(not 'bf16'\\)"):
-        find_checkpoint("auto", tmp_path, config.save_name, config.replace(amp="bf16").to_dict())
-    assert find_checkpoint("auto", tmp_path, config.save_name, config.to_dict()).meta["epoch"] == 1
 
 
 def other_value(name: str, value):
-    """A valid setting different from ``value`` for the TrainConfig field ``name``."""
+    """A valid setting different from ``value`` for the TrainConfig field ``name``, found from its type and
+    declared choices."""
     from dataclasses import fields
 
     from reir.training.config import TrainConfig
@@ -167,37 +190,82 @@ def other_value(name: str, value):
         return not value
     if isinstance(value, list):
         return value[:1]
-    return {"weights": "other.safetensors"}.get(name, value + 1 if isinstance(value, int) else value)
+    if isinstance(value, (int, float)):
+        return value + 1
+    return f"{value}_elsewhere.safetensors" if isinstance(value, str) else 1
 
 
-def test_the_checkpoint_records_the_whole_configuration_and_resume_checks_every_setting_of_the_run(tmp_path):
-    from reir.errors import ReirError
-    from reir.training.checkpoint import MUST_MATCH, TrainingState, find_checkpoint, load_checkpoint, save_checkpoint
-    from reir.training.config import TrainConfig
-    from reir.training.precision import precision_for
+def must_match_settings() -> list[str]:
+    from dataclasses import fields
 
-    model = torch.nn.Linear(3, 2)
-    optimizer = torch.optim.AdamW(model.parameters())
-    config = TrainConfig(data_name="digits", seed=3, weights="none", output_dir=str(tmp_path))
-    run_config = {**config.to_dict(), "save_name": config.save_name, "num_train_classes": 4}
-    save_checkpoint(tmp_path / "checkpoints" / f"{config.save_name}_checkpoint.safetensors", model, optimizer,
-                    torch.optim.lr_scheduler.StepLR(optimizer, 1), precision_for("off", "cpu").scaler,
-                    TrainingState(epoch=1), torch.zeros(2, 4, dtype=torch.long), ["a", "b", "c", "d"], run_config)
-    path = tmp_path / "checkpoints" / f"{config.save_name}_checkpoint.safetensors"
-    assert load_checkpoint(path).meta["config"] == json.loads(json.dumps(run_config))
-    assert {"weights", "recipe"} <= set(MUST_MATCH)
-    for name in MUST_MATCH:
-        saved = getattr(config, name)
-        changed = {**config.to_dict(), name: other_value(name, saved)}
-        if name == "seed":  # no --seed accepts the checkpoint's
-            assert find_checkpoint("auto", tmp_path, config.save_name, {**changed, "seed": None})
-        with pytest.raises(ReirError) as error:
-            find_checkpoint("auto", tmp_path, config.save_name, changed)
-        message = str(error.value)
-        assert f"--{name} {saved!r} (not {changed[name]!r})" in message and "\n" not in message, message
-    # Settings that change only the speed of a run may differ.
-    faster = config.replace(num_workers=0, channels_last=True, branch_batching="grouped", device="cpu")
-    assert find_checkpoint("auto", tmp_path, config.save_name, faster.to_dict()).meta["epoch"] == 1
+    from reir.settings import MUST_MATCH
+    from reir.training.config import TrainConfig, resume_rule
+
+    return [f.name for f in fields(TrainConfig) if resume_rule(f) == MUST_MATCH]
+
+
+def test_every_setting_has_a_resume_rule_and_the_run_defining_ones_must_match():
+    from dataclasses import fields
+
+    from reir.model.network import ModelConfig
+    from reir.settings import RESUME_RULES
+    from reir.training.config import TrainConfig, resume_rule
+
+    unruled = [f.name for f in fields(TrainConfig) if resume_rule(f) not in RESUME_RULES]
+    assert not unruled, f"settings without a resume rule: {unruled}"
+    # What the hand-kept list of checked settings once missed, and every setting of the network.
+    assert {"head", "head_scale", "learn_scale", "projection", "pair_loss", "pair_weight", "samples_per_class",
+            "data_path", *(f.name for f in fields(ModelConfig))} <= set(must_match_settings())
+    assert not {"num_workers", "device", "channels_last", "branch_batching", "output_dir"} & set(must_match_settings())
+
+
+@pytest.mark.parametrize("name", must_match_settings())
+def test_a_resume_with_any_must_match_setting_changed_is_refused_naming_the_flag_and_both_values(tiny_checkpoint,
+                                                                                                  name):
+    """The train entry point refuses before it reads any data or builds the network."""
+    from reir.errors import UsageError
+    from reir.training.train import train
+
+    path, config = tiny_checkpoint
+    saved = getattr(config, name)
+    changed = config.replace(resume=str(path), **{name: other_value(name, saved)})
+    with pytest.raises(UsageError) as error:
+        train(changed)
+    message = str(error.value)
+    assert f"--{name} {saved!r} (not {getattr(changed, name)!r})" in message and "\n" not in message, message
+
+
+def test_the_checks_of_a_resume(tiny_checkpoint, tmp_path):
+    from reir.training.checkpoint import find_checkpoint, load_checkpoint, resume_conflicts
+
+    path, config = tiny_checkpoint
+    recorded = load_checkpoint(path).meta["config"]
+    assert recorded == json.loads(json.dumps({**config.to_dict(), "save_name": config.save_name,
+                                              "num_train_classes": 4}))
+    assert resume_conflicts(recorded, config) == []
+    assert resume_conflicts(recorded, config.replace(seed=None)) == []  # no seed given takes the checkpoint's
+    # Settings that change only the speed or the outputs of a run may differ.
+    faster = config.replace(num_workers=0, channels_last=True, branch_batching="grouped", device="cpu", gpu_ids=[3],
+                            nmi_every=0, tensorboard=True, output_dir=str(tmp_path))
+    assert resume_conflicts(recorded, faster) == []
+    assert find_checkpoint(str(path), tmp_path, config.save_name, faster).meta["epoch"] == 1
+    # A checkpoint written before a setting existed ran with its default.
+    older = {k: v for k, v in recorded.items() if k not in ("head", "head_scale", "pair_loss")}
+    assert resume_conflicts(older, config) == []
+    assert resume_conflicts(older, config.replace(head="cosine", head_scale=8.0)) == [
+        ("head", "linear", "cosine"), ("head_scale", 16.0, 8.0)]
+
+
+def test_a_changed_head_scale_is_refused_on_the_command_line_not_taken_from_the_checkpoint(tiny_checkpoint):
+    """The cosine head keeps its scale in a buffer that a resume would load over the flag."""
+    path, config = tiny_checkpoint
+    names = ("data_name", "seed", "weights", "device", "output_dir", "share_type", "ensemble_size", "meta_class_size",
+             "image_size", "batch_size")
+    flags = [arg for name in names for arg in (f"--{name}", str(getattr(config, name)))]
+    result = run_reir("train", *flags, "--head_scale", "8", "--resume", str(path))
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.strip() == (f"error: checkpoint {path} was written with --head_scale 16.0 (not 8.0); "
+                                     "resume with the same settings or start without --resume")
 
 
 @pytest.mark.slow

@@ -132,6 +132,31 @@ def test_the_config_is_the_command_line_and_python_values_follow_the_same_rules(
             TrainConfig(**bad)
 
 
+def test_every_setting_declares_its_help_its_resume_rule_and_its_flag_once():
+    """The parser, the checks and resume all read the fields' metadata: a setting missing any of it fails here."""
+    import dataclasses
+
+    from reir.model.network import ModelConfig
+    from reir.settings import RESUME_RULES, default_of
+    from reir.training.config import flag_name, resume_rule
+
+    options = {a.option_strings[0]: a for a in get_args_parser()._actions if a.option_strings}
+    for declared in dataclasses.fields(TrainConfig):
+        assert declared.metadata.get("help"), f"{declared.name} has no help text"
+        assert resume_rule(declared) in RESUME_RULES, f"{declared.name} has no resume rule"
+        option = options.get(flag_name(declared.name))
+        assert option is not None and option.dest == declared.name, f"{declared.name} has no flag"
+        assert option.help == declared.metadata["help"]
+        assert option.default == default_of(declared), f"{declared.name}: the flag's default is not the field's"
+    # The network's settings are declared once, on ModelConfig, and a training configuration carries all of them.
+    network = {f.name: f for f in dataclasses.fields(ModelConfig)}
+    assert set(network) <= {f.name for f in dataclasses.fields(TrainConfig)}
+    assert all(f is network[f.name] for f in dataclasses.fields(TrainConfig) if f.name in network)
+    assert TrainConfig(head="cosine", head_scale=4.0, projection=3).model == ModelConfig(
+        head="cosine", head_scale=4.0, projection=3)
+    assert TrainConfig().model == ModelConfig()
+
+
 class _Table(torch.nn.Module):
     """A "model" whose logits for image ``i`` are row ``i`` of a fixed table."""
 

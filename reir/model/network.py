@@ -14,7 +14,7 @@ import hashlib
 import io
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import torch
@@ -26,6 +26,7 @@ from reir.errors import ReirError
 from reir.model.branches import RUNNERS
 from reir.model.heads import HEADS, CosineHead
 from reir.model.sharding import split_evenly
+from reir.settings import MUST_MATCH, check_settings, setting
 
 log = logging.getLogger(__name__)
 
@@ -38,24 +39,36 @@ _SHARED_UP_TO = {"none": 0, "maxpool": 4, "layer1": 5, "layer2": 6, "layer3": 7,
 
 @dataclass(frozen=True)
 class ModelConfig:
-    model_type: str = "resnet18"
-    share_type: str = "layer1"
-    ensemble_size: int = 48
-    meta_class_size: int = 12
-    with_random: bool = False
+    """The network's settings, each declared once with its help and checks (:mod:`reir.settings`): a training
+    configuration extends this class, so its command line and checks are these fields' own. Every one must
+    match when a training run resumes: a checkpoint holds the weights of one network."""
+
+    model_type: str = setting("resnet18", "backbone type", choices=MODEL_TYPES, group="original", resume=MUST_MATCH)
+    share_type: str = setting("layer1", "last shared module", choices=SHARE_TYPES, group="original",
+                              resume=MUST_MATCH)
+    ensemble_size: int = setting(48, "ensemble model size", minimum=1, group="original", resume=MUST_MATCH)
+    meta_class_size: int = setting(12, "meta class size", minimum=2, group="original", resume=MUST_MATCH)
+    with_random: bool = setting(False, "random branch weights in training", group="original", resume=MUST_MATCH)
     # The branch head (docs/ACCURACY.md): the original's linear classifier, or a cosine one whose
     # logits are head_scale times the cosine of features and class weights; learn_scale trains the
     # scale. projection > 0 puts a Linear(features -> projection) + ReLU before the head.
-    head: str = "linear"
-    head_scale: float = 16.0
-    learn_scale: bool = False
-    projection: int = 0
+    head: str = setting("linear", "branch classifier: linear (the original's) or cosine (normalised weights and "
+                                  "features, logits = head_scale * cosine)", choices=HEADS, group="heads",
+                        resume=MUST_MATCH)
+    head_scale: float = setting(16.0, "cosine head: the scale of its logits (1 / softmax temperature)", above=0.0,
+                                group="heads", resume=MUST_MATCH)
+    learn_scale: bool = setting(False, "cosine head: learn the scale (starting from head_scale)", group="heads",
+                                resume=MUST_MATCH)
+    projection: int = setting(0, "a Linear(features -> N) + ReLU before each branch's classifier; 0 = none "
+                                 "(the embedding stays the branch's normalised logits)", minimum=0, group="heads",
+                              resume=MUST_MATCH)
+
+    def __post_init__(self):
+        check_settings(self, fields(ModelConfig))
 
 
 def branch_head(in_features: int, config: ModelConfig) -> list[nn.Module]:
     """The layers after pooling: an optional projection, then the meta-class classifier."""
-    if config.head not in HEADS:
-        raise ReirError(f"unknown head {config.head!r}; choose one of {', '.join(HEADS)}", 2)
     layers: list[nn.Module] = []
     if config.projection:
         layers += [nn.Linear(in_features, config.projection), nn.ReLU()]
@@ -270,13 +283,7 @@ def load_state_dict_file(path: str) -> tuple[dict[str, torch.Tensor], str]:
 
 
 def create_model(config: ModelConfig, weights: str = "imagenet") -> REIRNet:
-    """The one factory for every backbone and sharing point."""
-    if config.share_type not in SHARE_TYPES:
-        raise ReirError(f"unknown share_type {config.share_type!r}; choose one of {', '.join(SHARE_TYPES)}", 2)
-    if config.ensemble_size < 1 or config.meta_class_size < 2:
-        raise ReirError("ensemble_size must be >= 1 and meta_class_size >= 2", 2)
-    if config.head_scale <= 0 or config.projection < 0:
-        raise ReirError("head_scale must be > 0 and projection >= 0; fix --head_scale or --projection", 2)
+    """The one factory for every backbone and sharing point (``config`` was checked when it was made)."""
     backbone, origin = load_backbone(config.model_type, weights)
     model = REIRNet(backbone, config)
     model.initial_weights = origin

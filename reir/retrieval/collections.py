@@ -3,6 +3,8 @@ shards, each cut into shards of work that :mod:`reir.retrieval.embedding_job` em
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,8 +34,12 @@ class Collection:
     def shard_images(self, shard: int, shard_size: int) -> int:
         return min(shard_size, len(self.paths) - shard * shard_size)
 
-    def identity(self) -> list:
-        return self.paths
+    def job_arguments(self) -> dict:
+        """What an embedding job of this collection records and checks on resume (see ``JobArguments``): the
+        splits, whether labels were read, and a digest of every image's split, path and label."""
+        rows = hashlib.sha256(json.dumps([self.splits, self.paths, self.labels], separators=(",", ":")).encode())
+        return {"inputs": self.source, "splits": list(dict.fromkeys(self.splits)),
+                "labelled": any(label != UNLABELLED for label in self.labels), "images": rows.hexdigest()}
 
     def embed_shard(self, model: Model, shard: int, shard_size: int, batch_size: int, num_workers: int, bar) -> dict:
         start = shard * shard_size
@@ -61,8 +67,10 @@ class TarCollection:
     def shard_images(self, shard: int, shard_size: int) -> int:
         return 0  # unknown before the tar is read
 
-    def identity(self) -> list:
-        return shard_fingerprint(self.shards)
+    def job_arguments(self) -> dict:
+        """As :meth:`Collection.job_arguments`; a tar sample's label is its own, so ``labelled`` is ``None``."""
+        shards = hashlib.sha256(json.dumps(shard_fingerprint(self.shards), separators=(",", ":")).encode())
+        return {"inputs": self.source, "splits": [self.split], "labelled": None, "images": shards.hexdigest()}
 
     def embed_shard(self, model: Model, shard: int, shard_size: int, batch_size: int, num_workers: int, bar) -> dict:
         chunks, paths, labels, failed, batch = [], [], [], [], []

@@ -4,7 +4,9 @@ The collection is a folder, a CSV (``path[,label]``), a prepared dataset or WebD
 shards (``'shards/{000000..000099}.tar'``). Work is cut into fixed shards (``--shard_size``
 images, or one tar file each); each finished shard is written atomically under
 ``<output>.parts/`` as a database shard, so a killed run started again skips what is done and
-ends with the same database as an uninterrupted one. Under ``torchrun`` rank ``r`` embeds shards
+ends with the same database as an uninterrupted one; started again with other arguments
+(:class:`JobArguments`: model, inputs, splits, labels, image size, shard and batch size) it starts
+afresh, so a database never mixes two jobs. Under ``torchrun`` rank ``r`` embeds shards
 ``r, r + W, ...``. At the end rank 0 either concatenates the shards into one file or, with
 ``--shard_output`` or when one file would pass ``--max_file_gb``, writes a manifest and moves the
 folder of shards into place: then no process ever holds more than one shard. Images that cannot
@@ -18,8 +20,8 @@ import json
 import os
 import shutil
 import sys
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-
 
 from reir import distributed
 from reir.errors import ReirError, UsageError
@@ -31,13 +33,46 @@ from reir.retrieval.database import (MANIFEST, Database, gather, read_shard, rea
 LISTED_FAILURES = 10  # unreadable images printed; the rest are in the database and a text file
 
 
-def fingerprint(model: Model, collection, shard_size: int, batch_size: int) -> str:
-    """Changes whenever a finished shard could differ: another model file, image list, shard or batch size."""
-    stat = Path(model.path).stat()
-    digest = hashlib.sha256(json.dumps(
-        [str(Path(model.path).resolve()), stat.st_size, stat.st_mtime_ns, shard_size, batch_size,
-         collection.identity()], separators=(",", ":")).encode())
-    return digest.hexdigest()[:16]
+@dataclass(frozen=True)
+class JobArguments:
+    """Everything a finished shard depends on, declared once: recorded in ``<output>.parts/job.json``, hashed
+    into every shard's fingerprint and compared field by field when a job starts. A rerun with other arguments
+    starts afresh (the earlier job's shards are removed and the differences printed), so a database never mixes
+    shards of two jobs."""
+
+    model: str  # the model file, resolved
+    model_file: tuple[int, int]  # its size and modification time: a model retrained in place is another model
+    image_size: int
+    inputs: str  # the folder, CSV, dataset or tar pattern
+    splits: tuple[str, ...]
+    labelled: bool | None  # whether labels were read (None: tar samples carry their own)
+    images: str = field(metadata={"digest": True})  # every image's split, path and label, or the tar files
+    shard_size: int
+    batch_size: int
+
+    @classmethod
+    def of(cls, model: Model, collection, shard_size: int, batch_size: int) -> "JobArguments":
+        stat = Path(model.path).stat()
+        described = collection.job_arguments()
+        return cls(model=str(Path(model.path).resolve()), model_file=(stat.st_size, stat.st_mtime_ns),
+                   image_size=model.image_size, inputs=described["inputs"], splits=tuple(described["splits"]),
+                   labelled=described["labelled"], images=described["images"], shard_size=shard_size,
+                   batch_size=batch_size)
+
+    def record(self) -> dict:
+        return json.loads(json.dumps(asdict(self)))  # tuples as the lists JSON gives back
+
+    @property
+    def key(self) -> str:
+        """The fingerprint of a finished shard of this job."""
+        return hashlib.sha256(json.dumps(self.record(), separators=(",", ":")).encode()).hexdigest()[:16]
+
+    def differences(self, recorded: dict) -> list[str]:
+        """Each argument that differs from ``recorded`` (a ``job.json``'s), as ``name was (now value)``."""
+        now = self.record()
+        changed = [f for f in fields(self) if recorded.get(f.name) != now[f.name]]
+        return [f"{f.name} changed" if f.metadata.get("digest") else
+                f"{f.name} {recorded.get(f.name)!r} (now {now[f.name]!r})" for f in changed]
 
 
 def parts_folder(output: Path) -> Path:
@@ -53,17 +88,22 @@ def finished(parts: Path, shard: int, key: str) -> bool:
     return meta is not None and meta.get("fingerprint") == key
 
 
-def prepare_parts(parts: Path, key: str) -> None:
-    """Keep finished shards of this very job; shards of any other job are removed."""
+def prepare_parts(parts: Path, arguments: JobArguments) -> None:
+    """Keep finished shards of this very job; shards of a job with other arguments are removed, saying why."""
     marker = parts / "job.json"
     if parts.is_dir():
         try:
-            same = json.loads(marker.read_text())["fingerprint"] == key
+            recorded = json.loads(marker.read_text())
+            same = recorded["fingerprint"] == arguments.key
+            changed = arguments.differences(recorded["arguments"])
         except (OSError, ValueError, KeyError, TypeError):
-            same = False
+            same, changed = False, ["arguments not recorded"]
         if not same:
+            if any(parts.glob("shard-*")):
+                print(f"Starting afresh: {parts} holds shards of another job ({'; '.join(changed)}); "
+                      "they are removed", flush=True)
             shutil.rmtree(parts)
-    atomic_write(marker, json.dumps({"fingerprint": key}))
+    atomic_write(marker, json.dumps({"fingerprint": arguments.key, "arguments": arguments.record()}))
 
 
 def embed_shards(model: Model, collection, parts: Path, key: str, shard_size: int, batch_size: int,
@@ -138,9 +178,10 @@ def run(model: Model, collection, output: Path, context: distributed.Context, *,
         num_workers: int, shard_output: bool, max_file_gb: float) -> int:
     """Embed ``collection`` into the database ``output`` (on every rank; rank 0 publishes it)."""
     parts = parts_folder(output)
-    key = fingerprint(model, collection, shard_size, batch_size)
+    arguments = JobArguments.of(model, collection, shard_size, batch_size)
+    key = arguments.key
     if context.is_main:
-        prepare_parts(parts, key)
+        prepare_parts(parts, arguments)
     distributed.barrier(context)
     shard_count = collection.shard_count(shard_size)
     count = sum(collection.shard_images(s, shard_size) for s in range(shard_count))

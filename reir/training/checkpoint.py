@@ -13,31 +13,23 @@ from __future__ import annotations
 import logging
 import shutil
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from reir.errors import ReirError
+from reir.errors import ReirError, UsageError
 from reir.fileio import load_tensors, save_tensors
+from reir.settings import MUST_MATCH, default_of
+from reir.training.config import TrainConfig, flag_name, resume_rule
 from reir.training.rng import rng_state, set_rng_state
 
 log = logging.getLogger(__name__)
 
 FORMAT = "reir-checkpoint/1"
 SUFFIX = "_checkpoint.safetensors"
-# Settings that must equal the checkpoint's for a resumed run to continue the same run: everything
-# that changes the data, the model, its initial weights, the optimizer or its schedule. The others
-# (workers, device, memory layout, logging) change how fast, not what, a run computes.
-MUST_MATCH = ("data_name", "crop_type", "label_type", "recalls", "model_type", "share_type", "with_random",
-              "batch_size", "num_epochs", "ensemble_size", "meta_class_size", "image_size", "seed", "amp",
-              "weights", "recipe")
-# What checkpoints written before a setting joined MUST_MATCH were trained with; settings they did
-# not record and that are not listed here are not checked.
-EARLIER_DEFAULTS = {"amp": "off", "recipe": "auto"}
-
 
 def checkpoint_path(output_dir: str | Path, name: str) -> Path:
     return Path(output_dir) / "checkpoints" / f"{name}{SUFFIX}"
@@ -145,8 +137,8 @@ class Checkpoint:
 
     def meta_labels(self, classes: list[str]) -> np.ndarray:
         if self.meta["classes"] != list(classes):
-            raise ReirError(f"checkpoint {self.path} was trained on other classes than {len(classes)} of this "
-                            "dataset; resume with the dataset it was trained on, or start without --resume")
+            raise ReirError(f"checkpoint {self.path} was trained on other classes than {len(classes)} of this dataset; "
+                            f"resume with the dataset it was trained on, or start without {flag_name('resume')}")
         return np.asarray(self.meta["meta_labels"], dtype=np.int64)
 
     def restore(self, model, optimizer, scheduler, scaler) -> TrainingState:
@@ -181,18 +173,37 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
             "scheduler", "rng")
     if not isinstance(meta, dict) or meta.get("format") != FORMAT or any(k not in meta for k in keys):
         raise ReirError(f"checkpoint {path} is not a REIR training checkpoint; pass a *{SUFFIX} file "
-                        "written by train.py, or --resume auto")
+                        f"written by train.py, or {flag_name('resume')} auto")
     return Checkpoint(Path(path), tensors, meta)
 
 
-def find_checkpoint(resume: str | None, output_dir: str | Path, name: str, config: dict,
+def resume_conflicts(recorded: dict, config: TrainConfig) -> list[tuple[str, Any, Any]]:
+    """``(setting, recorded value, value now)`` for every must-match setting (:func:`resume_rule`) that differs.
+
+    A setting a checkpoint does not record was added after it was written and is taken at its default,
+    which reproduces what the run did before the setting existed. A ``seed`` of ``None`` accepts the
+    checkpoint's.
+    """
+    conflicts = []
+    for declared in fields(TrainConfig):
+        if resume_rule(declared) != MUST_MATCH:
+            continue
+        name, now = declared.name, getattr(config, declared.name)
+        was = recorded[name] if name in recorded else default_of(declared)
+        if was != now and not (name == "seed" and now is None):
+            conflicts.append((name, was, now))
+    return conflicts
+
+
+def find_checkpoint(resume: str | None, output_dir: str | Path, name: str, config: TrainConfig,
                     remove_temporaries: bool = True) -> Checkpoint | None:
     """The checkpoint ``resume`` names, checked against ``config``; ``None`` starts afresh.
 
     ``auto`` resumes this save name's checkpoint under ``output_dir`` if there is one, so the
-    same command line can be relaunched after every interruption. A ``seed`` of ``None`` in
-    ``config`` accepts the checkpoint's. Temporary files a killed run left are removed by one
-    process only (``remove_temporaries``), never while another may be writing them.
+    same command line can be relaunched after every interruption. Every must-match setting of
+    ``config`` must equal the checkpoint's (:func:`resume_conflicts`), so a resumed run is the run
+    that was interrupted. Temporary files a killed run left are removed by one process only
+    (``remove_temporaries``), never while another may be writing them.
     """
     if resume is None:
         return None
@@ -204,15 +215,14 @@ def find_checkpoint(resume: str | None, output_dir: str | Path, name: str, confi
     else:
         path = Path(resume)
         if not path.is_file():
-            raise ReirError(f"--resume {path} does not exist; pass a *{SUFFIX} file or --resume auto")
+            raise ReirError(f"{flag_name('resume')} {path} does not exist; pass a *{SUFFIX} file or "
+                            f"{flag_name('resume')} auto")
     checkpoint = load_checkpoint(path)
-    saved = {**EARLIER_DEFAULTS, **checkpoint.meta["config"]}
-    different = [k for k in MUST_MATCH
-                 if k in saved and saved[k] != config[k] and not (k == "seed" and config[k] is None)]
-    if different:
-        flags = ", ".join(f"--{k} {saved.get(k)!r} (not {config[k]!r})" for k in different)
-        raise ReirError(f"checkpoint {path} was written with {flags}; resume with the same flags "
-                        "or start without --resume", 2)
+    conflicts = resume_conflicts(checkpoint.meta["config"], config)
+    if conflicts:
+        written = ", ".join(f"{flag_name(setting)} {was!r} (not {now!r})" for setting, was, now in conflicts)
+        raise UsageError(f"checkpoint {path} was written with {written}; resume with the same settings "
+                         f"or start without {flag_name('resume')}")
     if remove_temporaries:
         remove_stale_temporaries(Path(output_dir), name)
     log.info("Resuming from %s: %d epochs done%s", path, checkpoint.meta["epoch"],

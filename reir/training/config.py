@@ -1,8 +1,11 @@
 """What a training run is configured by: :class:`TrainConfig`, one typed field per ``train.py`` flag.
 
-Each field carries its flag's help, choices and group, so the command line is generated from
-the dataclass (:func:`add_flags`) and a configuration built in Python is checked by the same
-rules as one parsed from flags. The resolved configuration of a run is saved beside its outputs
+Each field carries its flag's help, choices, group and the rule a resumed run applies to it
+(:data:`reir.settings.RESUME_RULES`), so the command line is generated from the dataclass
+(:func:`add_flags`), a configuration built in Python is checked by the same rules as one parsed
+from flags, and a checkpoint is compared on exactly the settings that must match. The network's
+settings are :class:`~reir.model.network.ModelConfig`'s fields, inherited, never declared twice.
+The resolved configuration of a run is saved beside its outputs
 (``statistics/<save name>_config.json``) and loads back with :meth:`TrainConfig.load`, or
 ``reir train --config``, which repeats the run with the flags given beside it changed.
 """
@@ -11,18 +14,18 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-from dataclasses import dataclass, field, fields
+from dataclasses import Field, dataclass, fields
 from pathlib import Path
 from typing import Any, Iterable
 
-from reir.argtypes import csv_ints, gpu_id_list, non_negative_int, positive_int
+from reir.argtypes import at_least, csv_ints, gpu_id_list
 from reir.data import DATA_NAMES
 from reir.errors import UsageError
 from reir.fileio import read_json
 from reir.model.branches import BATCHING_MODES
 from reir.model.meta_labels import LABEL_TYPES
-from reir.model.heads import HEADS
-from reir.model.network import MODEL_TYPES, SHARE_TYPES, ModelConfig
+from reir.model.network import ModelConfig
+from reir.settings import MAY_CHANGE, MUST_MATCH, OUTPUT_ONLY, check_settings, default_of, setting
 from reir.training.losses import PAIR_LOSSES
 from reir.training.precision import AMP_DTYPES
 from reir.training.recipe import RECIPES
@@ -30,91 +33,87 @@ from reir.training.recipe import RECIPES
 GROUPS = {"original": "flags of the original train.py", "extra": "REIR extras",
           "heads": "branch heads and loss terms (defaults: the original's)",
           "speed": "speed and scale-out (none changes what is computed in fp32)"}
+NETWORK_SETTINGS = tuple(f.name for f in fields(ModelConfig))
 MODEL_FLAGS = ("model_type", "share_type", "ensemble_size", "meta_class_size")
 # The command-line parser of each kind of list field, and its inverse for the checks.
 LIST_PARSERS = {"recalls": csv_ints, "gpu_ids": gpu_id_list}
 
-
-def flag(default: Any, help: str, group: str = "extra", choices=None, minimum: int | None = None,
+def flag(default: Any, help: str, resume: str, group: str = "extra", choices=None, minimum: float | None = None,
          metavar: str | None = None):
-    """A field that is also a ``--flag``; list defaults are copied per instance."""
-    metadata = {"help": help, "group": group, "choices": choices, "minimum": minimum, "metavar": metavar}
-    if isinstance(default, list):
-        return field(default_factory=lambda: list(default), metadata=metadata)
-    return field(default=default, metadata=metadata)
+    """A setting that is also a flag, with the rule a resumed run applies to it (one of
+    :data:`reir.settings.RESUME_RULES`)."""
+    return setting(default, help, choices=choices, minimum=minimum, metavar=metavar, group=group, resume=resume)
+
+
+def resume_rule(declared: Field) -> str | None:
+    """How a resumed run treats a setting: the rule its field declares (the network's settings declare theirs on
+    :class:`ModelConfig`), ``None`` for a field that declares none (a test fails on one)."""
+    return declared.metadata.get("resume")
+
+
+def flag_name(setting_name: str) -> str:
+    """The command-line flag of a setting: the one place the two names are tied."""
+    return f"--{setting_name}"
 
 
 @dataclass(frozen=True)
-class TrainConfig:
-    # flags of the original train.py, with its defaults
-    data_name: str = flag("car", "dataset name", "original", DATA_NAMES)
-    crop_type: str = flag("uncropped", "crop to the bounding box (car, cub and custom only)", "original",
+class TrainConfig(ModelConfig):
+    """A training run's settings: the network's (inherited from :class:`ModelConfig`, declared there once) and
+    the run's own below."""
+
+    # flags of the original train.py, with its defaults (its model flags are ModelConfig's)
+    data_name: str = flag("car", "dataset name", MUST_MATCH, "original", DATA_NAMES)
+    crop_type: str = flag("uncropped", "crop to the bounding box (car, cub and custom only)", MUST_MATCH, "original",
                           ("uncropped", "cropped"))
-    label_type: str = flag("fixed", "meta labels: fixed (distinct code words) or random", "original", LABEL_TYPES)
-    recalls: list[int] = flag([1, 2, 4, 8], "selected recalls", "original")
-    model_type: str = flag("resnet18", "backbone type", "original", MODEL_TYPES)
-    share_type: str = flag("layer1", "last shared module", "original", SHARE_TYPES)
-    with_random: bool = flag(False, "random branch weights in training", "original")
-    load_ids: bool = flag(False, "reuse saved meta-class ids", "original")
-    batch_size: int = flag(10, "train batch size", "original", minimum=1)
-    num_epochs: int = flag(20, "train epochs number", "original", minimum=1)
-    ensemble_size: int = flag(48, "ensemble model size", "original", minimum=1)
-    meta_class_size: int = flag(12, "meta class size", "original", minimum=1)
-    gpu_ids: list[int] = flag([0, 1], "selected GPUs", "original")
+    label_type: str = flag("fixed", "meta labels: fixed (distinct code words) or random", MUST_MATCH, "original",
+                           LABEL_TYPES)
+    # the first recall picks the best epoch, whose model and database are kept
+    recalls: list[int] = flag([1, 2, 4, 8], "selected recalls", MUST_MATCH, "original")
+    load_ids: bool = flag(False, "reuse saved meta-class ids", MUST_MATCH, "original")
+    batch_size: int = flag(10, "train batch size", MUST_MATCH, "original", minimum=1)
+    num_epochs: int = flag(20, "train epochs number", MUST_MATCH, "original", minimum=1)
+    gpu_ids: list[int] = flag([0, 1], "selected GPUs", MAY_CHANGE, "original")
     # REIR extras
-    weights: str = flag("imagenet", "backbone init: imagenet, none (random) or a state-dict file")
+    weights: str = flag("imagenet", "backbone init: imagenet, none (random) or a state-dict file", MUST_MATCH)
     recipe: str = flag("auto", "optimiser and schedule: auto = original with pretrained weights, scratch with "
-                               "--weights none (docs/ACCURACY.md)", choices=RECIPES)
-    seed: int | None = flag(None, "random seed (default: drawn at random and recorded)", minimum=0)
-    image_size: int = flag(256, "images are resized to this square", minimum=1)
-    data_path: str = flag("data", "folder holding the prepared datasets")
-    output_dir: str = flag(".", "statistics/, epochs/ and results/ go here")
-    num_workers: int = flag(4, "data loader processes", minimum=0)
-    device: str | None = flag(None, "cpu, cuda or cuda:N (default: cuda if available; cuda:N uses that GPU only)")
+                               "random ones (docs/ACCURACY.md)", MUST_MATCH, choices=RECIPES)
+    seed: int | None = flag(None, "random seed (default: drawn at random and recorded)", MUST_MATCH, minimum=0)
+    image_size: int = flag(256, "images are resized to this square", MUST_MATCH, minimum=1)
+    data_path: str = flag("data", "folder holding the prepared datasets", MUST_MATCH)
+    output_dir: str = flag(".", "statistics/, epochs/ and results/ go here", OUTPUT_ONLY)
+    num_workers: int = flag(4, "data loader processes", MAY_CHANGE, minimum=0)
+    device: str | None = flag(None, "cpu, cuda or cuda:N (default: cuda if available; cuda:N uses that GPU only)",
+                              MAY_CHANGE)
     resume: str | None = flag(None, "continue from a checkpoint; auto: this save name's, if any "
-                                    "(docs/RELIABILITY.md)", metavar="PATH|auto")
+                                    "(docs/RELIABILITY.md)", MAY_CHANGE, metavar="PATH|auto")
     nmi_every: int = flag(1, "compute NMI (k-means) every N epochs and at the last; 0 = never "
-                             "(slow on SOP on CPU)", minimum=0)
+                             "(slow on SOP on CPU)", OUTPUT_ONLY, minimum=0)
     tensorboard: bool = flag(False, "also write TensorBoard event files per epoch to tensorboard/<save name>/ "
-                                    "(needs the tensorboard package)")
-    # branch heads and loss terms (docs/ACCURACY.md); the defaults are the original's
-    head: str = flag("linear", "branch classifier: linear (the original's) or cosine (normalised weights and "
-                               "features, logits = head_scale * cosine)", "heads", HEADS)
-    head_scale: float = flag(16.0, "cosine head: the scale of its logits (1 / softmax temperature)", "heads")
-    learn_scale: bool = flag(False, "cosine head: learn the scale (starting from --head_scale)", "heads")
-    projection: int = flag(0, "a Linear(features -> N) + ReLU before each branch's classifier; 0 = none "
-                              "(the embedding stays the branch's normalised logits)", "heads", minimum=0)
+                                    "(needs the tensorboard package)", OUTPUT_ONLY)
+    # loss terms (docs/ACCURACY.md); the defaults are the original's (the branch heads are ModelConfig's)
     pair_loss: str = flag("none", "a pairwise loss on the concatenated embedding beside the branches' "
-                                  "cross-entropy: none or multisimilarity (with its miner)", "heads", PAIR_LOSSES)
-    pair_weight: float = flag(1.0, "weight of --pair_loss against the mean cross-entropy", "heads")
-    samples_per_class: int = flag(0, "batches of N images per class (positive pairs for --pair_loss); "
-                                     "0 = images in random order", "heads", minimum=0)
+                                  "cross-entropy: none or multisimilarity (with its miner)", MUST_MATCH, "heads",
+                          PAIR_LOSSES)
+    pair_weight: float = flag(1.0, "weight of the pair loss against the mean cross-entropy", MUST_MATCH, "heads",
+                              minimum=0.0)
+    samples_per_class: int = flag(0, "batches of N images per class (positive pairs for the pair loss); "
+                                     "0 = images in random order", MUST_MATCH, "heads", minimum=0)
     # speed and scale-out
-    amp: str = flag("off", "autocast precision: bf16, fp16 (with loss scaling) or off (fp32)", "speed",
+    amp: str = flag("off", "autocast precision: bf16, fp16 (with loss scaling) or off (fp32)", MUST_MATCH, "speed",
                     tuple(AMP_DTYPES))
-    channels_last: bool = flag(False, "NHWC memory layout for convolutions", "speed")
-    compile: bool = flag(False, "compile the model with torch.compile", "speed")
+    channels_last: bool = flag(False, "NHWC memory layout for convolutions", MAY_CHANGE, "speed")
+    compile: bool = flag(False, "compile the model with torch.compile", MAY_CHANGE, "speed")
     branch_batching: str = flag("auto", "run branches one by one (loop) or as grouped convolutions; auto picks "
-                                        "the measured faster one for the device", "speed", BATCHING_MODES)
+                                        "the measured faster one for the device", MAY_CHANGE, "speed", BATCHING_MODES)
 
     def __post_init__(self):
-        for f in fields(self):
-            value, meta = getattr(self, f.name), f.metadata
-            if meta["choices"] is not None and value not in meta["choices"]:
-                raise UsageError(f"{f.name} {value!r} is not one of {', '.join(map(str, meta['choices']))}")
-            if meta["minimum"] is not None and value is not None and (
-                    isinstance(value, bool) or not isinstance(value, int) or value < meta["minimum"]):
-                raise UsageError(f"{f.name} must be an integer >= {meta['minimum']}, not {value!r}")
-            if f.name in LIST_PARSERS:  # the flag's rules and order (recalls sorted: the first picks the best epoch)
-                try:
-                    object.__setattr__(self, f.name, LIST_PARSERS[f.name](",".join(str(v) for v in value)))
-                except (argparse.ArgumentTypeError, TypeError) as exc:
-                    raise UsageError(f"{f.name}: {exc}") from None
-        for name in ("head_scale", "pair_weight"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0 or (
-                    name == "head_scale" and value == 0):
-                raise UsageError(f"{name} must be a number {'>' if name == 'head_scale' else '>='} 0, not {value!r}")
+        super().__post_init__()  # the network's settings
+        check_settings(self, tuple(f for f in fields(self) if f.name not in NETWORK_SETTINGS))
+        for name, parse in LIST_PARSERS.items():  # the flag's rules and order (recalls sorted)
+            try:
+                object.__setattr__(self, name, parse(",".join(str(v) for v in getattr(self, name))))
+            except (argparse.ArgumentTypeError, TypeError) as exc:
+                raise UsageError(f"{name}: {exc}") from None
 
     @property
     def save_name(self) -> str:
@@ -125,8 +124,8 @@ class TrainConfig:
 
     @property
     def model(self) -> ModelConfig:
-        return ModelConfig(self.model_type, self.share_type, self.ensemble_size, self.meta_class_size,
-                           self.with_random, self.head, self.head_scale, self.learn_scale, self.projection)
+        """The network's settings alone."""
+        return ModelConfig(**{name: getattr(self, name) for name in NETWORK_SETTINGS})
 
     def replace(self, **changes) -> "TrainConfig":
         return dataclasses.replace(self, **changes)
@@ -157,7 +156,7 @@ class TrainConfig:
 
 
 def add_flags(parser: argparse.ArgumentParser, names: tuple[str, ...] | None = None) -> argparse.ArgumentParser:
-    """One ``--flag`` per :class:`TrainConfig` field (or per field in ``names``), in groups."""
+    """One flag per :class:`TrainConfig` field (or per field in ``names``), in groups, from the fields' metadata."""
     groups: dict[str, argparse._ArgumentGroup] = {}
     for f in fields(TrainConfig):
         if names is not None and f.name not in names:
@@ -165,12 +164,12 @@ def add_flags(parser: argparse.ArgumentParser, names: tuple[str, ...] | None = N
         meta = f.metadata
         if meta["group"] not in groups:
             groups[meta["group"]] = parser.add_argument_group(GROUPS[meta["group"]])
-        default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+        default = default_of(f)
         if isinstance(default, bool):
-            groups[meta["group"]].add_argument(f"--{f.name}", action="store_true", help=meta["help"])
+            groups[meta["group"]].add_argument(flag_name(f.name), action="store_true", help=meta["help"])
             continue
-        parse = LIST_PARSERS.get(f.name) or {0: non_negative_int, 1: positive_int}.get(meta["minimum"])
-        parse = float if isinstance(default, float) else parse
-        groups[meta["group"]].add_argument(f"--{f.name}", default=default, type=parse, choices=meta["choices"],
+        parse = LIST_PARSERS.get(f.name) or (float if isinstance(default, float) else
+                                             None if meta["minimum"] is None else at_least(meta["minimum"]))
+        groups[meta["group"]].add_argument(flag_name(f.name), default=default, type=parse, choices=meta["choices"],
                                            metavar=meta["metavar"], help=meta["help"])
     return parser

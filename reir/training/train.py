@@ -220,11 +220,11 @@ def train(config: TrainConfig, callbacks: Sequence[Callback] = ()) -> TrainResul
 def _run(config: TrainConfig, stop: StopRequest, context: distributed.Context, devices: list[torch.device],
          callbacks: list[Callback]) -> TrainResult:
     device, name, output = devices[0], config.save_name, Path(config.output_dir)
+    resumed = find_checkpoint(config.resume, output, name, config, remove_temporaries=context.is_main)
     needs = estimate(config.model, config.image_size, config.batch_size, config.recipe, config.weights,
                      resolve_batching(config.branch_batching, device), len(devices))
     log.info("%s: %s", name, needs.describe())
     check_fits(needs, devices, processes_on_this_host())
-    resumed = find_checkpoint(config.resume, output, name, config.to_dict(), remove_temporaries=context.is_main)
     seed = config.seed if config.seed is not None else resumed.seed if resumed else fresh_seed()
     config = config.replace(seed=distributed.broadcast(seed, context))
     seed_everything(config.seed)
