@@ -253,29 +253,6 @@ def error_bounds(feature_bits, shift):
     return bounds * (1 + 2.0 ** -40)
 
 
-@njit(nogil=True, cache=True, inline="always")
-def _look(query, value, side, at, other, other_at, counted, alive, low, largest, state, max_recall, rounding):
-    """One score, within the marks of a query on ``side`` (its tile row ``at``) against tile row ``other_at``
-    of the ``other`` side. While the query's best relevant reference is in its top R (``alive``), an
-    exact score that may reach its threshold is visited; afterwards an other-class reference is only
-    counted (``counted``) if it ranks before the best relevant one. Returns (counted, alive, low mark)."""
-    accumulation, output = rounding.accumulation, rounding.output
-    delta = _pair_error(side.bounds, at, other.bounds, other_at, accumulation, value, output)
-    fine = _fine_error(side.bounds, at, other.bounds, other_at, accumulation)
-    threshold = state.threshold[query]
-    if alive:
-        if value + delta >= threshold and fast_score(side.features, at, other.features, other_at) + fine >= threshold:
-            _visit(query, other.reference[other_at], other.classes[other_at],
-                   exact_score(side.features, at, other.features, other_at), state, max_recall)
-            counted = state.before[query]
-            alive = counted < state.relevant[query]
-            low = _low_mark(state.threshold[query], _tile_reach(side.bounds, at, largest, accumulation), output)
-    elif other.classes[other_at] != state.query_class[query]:
-        counted += _ranks_before(value, delta, state.best_score[query], state.best_index[query],
-                                 other.reference[other_at], side.features, at, other.features, other_at, fine)
-    return counted, alive, low
-
-
 @njit(nogil=True, cache=True)
 def scan_tile(scores, rows, columns, diagonal, row_side, column_side, state, max_recall, rounding):
     """Count and visit the scores of ``scores[:rows, :columns]`` that may reach their query's threshold.
@@ -287,18 +264,21 @@ def scan_tile(scores, rows, columns, diagonal, row_side, column_side, state, max
     row ``a`` must not retrieve column ``a``.
     """
     shift, accumulation, output = rounding
-    before, relevant, threshold = state.before, state.relevant, state.threshold
-    largest_column, largest_row = _largest(column_side.bounds, columns), _largest(row_side.bounds, rows)
+    row_base, row_reference, row_class, row_features, row_bounds, scan_rows = row_side
+    column_base, column_reference, column_class, column_features, column_bounds, scan_columns = column_side
+    threshold, best_score, best_index, before, relevant, query_class = (
+        state.threshold, state.best_score, state.best_index, state.before, state.relevant, state.query_class)
+    largest_column, largest_row = _largest(column_bounds, columns), _largest(row_bounds, rows)
     inf32 = np.float32(INF)
     # the column queries' marks and counts, local for the tile; "alive" ones go through _visit
     column_low = np.full(columns, inf32)
     column_high = np.full(columns, inf32)
     column_before = np.zeros(columns, np.int64)
     column_alive = np.zeros(columns, np.bool_)
-    if column_side.scan:
+    if scan_columns:
         for b in range(columns):
-            query = column_side.base + b
-            column_low[b], column_high[b] = _marks(query, state, column_side.bounds, b, largest_row, accumulation,
+            query = column_base + b
+            column_low[b], column_high[b] = _marks(query, state, column_bounds, b, largest_row, accumulation,
                                                    output, max_recall)
             column_before[b] = before[query]
             column_alive[b] = before[query] < relevant[query]
@@ -308,11 +288,10 @@ def scan_tile(scores, rows, columns, diagonal, row_side, column_side, state, max
     flags = np.zeros(words * 8, np.bool_)
     flag_words = flags.view(np.uint64)
     for a in range(rows):
-        query = row_side.base + a
+        query, row_at = row_base + a, row_reference[a]
         row_low, row_high, row_before = inf32, inf32, 0
-        if row_side.scan:
-            row_low, row_high = _marks(query, state, row_side.bounds, a, largest_column, accumulation, output,
-                                       max_recall)
+        if scan_rows:
+            row_low, row_high = _marks(query, state, row_bounds, a, largest_column, accumulation, output, max_recall)
             row_before = before[query]
         row_alive = row_before < relevant[query]
         ahead = 0
@@ -327,34 +306,59 @@ def scan_tile(scores, rows, columns, diagonal, row_side, column_side, state, max
             ahead -= values[a] > row_high
             flags[a] = False
         row_before += ahead
+        best, best_at, own_class = best_score[query], best_index[query], query_class[query]
         for word in range(words):
             if flag_words[word] == 0:
                 continue
             for b in range(8 * word, 8 * word + 8):
                 if not flags[b]:
                     continue
-                value = values[b]
+                value, column_at = values[b], column_reference[b]
                 if row_low <= value <= row_high:
-                    row_before, row_alive, row_low = _look(query, value, row_side, a, column_side, b, row_before,
-                                                           row_alive, row_low, largest_column, state, max_recall,
-                                                           rounding)
+                    delta = _pair_error(row_bounds, a, column_bounds, b, accumulation, value, output)
+                    fine = _fine_error(row_bounds, a, column_bounds, b, accumulation)
+                    if row_alive:
+                        if value + delta >= threshold[query] and fast_score(
+                                row_features, a, column_features, b) + fine >= threshold[query]:
+                            _visit(query, column_at, column_class[b], exact_score(row_features, a, column_features, b),
+                                   state, max_recall)
+                            row_before = before[query]
+                            row_alive = row_before < relevant[query]
+                            row_low = _low_mark(threshold[query], _tile_reach(row_bounds, a, largest_column,
+                                                                              accumulation), output)
+                    elif column_class[b] != own_class:
+                        row_before += _ranks_before(value, delta, best, best_at, column_at, row_features, a,
+                                                    column_features, b, fine)
                 if column_low[b] <= value <= column_high[b]:
-                    column_before[b], column_alive[b], column_low[b] = _look(
-                        column_side.base + b, value, column_side, b, row_side, a, column_before[b], column_alive[b],
-                        column_low[b], largest_row, state, max_recall, rounding)
+                    column_query = column_base + b
+                    delta = _pair_error(column_bounds, b, row_bounds, a, accumulation, value, output)
+                    fine = _fine_error(column_bounds, b, row_bounds, a, accumulation)
+                    if column_alive[b]:
+                        if value + delta >= threshold[column_query] and fast_score(
+                                column_features, b, row_features, a) + fine >= threshold[column_query]:
+                            _visit(column_query, row_at, row_class[a],
+                                   exact_score(column_features, b, row_features, a), state, max_recall)
+                            column_before[b] = before[column_query]
+                            column_alive[b] = column_before[b] < relevant[column_query]
+                            column_low[b] = _low_mark(threshold[column_query], _tile_reach(
+                                column_bounds, b, largest_row, accumulation), output)
+                    elif row_class[a] != query_class[column_query]:
+                        column_before[b] += _ranks_before(value, delta, best_score[column_query],
+                                                          best_index[column_query], row_at, column_features, b,
+                                                          row_features, a, fine)
             if not row_alive and row_before >= max_recall:
                 row_low = row_high = inf32
-        if row_side.scan and not row_alive:
+        if scan_rows and not row_alive:
             before[query] = row_before
             if row_before >= max_recall:
                 threshold[query] = INF
-        if column_side.scan and a % 64 == 63:  # stop counting for queries past the largest K
+        if scan_columns and a % 64 == 63:  # stop counting for queries past the largest K
             for b in range(columns):
                 if not column_alive[b] and column_before[b] >= max_recall:
                     column_low[b] = column_high[b] = inf32
-    if column_side.scan:
+    if scan_columns:
         for b in range(columns):
             if not column_alive[b]:
-                before[column_side.base + b] = column_before[b]
+                before[column_base + b] = column_before[b]
                 if column_before[b] >= max_recall:
-                    threshold[column_side.base + b] = INF
+                    threshold[column_base + b] = INF
