@@ -16,7 +16,7 @@ $(STAMP): requirements.txt pyproject.toml
 install: $(STAMP)
 
 # A small REIR (resnet18 shared, 48 heads x 12 meta classes, 32 px, random init) on the embedded glyphs,
-# on the CPU, next to raw pixels and the untrained network (reir/demo.py).
+# on the CPU, next to raw pixels and the untrained network (reir/cli/demo.py).
 demo: $(STAMP)
 	$(PY) -m reir.cli.demo --output_dir demo_output
 

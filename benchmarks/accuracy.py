@@ -49,27 +49,25 @@ import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from PIL import Image  # noqa: E402
-from torch import nn  # noqa: E402
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import nn
 
-from reir import cli  # noqa: E402
-from reir.data.custom import load_custom  # noqa: E402
-from reir.data.fonts import prepare_fonts  # noqa: E402
-from reir.data.glyphs import SPLIT_SEED, prepare_glyphs, write_subset_csv  # noqa: E402
-from reir.data.images import ImageList, build_transform  # noqa: E402
-from reir.data.splits import Split  # noqa: E402
-from reir.fileio import atomic_write  # noqa: E402
-from reir.model.network import ModelConfig, build_backbone  # noqa: E402
-from reir.retrieval.baselines import label_ids, network_features, raw_pixel_features, untrained_features  # noqa: E402
-from reir.retrieval.database import load_database  # noqa: E402
-from reir.retrieval.metrics import retrieval_metrics  # noqa: E402
-from reir.training.recipe import RECIPES, recipe_for  # noqa: E402
+from reir import cli
+from reir.data.custom import load_custom
+from reir.data.fonts import prepare_fonts
+from reir.data.glyphs import SPLIT_SEED, prepare_glyphs, write_subset_csv
+from reir.data.images import ImageList, build_transform
+from reir.data.splits import Split
+from reir.fileio import atomic_write
+from reir.model.network import ModelConfig, build_backbone
+from reir.retrieval.baselines import label_ids, network_features, raw_pixel_features, untrained_features
+from reir.retrieval.database import load_database
+from reir.retrieval.metrics import retrieval_metrics
+from reir.training.recipe import RECIPES, recipe_for
 
 FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 RECALLS = (1, 2, 4, 8)

@@ -22,17 +22,15 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
-import torch  # noqa: E402
+import torch
 
-from reir.data.glyphs import write_subset_csv  # noqa: E402
-from reir.data.sources import load_dataset  # noqa: E402
-from reir.model.network import ModelConfig, REIRNet, create_model  # noqa: E402
-from reir.retrieval.database import load_database  # noqa: E402
-from reir.training.config import TrainConfig  # noqa: E402
-from reir.training.train import train  # noqa: E402
+from reir.data.glyphs import write_subset_csv
+from reir.data.sources import load_dataset
+from reir.model.network import ModelConfig, REIRNet, create_model
+from reir.retrieval.database import load_database
+from reir.training.config import TrainConfig
+from reir.training.train import train
 
 VARIANTS = ("unweighted", "per batch", "per image")
 

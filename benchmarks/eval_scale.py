@@ -23,10 +23,7 @@ import resource
 import subprocess
 import sys
 import time
-from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
 
 def peak_rss_bytes() -> int:
@@ -62,7 +59,9 @@ def make_data(n: int, dim: int, ensemble: int, seed: int, noise: float = 4.0):
 def run_part(args) -> dict:
     import torch
 
-    from reir.retrieval.metrics import TILE, native_bf16, nmi, relevant_counts, retrieval_metrics
+    from reir.retrieval.clustering import nmi
+    from reir.retrieval.metrics import retrieval_metrics
+    from reir.retrieval.ranking import TILE, native_bf16, relevant_counts
 
     baseline = current_rss_bytes()
     features, labels = make_data(args.n, args.dim, args.ensemble, args.seed, args.noise)

@@ -39,12 +39,10 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from reir.retrieval.index_quality import recall_against_exact  # noqa: E402
-from reir.fileio import load_tensors, save_tensors  # noqa: E402
-from reir.retrieval.index import Index  # noqa: E402
-from reir.retrieval.similarity import knn  # noqa: E402
+from reir.retrieval.index_quality import recall_against_exact
+from reir.fileio import load_tensors, save_tensors
+from reir.retrieval.index import Index
+from reir.retrieval.similarity import knn
 
 REPO = Path(__file__).resolve().parents[1]
 INDEXES = ("flat", "hnsw", "ivfpq", "milvus-flat", "milvus-hnsw")

@@ -19,11 +19,9 @@ import numpy as np
 from PIL import Image
 from torch.utils.data import DataLoader
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from reir.data.build import build_split_list  # noqa: E402
-from reir.data.custom import read_folder  # noqa: E402
-from reir.data.images import ImageList, build_transform  # noqa: E402
+from reir.data.build import build_split_list
+from reir.data.custom import read_folder
+from reir.data.images import ImageList, build_transform
 
 
 def photo_like(rng: np.random.Generator, width: int, height: int) -> Image.Image:

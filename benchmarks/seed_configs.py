@@ -36,12 +36,11 @@ import numpy as np
 import torch
 from PIL import Image
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from reir.fileio import load_tensors
+from reir.model.network import ModelConfig
+from reir.training.memory import GIB, HOST_OVERHEAD, estimate, host_available
 
-from reir.fileio import load_tensors  # noqa: E402
-from reir.model.network import ModelConfig  # noqa: E402
-from reir.training.memory import GIB, HOST_OVERHEAD, estimate, host_available  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
 
 BACKBONES = ("resnet18", "resnet34", "resnet50", "resnext50_32x4d")
 META_CLASS_SIZES = {"CARS196": 12, "CUB200": 12, "SOP": 512, "In-shop": 192}

@@ -41,7 +41,6 @@ import numpy as np
 from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 SLOW_CLIENTS = 16
 GREEDY_CLIENTS = 16
 MAX_BODY_MB = 20

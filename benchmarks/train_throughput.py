@@ -25,16 +25,13 @@ import statistics
 import sys
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from reir.model.network import MODEL_TYPES, SHARE_TYPES, ModelConfig, create_model  # noqa: E402
-from reir.training.precision import AMP_DTYPES, precision_for  # noqa: E402
+from reir.model.network import MODEL_TYPES, SHARE_TYPES, ModelConfig, create_model
+from reir.training.precision import AMP_DTYPES, precision_for
 
 ADAM_IMPLEMENTATIONS = {"adam-loop": {"foreach": False}, "adam-foreach": {"foreach": True},
                         "adam-fused": {"fused": True}}

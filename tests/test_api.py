@@ -1,4 +1,5 @@
-"""The Python API: load_model without a database, embed from every input kind, Index, evaluate."""
+"""The Python API: its exports, load_model without a database, embed from every input kind, Index,
+evaluate and evaluate_database."""
 
 import subprocess
 import sys
@@ -102,12 +103,60 @@ def test_approximate_index_is_trained_and_finds_the_neighbours():
         reir.Index.build(features, factory="NoSuchIndex")
 
 
-def test_evaluate_matches_the_database_metrics(db):
+def test_evaluate_matches_the_database_metrics(db, served_model):
     stored = {k: v for k, v in db.info["metrics"].items() if v is not None}
-    from_database = reir.evaluate(db, recalls=[1, 2, 4, 8], with_nmi=False)
+    from_database = reir.evaluate_database(db, recalls=[1, 2, 4, 8], with_nmi=False)
+    from_path = reir.evaluate_database(served_model.database, recalls=[1, 2, 4, 8], with_nmi=False)
     from_features = reir.evaluate(db.features["test"], db.labels("test"), recalls=[1, 2, 4, 8], with_nmi=False)
     for key, value in stored.items():
         if key != "nmi":
             assert from_database[key] == pytest.approx(value) and from_features[key] == pytest.approx(value)
+    assert from_path == from_database
     with pytest.raises(ReirError, match="needs labels"):
         reir.evaluate(db.features["test"])
+    for database in (db, served_model.database, str(served_model.database)):
+        with pytest.raises(ReirError, match="for a database use evaluate_database"):
+            reir.evaluate(database)
+
+
+def test_the_public_api_is_every_name_a_user_reaches_for():
+    """Each exported name is the object its module defines (not a copy), and ``dir``-less access works."""
+    import importlib
+
+    from reir.model.files import Model
+    from reir.retrieval.database import load_database as library_load_database
+    from reir.retrieval.results import Results
+    from reir.training.config import TrainConfig
+    from reir.training.train import train
+
+    expected = {"train", "TrainConfig", "Results", "load_database", "evaluate", "evaluate_database",
+                "load_model", "embed", "Index"}
+    assert expected <= set(reir.__all__)
+    for name in reir.__all__:
+        module = importlib.import_module(reir._API[name])
+        assert getattr(reir, name) is getattr(module, name)
+        assert getattr(reir, name).__module__ == reir._API[name], name
+    assert (reir.train, reir.TrainConfig, reir.Results, reir.load_database, reir.Model) == (
+        train, TrainConfig, Results, library_load_database, Model)
+    with pytest.raises(AttributeError, match="no_such_name"):
+        reir.no_such_name
+
+
+def test_a_model_keeps_its_run_settings_apart_from_its_network_configuration(model, db):
+    """``run_config``: the training run's settings (a dict, as the database records them);
+    ``network.config``: the network's own ``ModelConfig``."""
+    from reir.model.network import ModelConfig
+
+    assert isinstance(model.network.config, ModelConfig) and isinstance(model.run_config, dict)
+    assert model.run_config["data_name"] == db.config["data_name"]
+    assert model.run_config["ensemble_size"] == model.network.config.ensemble_size
+    assert not hasattr(model, "config")
+
+
+def test_search_results_unpack_as_scores_and_ids(db):
+    """Documented API: ``scores, ids = index.search(...)`` (README) is the pair the ``Results`` holds."""
+    features = db.features["test"]
+    results = reir.Index.build(features).search(features[:4], k=3)
+    assert isinstance(results, reir.Results)
+    scores, ids = results
+    assert scores is results.scores and ids is results.gallery_ids

@@ -13,7 +13,7 @@ from reir.cli.prepare import main as prepare_main, prepare_benchmark
 from reir.cli.train import main as train_main
 from reir.data import BENCHMARKS, load_split_list, split_list_path
 from reir.data.images import build_transform, read_image
-from conftest import run_script, tiny_args
+from conftest import run_reir, run_script, tiny_args
 from dataset_fixtures import PER_CLASS, WIDTH, make_car, make_cub, make_isc, make_sop
 
 # Only the classifiers are per branch: an epoch takes a fraction of the time and still trains end to end.
@@ -123,7 +123,7 @@ def test_data_utils_prepares_every_benchmark_present(tmp_path):
     assert result.stderr.count("*** WARNING") == 2
     assert split_list_path(tmp_path, "sop", "uncropped").is_file()
     assert not split_list_path(tmp_path, "car", "uncropped").exists()
-    listed = run_script("reir", "prepare", "--help")
+    listed = run_reir("prepare", "--help")
     assert listed.returncode == 0 and "--skip_bad" in listed.stdout
 
 

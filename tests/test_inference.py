@@ -12,7 +12,7 @@ from reir.cli.search import main
 from reir.retrieval.lookup import rank
 from reir.plots import grids
 from reir.retrieval.database import load_database
-from conftest import run_script, tiny_args
+from conftest import run_reir, run_script, tiny_args
 from handmade import make_database
 
 TEST_LABELS = ["a", "b", "c", "a", "b", "c", "a", "b", "c", "a"]
@@ -188,9 +188,9 @@ def test_end_to_end_in_database_and_outside_image(trained, tmp_path):
 
     copy = tmp_path / "my_digit.png"
     shutil.copyfile(query, copy)  # same pixels, a path the database does not know
-    result = run_script("reir", "search", "--query_img_name", str(copy), "--data_base", name,
-                        "--output_dir", str(trained), "--retrieval_num", "6", "--json",
-                        "--query_label", inside["query"]["label"])
+    result = run_reir("search", "--query_img_name", str(copy), "--data_base", name,
+                      "--output_dir", str(trained), "--retrieval_num", "6", "--json",
+                      "--query_label", inside["query"]["label"])
     assert result.returncode == 0, result.stderr
     outside = json.loads(result.stdout)
     assert outside["query"]["in_database"] is False

@@ -4,9 +4,10 @@ import numpy as np
 import pytest
 import torch
 
-from reir.retrieval import metrics
+from reir.retrieval import clustering, metrics, ranking as ranking_engine
 from reir.retrieval.database import Database
-from reir.retrieval.metrics import evaluate_embeddings, relevant_counts, retrieval_metrics
+from reir.retrieval.metrics import evaluate_embeddings, retrieval_metrics
+from reir.retrieval.ranking import relevant_counts
 from reir.retrieval.similarity import flatten, knn
 from conftest import run_reir
 
@@ -21,7 +22,7 @@ def ranking(request, monkeypatch):
     if request.param == "tensor":
         monkeypatch.setattr(metrics, "COMPILED_SCAN_DEVICES", ())
     else:
-        monkeypatch.setattr(metrics, "native_bf16", lambda: request.param == "compiled-bf16")
+        monkeypatch.setattr(ranking_engine, "native_bf16", lambda: request.param == "compiled-bf16")
     return request.param
 
 
@@ -229,7 +230,7 @@ def test_tile_scores_stay_within_their_error_bound(bf16):
     assert torch.equal(rounded, features.to(tile_dtype)) and np.array_equal(exact_rows, bits)
     tile = torch.mm(rounded, rounded.T).double()
     exact = features.double() @ features.double().T
-    accumulation, output = metrics.tile_error(dim, bf16)
+    accumulation, output = ranking_engine.tile_error(dim, bf16)
     norm, error, rounded_norm = torch.from_numpy(tilescan.error_bounds(bits, shift)).T
     bound = (error[:, None] * norm[None] + norm[:, None] * error[None] + error[:, None] * error[None]
              + accumulation * rounded_norm[:, None] * rounded_norm[None] + output * tile.abs())
@@ -300,5 +301,5 @@ def test_nmi_equals_scikit_learns(size, first_classes, second_classes):
     second = (first * 3 + rng.integers(0, 2, size)) % second_classes  # related, not equal
     for a, b in ((first, second), (first, rng.integers(0, second_classes, size)), (first, first)):
         labels = np.array([f"class {x}" for x in a])  # names, not ids, for one side
-        assert metrics.normalized_mutual_information(labels, b) == pytest.approx(
+        assert clustering.normalized_mutual_information(labels, b) == pytest.approx(
             normalized_mutual_info_score(a, b), abs=1e-12)

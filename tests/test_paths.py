@@ -10,7 +10,7 @@ import sys
 import httpx
 import pytest
 
-from conftest import REPO, run_script, tiny_args
+from conftest import REPO, run_reir, run_script, tiny_args
 from test_serve import png_bytes
 
 
@@ -27,19 +27,19 @@ def test_serve_search_and_report_work_from_another_directory(small_digits_root, 
     query = elsewhere / "query.png"
     query.write_bytes(png_bytes(seed=3))
 
-    searched = run_script("reir", "search", "--data_base", str(database), "--query_img_name", str(query), "--json",
-                          "--retrieval_num", "4", cwd=elsewhere)
+    searched = run_reir("search", "--data_base", str(database), "--query_img_name", str(query), "--json",
+                        "--retrieval_num", "4", cwd=elsewhere)
     assert searched.returncode == 0, searched.stderr
     found = re.findall(r'"path": "([^"]+)"', searched.stdout)
     assert len(found) >= 4 and all(os.path.isabs(p) and os.path.isfile(p) for p in found), searched.stdout[:500]
 
-    reported = run_script("reir", "report", "--data_base", str(database), "--output", "report.html", cwd=elsewhere)
+    reported = run_reir("report", "--data_base", str(database), "--output", "report.html", cwd=elsewhere)
     assert reported.returncode == 0, reported.stderr
     page = (elsewhere / "report.html").read_text()
     assert "<img" in page and "does not exist" not in reported.stderr + page
 
-    indexed = run_script("reir", "index", "--data_base", str(database), "--output", str(elsewhere / "x.faiss"),
-                         cwd=here)
+    indexed = run_reir("index", "--data_base", str(database), "--output", str(elsewhere / "x.faiss"),
+                       cwd=here)
     assert indexed.returncode == 0, indexed.stderr
     server = subprocess.Popen([sys.executable, "-m", "reir", "serve", "--index", "x.faiss", "--port", "0"],
                               cwd=elsewhere, env={**os.environ, "PYTHONPATH": str(REPO)}, stdout=subprocess.PIPE,

@@ -8,7 +8,7 @@ from PIL import Image
 from reir.cli.plot import main
 from reir.errors import ReirError
 from reir.plots.curves import build_figure, read_statistics
-from conftest import run_script
+from conftest import run_reir
 
 CSV = ("epoch,train_loss,train_accuracy,test_recall@1,test_recall@10,test_recall@2,test_nmi\n"
        "1,0.9,0.5,0.25,0.5,0.375,\n"
@@ -31,7 +31,7 @@ def test_figure_plots_every_column_per_epoch(tmp_path):
 def test_reir_plot_writes_a_png_and_refuses_bad_input(tmp_path, capsys):
     good = tmp_path / "run_results.csv"
     good.write_text(CSV)
-    result = run_script("reir", "plot", str(good))
+    result = run_reir("plot", str(good))
     assert result.returncode == 0, result.stderr
     image = Image.open(tmp_path / "run_results.png")
     assert image.format == "PNG" and image.size == (1500, 400)

@@ -71,7 +71,7 @@ def test_every_reader_gives_the_same_answer_for_both_forms(both_forms, tmp_path)
     assert (tmp_path / "one.faiss").read_bytes() == (tmp_path / "many.faiss").read_bytes()
     import reir
 
-    assert reir.evaluate(str(single), with_nmi=False) == reir.evaluate(str(sharded), with_nmi=False)
+    assert reir.evaluate_database(str(single), with_nmi=False) == reir.evaluate_database(str(sharded), with_nmi=False)
     report = run_reir("report", "--data_base", str(sharded), "--output", str(tmp_path / "many.html"))
     assert report.returncode == 0, report.stderr
     assert f"test {IMAGES} images" in (tmp_path / "many.html").read_text()

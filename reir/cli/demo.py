@@ -16,7 +16,6 @@ import time
 from pathlib import Path
 
 from reir.cli.common import reports_errors
-from reir.cli.train import get_args_parser
 from reir.data.custom import load_custom
 from reir.data.glyphs import write_subset_csv
 from reir.data.sources import load_dataset
@@ -39,12 +38,13 @@ TRAIN_CLASSES = 300
 TEST_CLASSES = 300
 
 
-def training_arguments(args, source) -> list[str]:
-    return ["--data_name", "custom", "--data_path", str(source), "--output_dir", args.output_dir,
-            "--weights", "none", "--model_type", CONFIG.model_type, "--share_type", CONFIG.share_type,
-            "--ensemble_size", str(CONFIG.ensemble_size), "--meta_class_size", str(CONFIG.meta_class_size),
-            "--image_size", str(IMAGE_SIZE), "--batch_size", "64", "--num_epochs", str(args.num_epochs),
-            "--num_workers", "0", "--seed", str(args.seed), "--device", "cpu", "--nmi_every", "0"]
+def training_config(args, source: Path) -> TrainConfig:
+    """The demo's run: the cheap REIR above, from random weights, on the CPU, without NMI."""
+    return TrainConfig(data_name="custom", data_path=str(source), output_dir=args.output_dir, weights="none",
+                       model_type=CONFIG.model_type, share_type=CONFIG.share_type,
+                       ensemble_size=CONFIG.ensemble_size, meta_class_size=CONFIG.meta_class_size,
+                       image_size=IMAGE_SIZE, batch_size=64, num_epochs=args.num_epochs, num_workers=0,
+                       seed=args.seed, device="cpu", nmi_every=0)
 
 
 def row(name: str, metrics: dict[str, float]) -> str:
@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
                               Path(args.output_dir) / "glyphs_subset.csv", TRAIN_CLASSES, TEST_CLASSES, seed=None)
     split_list = load_custom(source, "uncropped")
     prepared = time.perf_counter()
-    config = TrainConfig.from_args(get_args_parser().parse_args(training_arguments(args, source)))
+    config = training_config(args, source)
     database = load_database(train.train(config).database)
     trained = time.perf_counter()
     labels = label_ids(split_list, "test")

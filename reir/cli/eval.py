@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from reir.retrieval.evaluation import evaluate
+from reir.retrieval.evaluation import evaluate_database
 from reir.argtypes import csv_ints
 from reir.cli.common import ArgumentParser, reports_errors
 from reir.data.registry import DATA_NAMES, dataset_info
@@ -31,7 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     args = get_args_parser().parse_args(argv)
     database = load_database(resolve_database_path(args.data_base, args.output_dir))
     recalls = args.recalls or database.config.get("recalls") or usual_recalls(database.info.get("data_name"))
-    metrics = evaluate(database, recalls=recalls, with_nmi=not args.no_nmi, device=parse_device(args.device))
+    metrics = evaluate_database(database, recalls=recalls, with_nmi=not args.no_nmi, device=parse_device(args.device))
     sizes = [len(database.features[s]) for s in database.eval_splits]
     protocol = (f"test against itself, {sizes[0]} images" if len(sizes) == 1
                 else f"{sizes[0]} queries against {sizes[1]} gallery images")

@@ -25,7 +25,6 @@ from reir.errors import ReirError
 
 IMAGE_TYPES = {"jpg": "image/jpeg", "jpeg": "image/jpeg", "png": "image/png", "webp": "image/webp"}
 IMAGE_KEYS = tuple(IMAGE_TYPES)
-LABEL_KEYS = ("cls", "json")
 MEMBER_SEPARATOR = "::"  # a sample's path: <tar file>::<sample key>
 
 

@@ -31,7 +31,7 @@ class Model:
     image_size: int
     mean: list[float]
     std: list[float]
-    config: dict = field(default_factory=dict)  # the training run's configuration
+    run_config: dict = field(default_factory=dict)  # the training run's settings (the network's own: network.config)
     path: Path | None = None
 
     @property

@@ -81,10 +81,8 @@ def branch_head(in_features: int, config: ModelConfig) -> list[nn.Module]:
 class Branch(nn.Sequential):
     """The unshared ResNet layers, pooling and a meta-class classifier."""
 
-    def __init__(self, layers: list[nn.Module], in_features: int, meta_class_size: int,
-                 head: list[nn.Module] | None = None):
-        super().__init__(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(1),
-                         *(head or [nn.Linear(in_features, meta_class_size)]))
+    def __init__(self, layers: list[nn.Module], head: list[nn.Module]):
+        super().__init__(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(1), *head)
 
 
 class REIRNet(nn.Module):
@@ -97,8 +95,7 @@ class REIRNet(nn.Module):
         in_features = backbone.fc.in_features
         rest = children[cut:]
         self.branches = nn.ModuleList(
-            Branch([copy.deepcopy(m) for m in rest], in_features, config.meta_class_size,
-                   branch_head(in_features, config))
+            Branch([copy.deepcopy(m) for m in rest], branch_head(in_features, config))
             for _ in range(config.ensemble_size))
         self.branch_batching = branch_batching
         # Where the backbone's starting weights came from (:func:`load_backbone`), for the run's record.

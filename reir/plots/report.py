@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from reir.retrieval.evaluation import evaluate
+from reir.retrieval.evaluation import evaluate_database
 from reir.data.images import read_image
 from reir.errors import ReirError
 from reir.retrieval.database import Database
@@ -141,7 +141,7 @@ def build_report(db: Database, db_path: Path, statistics: Path | None, k: int, c
                 + f" · embeddings {tuple(next(iter(db.features.values())).shape[1:])}"
                 + (f" · epoch {db.info['epoch']}" if "epoch" in db.info else "") + "</p>"]
     try:
-        metrics = evaluate(db, recalls=db.config.get("recalls") or [1, 2, 4, 8], with_nmi=False)
+        metrics = evaluate_database(db, recalls=db.config.get("recalls") or [1, 2, 4, 8], with_nmi=False)
         if db.info.get("metrics", {}).get("nmi") is not None:
             metrics["nmi"] = db.info["metrics"]["nmi"]
         rows = "".join(f"<tr><th>{html.escape(key)}</th><td>{_percent(value)}</td></tr>"

@@ -132,7 +132,7 @@ def embed_shards(model: Model, collection, parts: Path, key: str, shard_size: in
 def database_info(model: Model, collection, skipped: list[list]) -> dict:
     return {"model_file": str(Path(model.path).resolve()), "image_size": model.image_size,
             "mean": model.mean, "std": model.std, "source": collection.source,
-            "data_name": model.config.get("data_name"), "skipped": skipped}
+            "data_name": model.run_config.get("data_name"), "skipped": skipped}
 
 
 def shard_summary(parts: Path, shard_count: int) -> tuple[dict[str, int], list[list]]:
@@ -156,12 +156,12 @@ def merge(model: Model, collection, parts: Path, shard_count: int, skipped: list
             for split, tensor in features.items():
                 yield split, tensor, meta["splits"][split]["paths"], meta["splits"][split]["labels"]
 
-    return Database(*gather(slices()), model.config, database_info(model, collection, skipped))
+    return Database(*gather(slices()), model.run_config, database_info(model, collection, skipped))
 
 
 def publish_sharded(model: Model, collection, parts: Path, output: Path, shard_count: int, skipped: list[list]) -> None:
     """Manifest into the parts folder, then the folder into place; an earlier database there is replaced last."""
-    write_manifest(parts, [shard_name(s) for s in range(shard_count)], model.config,
+    write_manifest(parts, [shard_name(s) for s in range(shard_count)], model.run_config,
                    database_info(model, collection, skipped))
     (parts / "job.json").unlink()
     previous = output.with_name(output.name + f".previous-{os.getpid()}")

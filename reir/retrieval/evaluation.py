@@ -1,4 +1,5 @@
-"""Metrics of embeddings or of a database, for the API and the commands that need no model.
+"""Metrics of embeddings (``evaluate``) or of a database (``evaluate_database``), for the API and the
+commands that need no model.
 
 Kept apart from the model layer so that ``reir eval`` and ``reir report`` import neither the
 network nor torchvision.
@@ -12,50 +13,57 @@ from typing import Iterable, Sequence
 import torch
 
 from reir.errors import ReirError
-from reir.retrieval.database import UNLABELLED
+from reir.retrieval.database import UNLABELLED, Database, load_database
 from reir.validation import as_features, check_device, check_labels, check_positive_ints
 
 
-def evaluate(features, labels: Sequence | torch.Tensor | None = None, *, recalls: Iterable[int] = (1, 2, 4, 8),
-             gallery: torch.Tensor | None = None, gallery_labels: Sequence | torch.Tensor | None = None,
-             with_nmi: bool = True, device: torch.device | str | None = None
-             ) -> dict[str, float | None]:
-    """Recall@K, precision@1, R-precision, MAP@R and NMI (``None`` when skipped), exact.
+def evaluate(features: torch.Tensor, labels: Sequence | torch.Tensor | None = None, *,
+             recalls: Iterable[int] = (1, 2, 4, 8), gallery: torch.Tensor | None = None,
+             gallery_labels: Sequence | torch.Tensor | None = None, with_nmi: bool = True,
+             device: torch.device | str | None = None) -> dict[str, float | None]:
+    """Recall@K, precision@1, R-precision, MAP@R and NMI (``None`` when skipped) of embeddings, exact.
 
-    ``features`` with ``labels``: every image queries the others (itself excluded), or the
-    ``gallery`` when one is given. ``features`` may instead be a database (or its path):
-    its test split against itself, or query against gallery, as ``reir eval`` does.
+    Every image queries the others (itself excluded), or the ``gallery`` when one is given. ``labels``
+    are class names or integer ids, one per image. A database's metrics: :func:`evaluate_database`.
     """
-    from reir.retrieval.database import Database, load_database
+    if isinstance(features, (str, os.PathLike, Database)):
+        raise ReirError("evaluate takes embeddings and their labels; for a database use evaluate_database")
+    if labels is None:
+        raise ReirError("evaluate needs labels for the features (a database's metrics: evaluate_database)")
+    features = as_features(features, "features")
+    labels = check_labels(labels, len(features), "labels", "features")
+    if gallery is not None:
+        gallery = as_features(gallery, "gallery")
+        if gallery_labels is None:
+            raise ReirError("evaluate was given a gallery but no gallery_labels; pass the gallery's labels "
+                            "(metrics cannot score a gallery with the queries' labels)")
+        gallery_labels = check_labels(gallery_labels, len(gallery), "gallery_labels", "gallery")
+    elif gallery_labels is not None:
+        raise ReirError("evaluate was given gallery_labels but no gallery; pass gallery= too, or neither")
+    labels, gallery_labels = _label_ids(labels, gallery_labels)
+    return _metrics(features, labels, gallery, gallery_labels, recalls, with_nmi, device)
+
+
+def evaluate_database(database: str | os.PathLike | Database, *, recalls: Iterable[int] = (1, 2, 4, 8),
+                      with_nmi: bool = True, device: torch.device | str | None = None) -> dict[str, float | None]:
+    """The metrics of a database (or its path), as ``reir eval`` reports them: its test split against
+    itself, or its query split against its gallery."""
+    db = database if isinstance(database, Database) else load_database(database)
+    splits = db.eval_splits
+    missing = [s for s in splits if s not in db.features]
+    if missing:
+        raise ReirError(f"database has no {', '.join(missing)} features; regenerate it with train.py")
+    unlabelled = [s for s in splits if UNLABELLED in db.labels(s)]
+    if unlabelled:
+        raise ReirError(f"the {unlabelled[0]} split has images without a label; metrics need every label")
+    ids = db.label_ids(*splits)
+    gallery, gallery_labels = (db.features[splits[1]], ids[1]) if len(splits) == 2 else (None, None)
+    return _metrics(db.features[splits[0]], ids[0], gallery, gallery_labels, recalls, with_nmi, device)
+
+
+def _metrics(features, labels, gallery, gallery_labels, recalls, with_nmi, device) -> dict[str, float | None]:
     from reir.retrieval.metrics import evaluate_embeddings
 
-    if isinstance(features, (str, os.PathLike, Database)):
-        db = features if isinstance(features, Database) else load_database(features)
-        splits = db.eval_splits
-        missing = [s for s in splits if s not in db.features]
-        if missing:
-            raise ReirError(f"database has no {', '.join(missing)} features; regenerate it with train.py")
-        unlabelled = [s for s in splits if UNLABELLED in db.labels(s)]
-        if unlabelled:
-            raise ReirError(f"the {unlabelled[0]} split has images without a label; metrics need every label")
-        ids = db.label_ids(*splits)
-        features, labels = db.features[splits[0]], ids[0]
-        if len(splits) == 2:
-            gallery, gallery_labels = db.features[splits[1]], ids[1]
-    elif labels is None:
-        raise ReirError("evaluate needs labels for the features (or pass a database)")
-    else:
-        features = as_features(features, "features")
-        labels = check_labels(labels, len(features), "labels", "features")
-        if gallery is not None:
-            gallery = as_features(gallery, "gallery")
-            if gallery_labels is None:
-                raise ReirError("evaluate was given a gallery but no gallery_labels; pass the gallery's labels "
-                                "(metrics cannot score a gallery with the queries' labels)")
-            gallery_labels = check_labels(gallery_labels, len(gallery), "gallery_labels", "gallery")
-        elif gallery_labels is not None:
-            raise ReirError("evaluate was given gallery_labels but no gallery; pass gallery= too, or neither")
-        labels, gallery_labels = _label_ids(labels, gallery_labels)
     recalls = check_positive_ints(recalls, "recalls")
     if device is not None:
         device = check_device(device)

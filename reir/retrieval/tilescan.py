@@ -1,10 +1,10 @@
-"""Compiled (numba) parts of exact evaluation on the CPU, used by ``metrics._CompiledRanking``.
+"""Compiled (numba) parts of exact evaluation on the CPU, used by ``ranking.CompiledRanking``.
 
 Scores that decide a metric are *exact*: the dot product of two fp32 embeddings summed
 in float64 (``exact_score``), where every product is exact and the sum's rounding is
 below 1e-13, in one fixed order so that a pair scores the same wherever it is computed.
 Score tiles come from a fast GEMM (bf16 or fp32) whose error is bounded per pair by
-``delta`` (see ``metrics.tile_error``); a tile score can only decide when it is further
+``delta`` (see ``ranking.tile_error``); a tile score can only decide when it is further
 than that bound from the query's threshold, and the few within it are rescored exactly.
 
 A tile holds about four million scores, of which a few per query matter. One vectorised
@@ -16,6 +16,8 @@ all that is left to learn is how many other-class references score above it.
 
 from __future__ import annotations
 
+from collections import namedtuple
+
 import numpy as np
 from numba import njit
 
@@ -25,6 +27,18 @@ ROUND_DOWN = 2.0 ** -20
 # slack on every error bound: the float64 rounding of the bound and of the comparison it serves
 # (relative), and products of subnormal inputs that the hardware flushes to zero (absolute)
 RELATIVE_SLACK, ABSOLUTE_SLACK = 2.0 ** -40, 2.0 ** -100
+
+# Per padded query row, updated in place by the scan: the query's threshold (scores below it are skipped),
+# its best relevant reference (score and index), the other-class references counted before it, R, its class,
+# its top-R list (scores and indices) and a lower bound on its R-th best score.
+ScanState = namedtuple("ScanState", "threshold best_score best_index before relevant query_class "
+                                    "top_scores top_index top_bound")
+# One side of a tile (its rows, or its columns): ``base``, the state row of its first query; per tile row the
+# ``reference`` index and ``classes`` it has as a reference, its fp32 ``features`` and error ``bounds``;
+# ``scan``: whether its queries are looked at in this tile.
+TileSide = namedtuple("TileSide", "base reference classes features bounds scan")
+# How the tile was computed: ``shift`` 16 for bf16 tiles (0: fp32) and the coefficients of ``tile_error``.
+TileRounding = namedtuple("TileRounding", "shift accumulation output")
 
 
 @njit(nogil=True, cache=True)
@@ -82,12 +96,12 @@ def best_relevant(queries, references, query_index, reference_order, class_start
 def _visit(query, reference, reference_class, score, state, max_recall):
     """An exact score of a query whose best relevant reference is still in its top R: count it,
     insert it into the top list if it belongs there, and raise the query's threshold."""
-    threshold, best_score, best_index, before, relevant, query_class, top_scores, top_index, top_bound = state
-    best = best_score[query]
-    if reference_class != query_class[query] and (
-            score > best or (score == best and reference < best_index[query])):
-        before[query] += 1
-    count, r = before[query], relevant[query]
+    top_scores, top_index = state.top_scores, state.top_index
+    best = state.best_score[query]
+    if reference_class != state.query_class[query] and (
+            score > best or (score == best and reference < state.best_index[query])):
+        state.before[query] += 1
+    count, r = state.before[query], state.relevant[query]
     if count < r:
         slot = r - 1  # insert into the first r entries, ordered by score, then reference index
         if score > top_scores[query, slot] or (score == top_scores[query, slot] and reference < top_index[query, slot]):
@@ -98,9 +112,9 @@ def _visit(query, reference, reference_class, score, state, max_recall):
                 slot -= 1
             top_scores[query, slot] = score
             top_index[query, slot] = reference
-        threshold[query] = min(max(top_scores[query, r - 1], top_bound[query]), best)
+        state.threshold[query] = min(max(top_scores[query, r - 1], state.top_bound[query]), best)
     else:
-        threshold[query] = best if count < max_recall else INF
+        state.threshold[query] = best if count < max_recall else INF
 
 
 @njit(nogil=True, cache=True, inline="always")
@@ -186,12 +200,12 @@ def _marks(query, state, bounds, row, largest, accumulation, output, max_recall)
     """(low, high) marks of a query for one tile. Tile scores above ``high`` surely rank before its best
     relevant reference and are only counted; scores from ``low`` to ``high`` are looked at one by one.
     While the best relevant reference is in the top R every score from ``low`` up is looked at."""
-    threshold, best_score, best_index, before, relevant = state[:5]
     reach = _tile_reach(bounds, row, largest, accumulation)
-    low = _low_mark(threshold[query], reach, output)
-    if before[query] < relevant[query] or before[query] >= max_recall:
+    low = _low_mark(state.threshold[query], reach, output)
+    before = state.before[query]
+    if before < state.relevant[query] or before >= max_recall:
         return low, np.float32(INF)
-    return low, _high_mark(best_score[query], reach, output)
+    return low, _high_mark(state.best_score[query], reach, output)
 
 
 @njit(nogil=True, cache=True, inline="always")
@@ -240,17 +254,20 @@ def error_bounds(feature_bits, shift):
 
 
 @njit(nogil=True, cache=True)
-def scan_tile(scores, shift, rows, columns, diagonal, row_base, column_base, row_reference, column_reference,
-              row_class, column_class, row_features, column_features, row_bounds, column_bounds,
-              scan_rows, scan_columns, state, max_recall, accumulation, output):
+def scan_tile(scores, rows, columns, diagonal, row_side, column_side, state, max_recall, rounding):
     """Count and visit the scores of ``scores[:rows, :columns]`` that may reach their query's threshold.
 
-    ``scores`` holds the tile's bits: bf16 as uint16 (``shift`` 16) or fp32 as uint32 (``shift`` 0).
-    Row ``a`` is query ``row_base + a`` of the state, with fp32 embedding ``row_features[a]``; to the
-    column queries it is reference ``row_reference[a]`` of class ``row_class[a]``. Likewise for
-    columns. ``diagonal``: the tile pairs a block with itself; row ``a`` must not retrieve column ``a``.
+    ``scores`` holds the tile's bits: bf16 as uint16 (``rounding.shift`` 16) or fp32 as uint32 (0).
+    Row ``a`` is query ``row_side.base + a`` of the ``ScanState``, with fp32 embedding
+    ``row_side.features[a]``; to the column queries it is reference ``row_side.reference[a]`` of class
+    ``row_side.classes[a]``. Likewise for columns. ``diagonal``: the tile pairs a block with itself;
+    row ``a`` must not retrieve column ``a``.
     """
-    threshold, best_score, best_index, before, relevant, query_class = state[:6]
+    shift, accumulation, output = rounding
+    row_base, row_reference, row_class, row_features, row_bounds, scan_rows = row_side
+    column_base, column_reference, column_class, column_features, column_bounds, scan_columns = column_side
+    threshold, best_score, best_index, before, relevant, query_class = (
+        state.threshold, state.best_score, state.best_index, state.before, state.relevant, state.query_class)
     largest_column, largest_row = _largest(column_bounds, columns), _largest(row_bounds, rows)
     inf32 = np.float32(INF)
     # the column queries' marks and counts, local for the tile; "alive" ones go through _visit
