@@ -18,18 +18,19 @@ def load_searcher(args) -> Searcher:
     if args.uri or args.backend == "milvus":
         if args.backend != "milvus" or not args.uri:
             raise UsageError("a Milvus collection is served with --backend milvus --uri URI [--collection NAME]")
-        index = open_index("milvus", uri=args.uri, collection=args.collection)
+        index, source = open_index("milvus", uri=args.uri, collection=args.collection), None
     elif args.index:
-        index = Index.load(args.index)
+        index, source = Index.load(args.index), args.index
     else:
         from reir.retrieval.database import resolve_database_path
 
-        index = Index.from_database(resolve_database_path(args.data_base, "."))
+        source = resolve_database_path(args.data_base, ".")
+        index = Index.from_database(source)
     model_file = args.model or index.info.get("model_file")
     if not model_file:
         raise UsageError("the index records no model file; pass --model epochs/<name>_model.safetensors")
     model = load_model(model_file, parse_device(args.device))
-    return Searcher(model, index, args.max_pixels, args.expose_paths)
+    return Searcher(model, index, args.max_pixels, args.expose_paths, source)
 
 
 def get_args_parser() -> ArgumentParser:

@@ -5,7 +5,6 @@ import time
 from importlib import resources
 from pathlib import Path
 
-from reir.data.tarshards import IMAGE_TYPES
 from reir.retrieval.database import UNLABELLED
 from reir.service.batcher import QueryBatcher
 from reir.service.limits import MAX_BODY_BYTES, MAX_REQUESTS, RETRY_AFTER_SECONDS, UPLOAD_SECONDS, BodyLimit
@@ -23,7 +22,7 @@ def create_app(searcher: Searcher, max_body_bytes: int = MAX_BODY_BYTES, default
     """The FastAPI application; a bounded, spooling body reader with a cap on requests in flight wraps it."""
     from fastapi import FastAPI, Request
     from fastapi.exceptions import RequestValidationError
-    from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
+    from fastapi.responses import HTMLResponse, JSONResponse, Response
     from starlette.concurrency import run_in_threadpool
     from starlette.datastructures import UploadFile
     from starlette.exceptions import HTTPException
@@ -76,12 +75,10 @@ def create_app(searcher: Searcher, max_body_bytes: int = MAX_BODY_BYTES, default
     async def database_image(image_id: str, request: Request):
         # images go whole: Range is ignored (as HTTP allows), so a malformed one cannot get a plain-text error
         request.scope["headers"] = [(k, v) for k, v in request.scope["headers"] if k not in (b"range", b"if-range")]
-        found = searcher.database_image(image_id)
-        headers = {"Cache-Control": "max-age=3600", "Accept-Ranges": "none"}
-        if isinstance(found, Path):
-            return FileResponse(found, headers=headers)
-        data, extension = found
-        return Response(data, media_type=IMAGE_TYPES[extension], headers=headers)
+        data, content_type = searcher.database_image(image_id)
+        return Response(data, media_type=content_type,
+                        headers={"Cache-Control": "max-age=3600", "Accept-Ranges": "none",
+                                 "X-Content-Type-Options": "nosniff"})
 
     @app.post("/search")
     async def search(request: Request):
@@ -112,7 +109,7 @@ def create_app(searcher: Searcher, max_body_bytes: int = MAX_BODY_BYTES, default
         if data is None and query_id is None:
             raise BadRequest(400, "no image: send a file field 'image' or a database image 'id'")
         if data is None:
-            data = searcher.database_image(query_id)
+            data = searcher.database_image(query_id)[0]
             query_id = searcher.database_id(query_id)
             query_label = searcher.index.labels[query_id] or None
         tensor, width, height = await run_in_threadpool(searcher.prepare, data)

@@ -4,15 +4,14 @@ import contextlib
 import io
 import os
 import threading
-from pathlib import Path
 
 from PIL import Image
 
 from reir.model.embedding import embed
 from reir.model.files import Model
 from reir.data.images import ImageError, read_image
-from reir.data.tarshards import is_sample_path, sample_image_bytes
 from reir.errors import ReirError
+from reir.retrieval.collection_files import collection_files
 from reir.retrieval.database import UNLABELLED
 from reir.retrieval.index import Index
 
@@ -41,12 +40,16 @@ def parse_decimal(text, what: str, status: int = 400) -> int:
 class Searcher:
     """The model and the index: an image (or a database id) -> ranked database images."""
 
-    def __init__(self, model: Model, index: Index, max_pixels: int = MAX_PIXELS, expose_paths: bool = False):
+    def __init__(self, model: Model, index: Index, max_pixels: int = MAX_PIXELS, expose_paths: bool = False,
+                 source: str | os.PathLike | None = None):
+        """``source`` is the index file or database the index was read from: relative stored paths are
+        resolved against its folder (without one they are not served)."""
         self.model = model
         self.index = index
         self.max_pixels = max_pixels
         self.expose_paths = expose_paths
-        self.root = index.root
+        self.files = collection_files(index.paths, index.info, source, "the index")
+        self.root = self.files.root
         self.transform = model.transform
         self.large_decodes = threading.BoundedSemaphore(DECODE_SLOTS)
         if index.dim != model.embedding_shape[0] * model.embedding_shape[1]:
@@ -84,25 +87,23 @@ class Searcher:
             raise BadRequest(404, f"no database image has id {str(text)[:20]!r}; ids are 0 to {len(self.index) - 1}")
         return image_id
 
-    def database_image(self, image_id: str) -> Path | tuple[bytes, str]:
-        """The file of a database image, or ``(bytes, extension)`` of a sample inside a tar shard."""
+    def database_image(self, image_id: str) -> tuple[bytes, str]:
+        """``(bytes, content type)`` of a database image: only an image file under the collection root."""
         image_id = self.database_id(image_id)
-        path = self.index.paths[image_id]
-        if is_sample_path(path):
-            try:
-                return sample_image_bytes(path)
-            except OSError:
-                raise BadRequest(404, f"database image {image_id} is no longer in its tar shard") from None
-        if not Path(path).is_file():
-            raise BadRequest(404, f"database image {image_id} is no longer on disk")
-        return Path(path)
+        found = self.files.image(self.index.paths[image_id])
+        if found is None:
+            raise BadRequest(404, f"database image {image_id} cannot be served: it is not an image file "
+                                  "inside the indexed collection (or no longer on disk)")
+        return found
 
     def name(self, image_id: int) -> str:
-        """What a client sees of a database image's path: relative to the indexed root unless exposed."""
+        """What a client sees of a database image's path: relative to the collection root unless exposed."""
         path = self.index.paths[image_id]
         if self.expose_paths or not path:
             return path
-        return os.path.relpath(path, self.root) if self.root else os.path.basename(path)
+        absolute = self.files.absolute(path) or path
+        relative = os.path.relpath(absolute, self.root) if os.path.isabs(absolute) else absolute
+        return os.path.basename(path) if relative.startswith("..") else relative
 
     def prepare(self, data):
         """Decoded and transformed: ``(tensor [3, S, S], width, height)``."""
