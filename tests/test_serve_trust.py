@@ -168,3 +168,52 @@ def test_the_served_model_still_serves_its_own_images(served_model, model):
     searcher = Searcher(model, Index.from_database(served_model.database), source=served_model.database)
     with TestClient(create_app(searcher)) as client:
         assert all(client.get(f"/images/{i}").status_code == 200 for i in range(len(db.paths("test"))))
+
+
+KEY = "k3y-for-tests-0123456789abcdef"
+
+
+def test_requests_without_the_key_are_refused_and_the_page_still_loads(model, served_model):
+    from fastapi.testclient import TestClient
+
+    searcher = Searcher(model, Index.from_database(served_model.database), source=served_model.database)
+    with TestClient(create_app(searcher, api_key=KEY)) as client:
+        page = client.get("/")
+        assert page.status_code == 200 and "Authorization" in page.text and "#key=" not in page.text.split("<script>")[0]
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": KEY},
+                        {"Authorization": f"Bearer {KEY}x"}, {"Authorization": f"Basic {KEY}"}):
+            for response in (client.get("/info", headers=headers), client.get("/images/0", headers=headers),
+                             client.post("/search", data={"id": "0"}, headers=headers)):
+                assert response.status_code == 401 and list(response.json()) == ["error"]
+                assert response.headers["www-authenticate"].startswith("Bearer")
+        good = {"Authorization": f"Bearer {KEY}"}
+        assert client.get("/info", headers=good).status_code == 200
+        assert client.get("/images/0", headers=good).status_code == 200
+        assert client.post("/search", data={"id": "0"}, headers=good).json()["results"][0]["id"] == 0
+
+
+@pytest.fixture
+def no_serving(monkeypatch):
+    """``reir serve`` runs its whole start-up, binds and prints, but returns instead of serving."""
+    import uvicorn
+
+    monkeypatch.setattr(uvicorn.Server, "run", lambda self, sockets=None: None)
+
+
+def test_listening_beyond_this_machine_needs_a_key_or_no_auth(served_model, tmp_path, no_serving):
+    base = ["serve", "--data_base", str(served_model.database), "--port", "0"]
+    refused = run_reir(*base, "--host", "0.0.0.0")
+    assert refused.returncode == 2 and refused.stderr.count("\n") == 1
+    assert "--api_key_file" in refused.stderr and "--no_auth" in refused.stderr and not refused.stdout
+    short = tmp_path / "short.key"
+    short.write_text("abc\n")
+    weak = run_reir(*base, "--host", "0.0.0.0", "--api_key_file", str(short))
+    assert weak.returncode == 2 and "at least 16" in weak.stderr
+    key_file = tmp_path / "service.key"
+    key_file.write_text(KEY + "\n")
+    keyed = run_reir(*base, "--host", "0.0.0.0", "--api_key_file", str(key_file))
+    assert keyed.returncode == 0 and "Serving" in keyed.stdout and "WARNING" not in keyed.stderr
+    open_to_all = run_reir(*base, "--host", "0.0.0.0", "--no_auth")
+    assert open_to_all.returncode == 0 and "WARNING: --no_auth on 0.0.0.0" in open_to_all.stderr
+    local = run_reir(*base)  # this machine only: no key needed, no warning
+    assert local.returncode == 0 and not local.stderr

@@ -6,6 +6,7 @@ from importlib import resources
 from pathlib import Path
 
 from reir.retrieval.database import UNLABELLED
+from reir.service.access import KeyRequired
 from reir.service.batcher import QueryBatcher
 from reir.service.limits import MAX_BODY_BYTES, MAX_REQUESTS, RETRY_AFTER_SECONDS, UPLOAD_SECONDS, BodyLimit
 from reir.service.searcher import BadRequest, Searcher, parse_decimal
@@ -18,8 +19,9 @@ BATCH_WINDOW_MS = 5.0
 
 def create_app(searcher: Searcher, max_body_bytes: int = MAX_BODY_BYTES, default_k: int = DEFAULT_K,
                max_requests: int = MAX_REQUESTS, upload_seconds: float = UPLOAD_SECONDS,
-               batch_size: int = BATCH_SIZE, batch_window_ms: float = BATCH_WINDOW_MS):
-    """The FastAPI application; a bounded, spooling body reader with a cap on requests in flight wraps it."""
+               batch_size: int = BATCH_SIZE, batch_window_ms: float = BATCH_WINDOW_MS, api_key: str | None = None):
+    """The FastAPI application; a bounded, spooling body reader with a cap on requests in flight wraps it, and
+    with ``api_key`` a check of that key on every request (before a body is read) wraps that."""
     from fastapi import FastAPI, Request
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import HTMLResponse, JSONResponse, Response
@@ -117,7 +119,8 @@ def create_app(searcher: Searcher, max_body_bytes: int = MAX_BODY_BYTES, default
         return {"k": k, "query": {"id": query_id, "label": query_label, "width": width, "height": height},
                 "results": results, "milliseconds": round(1000 * (time.perf_counter() - started), 2)}
 
-    return BodyLimit(app, max_body_bytes, max_requests, upload_seconds)
+    limited = BodyLimit(app, max_body_bytes, max_requests, upload_seconds)
+    return KeyRequired(limited, api_key) if api_key is not None else limited
 
 
 def text_field(form, name: str) -> str | None:
