@@ -1,0 +1,126 @@
+"""Abuse costs the abuser: trickled bodies hold no request slot and are cut off, decoded pixels are bounded as
+a total shared by all requests."""
+
+import asyncio
+import io
+import json
+import threading
+import time
+
+import pytest
+from PIL import Image
+
+from reir.service import BodyLimit
+
+
+async def drive(app, chunks, pause=0.0):
+    """One POST whose body arrives as ``chunks``, ``pause`` seconds apart: ``(status, error text)``."""
+    sent, pending = [], list(chunks)
+
+    async def receive():
+        if not pending:
+            await asyncio.sleep(3600)
+        if pause:
+            await asyncio.sleep(pause)
+        chunk = pending.pop(0)
+        return {"type": "http.request", "body": chunk, "more_body": bool(pending)}
+
+    async def send(message):
+        sent.append(message)
+
+    scope = {"type": "http", "method": "POST", "path": "/search", "headers": [], "query_string": b""}
+    await app(scope, receive, send)
+    status = next(m["status"] for m in sent if m["type"] == "http.response.start")
+    body = b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body")
+    return status, json.loads(body).get("error", "") if body else ""
+
+
+async def answer_ok(scope, receive, send):
+    more = True
+    while more:
+        more = (await receive())["more_body"]
+    await send({"type": "http.response.start", "status": 200, "headers": []})
+    await send({"type": "http.response.body", "body": b"{}"})
+
+
+def test_trickling_clients_hold_no_request_slot_and_are_cut_off():
+    """Before: 4 trickling bodies took all 4 slots and every other client got 503 until their deadline."""
+    limit = BodyLimit(answer_ok, 10**6, max_requests=4, upload_seconds=30, min_rate=1000, grace_seconds=0.5)
+
+    async def scenario():
+        trickles = [asyncio.create_task(drive(limit, [b"0123456789"] * 100, pause=0.2)) for _ in range(8)]
+        await asyncio.sleep(0.3)
+        normal = [await drive(limit, [b"x" * 5000]) for _ in range(5)]
+        started = time.monotonic()
+        return normal, await asyncio.gather(*trickles), time.monotonic() - started
+
+    normal, trickled, waited = asyncio.run(asyncio.wait_for(scenario(), 20))
+    assert [status for status, _ in normal] == [200] * 5
+    assert all(status == 408 and "KiB/s" in error for status, error in trickled), trickled
+    assert waited < 5 and limit.in_flight == limit.receiving == 0
+
+
+def test_connections_receiving_have_a_bound_of_their_own():
+    limit = BodyLimit(answer_ok, 10**6, max_requests=64, max_receiving=2, min_rate=1000, grace_seconds=0.5)
+
+    async def scenario():
+        trickles = [asyncio.create_task(drive(limit, [b"ab"] * 50, pause=0.2)) for _ in range(2)]
+        await asyncio.sleep(0.1)
+        third = await drive(limit, [b"x"])
+        await asyncio.gather(*trickles)
+        return third, await drive(limit, [b"x"])
+
+    third, later = asyncio.run(asyncio.wait_for(scenario(), 20))
+    assert third[0] == 503 and "bodies are arriving" in third[1] and later[0] == 200
+
+
+def blank_png(width: int, height: int) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (width, height)).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def test_decoded_pixels_are_bounded_as_a_total(served_model, monkeypatch):
+    """Before: every upload decoded at once (only a count of large decodes was bounded, and the decoded image
+    outlived it until resized), so memory grew with the number of concurrent large uploads."""
+    from reir.model.files import load_model
+    from reir.retrieval.database import load_database
+    from reir.retrieval.index import Index
+    from reir.service import Searcher
+    from reir.service.searcher import BadRequest
+
+    db = load_database(served_model.database)
+    searcher = Searcher(load_model(served_model.model), Index.build(db.features["test"], db.paths("test")),
+                        max_pixels=4_000_000)
+    searcher.pixels.total = searcher.pixels.free = 5_000_000  # room for one 4 MP image, not two
+    searcher.pixels.wait_seconds = 30
+    held, most = [0], [0]
+    lock = threading.Lock()
+    transform = searcher.transform
+
+    def counting_transform(image):
+        with lock:
+            held[0] += image.width * image.height
+            most[0] = max(most[0], held[0])
+        time.sleep(0.05)
+        try:
+            return transform(image)
+        finally:
+            with lock:
+                held[0] -= image.width * image.height
+
+    searcher.transform = counting_transform
+    large = blank_png(2000, 2000)
+    threads = [threading.Thread(target=searcher.prepare, args=(large,)) for _ in range(6)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert most[0] == 4_000_000 and searcher.pixels.free == 5_000_000
+    searcher.pixels.wait_seconds = 0.2
+    with searcher.pixels.claim() as claim:
+        with claim.take(2000, 2000):
+            with pytest.raises(BadRequest) as busy:
+                searcher.prepare(large)
+    assert busy.value.status == 503 and "megapixels" in str(busy.value)
+    assert searcher.prepare(blank_png(64, 64))[1:] == (64, 64) and searcher.pixels.free == 5_000_000
