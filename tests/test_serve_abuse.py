@@ -8,8 +8,10 @@ import threading
 import time
 
 import pytest
+import torch
 from PIL import Image
 
+from reir.errors import ReirError
 from reir.service import BodyLimit
 
 
@@ -124,3 +126,49 @@ def test_decoded_pixels_are_bounded_as_a_total(served_model, monkeypatch):
                 searcher.prepare(large)
     assert busy.value.status == 503 and "megapixels" in str(busy.value)
     assert searcher.prepare(blank_png(64, 64))[1:] == (64, 64) and searcher.pixels.free == 5_000_000
+
+
+def nan_features(count=6, shape=(4, 3)):
+    features = torch.nn.functional.normalize(torch.randn(count, *shape, generator=torch.Generator().manual_seed(0)), dim=-1)
+    features[2, 1, 0] = float("nan")
+    features[4, 0, 2] = float("inf")
+    return features
+
+
+def test_non_finite_vectors_are_refused_when_built(tmp_path):
+    """Before: one NaN row was indexed, and every search over the index then answered 500."""
+    from reir.retrieval.database import Database, save_shard
+    from reir.retrieval.index import Index
+
+    for build in (lambda: Index.build(nan_features()), lambda: Index.build(nan_features(), factory="HNSW8"),
+                  lambda: Database({"test": nan_features()}, {"test": {"paths": ["a"] * 6, "labels": [""] * 6}},
+                                   {}).save(tmp_path / "db.safetensors"),
+                  lambda: save_shard(tmp_path / "shard.safetensors", {"test": nan_features()},
+                                     {"test": {"paths": ["a"] * 6, "labels": [""] * 6}})):
+        with pytest.raises(ReirError, match="holds 2 of 6 vectors with NaN or infinite values; re-embed"):
+            build()
+    assert not (tmp_path / "db.safetensors").exists() and not (tmp_path / "shard.safetensors").exists()
+
+
+@pytest.mark.parametrize("factory", ["Flat", "HNSW8"])
+def test_non_finite_vectors_are_refused_when_opened(tmp_path, factory):
+    """Files made elsewhere (or edited): the index and the database refuse to open, with the count."""
+    import faiss
+    import numpy as np
+
+    from reir.fileio import save_tensors
+    from reir.retrieval.database import FORMAT, load_database
+    from reir.retrieval.index import Index
+
+    index = Index.build(torch.nn.functional.normalize(torch.randn(6, 12), dim=-1), [f"{i}.png" for i in range(6)],
+                        factory=factory)
+    raw = faiss.index_factory(12, factory, faiss.METRIC_INNER_PRODUCT)
+    raw.add(nan_features().reshape(6, 12).numpy().astype(np.float32))
+    index.faiss_index = raw
+    index.save(tmp_path / "nan.faiss")
+    with pytest.raises(ReirError, match=r"nan\.faiss holds 2 of 6 vectors with NaN"):
+        Index.load(tmp_path / "nan.faiss")
+    save_tensors(tmp_path / "db.safetensors", {"test_features": nan_features()},
+                 {"format": FORMAT, "splits": {"test": {"paths": ["a"] * 6, "labels": [""] * 6}}, "config": {}})
+    with pytest.raises(ReirError, match="holds 2 of 6 vectors"):
+        load_database(tmp_path / "db.safetensors")
