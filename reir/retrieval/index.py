@@ -15,6 +15,7 @@ import torch
 from reir.errors import ReirError
 from reir.fileio import atomic_write, read_json
 from reir.retrieval.database import UNLABELLED
+from reir.retrieval.faiss_layout import check_faiss_layout
 from reir.retrieval.index_common import as_vectors, common_folder, database_chunks
 from reir.retrieval.results import Results
 from reir.retrieval.similarity import knn
@@ -202,8 +203,11 @@ class Index:
                 raise TypeError("factory, info or its search_parameters is of the wrong kind")
         if not path.is_file():
             raise ReirError(f"index {path} does not exist; build it with reir index")
+        data = path.read_bytes()
+        with file_structure(id_map_path(path), "index id map", "rebuild it with reir index"):
+            check_faiss_layout(data, int(id_map["dim"]), len(id_map["paths"]), path)
         try:
-            index = faiss.deserialize_index(_numpy_bytes(path.read_bytes()))
+            index = faiss.deserialize_index(_numpy_bytes(data))
         except RuntimeError as exc:
             raise ReirError(f"index {path} is not a FAISS index ({_faiss_message(exc)}); rebuild it with reir index") from None
         if index.ntotal != len(id_map["paths"]) or index.ntotal != len(id_map["labels"]):
