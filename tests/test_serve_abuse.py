@@ -172,3 +172,21 @@ def test_non_finite_vectors_are_refused_when_opened(tmp_path, factory):
                  {"format": FORMAT, "splits": {"test": {"paths": ["a"] * 6, "labels": [""] * 6}}, "config": {}})
     with pytest.raises(ReirError, match="holds 2 of 6 vectors"):
         load_database(tmp_path / "db.safetensors")
+
+
+def test_reir_search_applies_the_services_pixel_limit(served_model, tmp_path):
+    """Before: a 144-megapixel query was decoded with only a warning (1.9 GB)."""
+    from conftest import run_reir
+
+    huge, middling = tmp_path / "huge.png", tmp_path / "middling.png"
+    Image.new("L", (6500, 6500)).save(huge)  # 42.25 MP, refused from its header
+    Image.new("RGB", (2500, 2000)).save(middling)  # 5 MP
+    base = ["search", "--data_base", str(served_model.database), "--output_dir", str(tmp_path), "--json"]
+    refused = run_reir(*base, "--query_img_name", str(huge))
+    assert refused.returncode == 1 and refused.stderr.count("\n") == 1
+    assert "6500x6500 pixels, more than the 40000000 allowed" in refused.stderr and "--max_pixels" in refused.stderr
+    lowered = run_reir(*base, "--query_img_name", str(middling), "--max_pixels", "4000000")
+    assert lowered.returncode == 1 and "more than the 4000000 allowed" in lowered.stderr
+    searched = run_reir(*base, "--query_img_name", str(middling))
+    assert searched.returncode == 0, searched.stderr
+    assert json.loads(searched.stdout)["query"]["in_database"] is False

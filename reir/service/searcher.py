@@ -10,13 +10,12 @@ from PIL import Image
 
 from reir.model.embedding import embed
 from reir.model.files import Model
-from reir.data.images import ImageError, read_image
+from reir.data.images import MAX_PIXELS, ImageError, read_image
 from reir.errors import ReirError
 from reir.retrieval.collection_files import collection_files
 from reir.retrieval.database import UNLABELLED
 from reir.retrieval.index import Index
 
-MAX_PIXELS = 40_000_000
 # Pixels decoded at once by all requests together: an image holds about 7 bytes a pixel while it is
 # decoded, converted to RGB and resized (up to 4 decoded, 3 RGB), so one budget of 40 MP keeps a
 # server's decoding under about 300 MiB however many uploads arrive together.
