@@ -217,3 +217,20 @@ def test_listening_beyond_this_machine_needs_a_key_or_no_auth(served_model, tmp_
     assert open_to_all.returncode == 0 and "WARNING: --no_auth on 0.0.0.0" in open_to_all.stderr
     local = run_reir(*base)  # this machine only: no key needed, no warning
     assert local.returncode == 0 and not local.stderr
+
+
+def test_without_any_root_nothing_is_served_but_search_works(model, served_model, tmp_path):
+    """An index built from bare vectors (no paths) is still searchable; it simply hands out no file."""
+    from fastapi.testclient import TestClient
+
+    db = load_database(served_model.database)
+    searcher = Searcher(model, Index.build(db.features["test"]))
+    assert searcher.root is None
+    with TestClient(create_app(searcher)) as client:
+        assert client.post("/search", data={"id": "1"}).status_code == 404  # its image cannot be read
+        assert_not_found_naming_no_path(client.get("/images/0"))
+    crafted = crafted_database(model, tmp_path, [save_png(tmp_path / "photos" / "0.png")], root="/")
+    report = tmp_path / "report.html"
+    result = run_reir("report", "--data_base", str(crafted), "--output", str(report))
+    assert result.returncode == 0, result.stderr
+    assert "thumbnails not shown" in report.read_text() and "data:image/jpeg" not in report.read_text()

@@ -140,7 +140,12 @@ img.curves { max-width: 100%; }
 
 def build_report(db: Database, db_path: Path, statistics: Path | None, k: int, count: int) -> str:
     title = db.config.get("save_name") or db_path.name
-    files = collection_files([p for split in db.splits for p in db.paths(split)], db.info, db_path, "the database")
+    try:
+        files = collection_files([p for split in db.splits for p in db.paths(split)], db.info, db_path,
+                                 "the database's images")
+        refused = ""
+    except ReirError as exc:
+        files, refused = CollectionFiles([], None, None), str(exc)  # the report goes on, without thumbnails
     query_split, gallery_split, results, precision = rank_queries(db, k)
     best, worst = chosen_queries(results, precision, count)
     sections = [f"<h1>REIR report: {html.escape(title)}</h1>",
@@ -148,6 +153,8 @@ def build_report(db: Database, db_path: Path, statistics: Path | None, k: int, c
                 + ", ".join(f"{split} {len(t)} images" for split, t in db.features.items())
                 + f" · embeddings {tuple(next(iter(db.features.values())).shape[1:])}"
                 + (f" · epoch {db.info['epoch']}" if "epoch" in db.info else "") + "</p>"]
+    if refused:
+        sections.append(f'<p class="note">thumbnails not shown: {html.escape(refused)}</p>')
     try:
         metrics = evaluate(db, recalls=db.config.get("recalls") or [1, 2, 4, 8], with_nmi=False)
         if db.info.get("metrics", {}).get("nmi") is not None:

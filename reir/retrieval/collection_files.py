@@ -39,9 +39,7 @@ def recorded_root(paths: list[str]) -> str:
 
 
 def root_problem(root: str) -> str | None:
-    """Why ``root`` cannot be a collection root, or ``None`` when it can."""
-    if not root:
-        return "it records no collection root and its paths share no folder"
+    """Why ``root`` (not empty) cannot be a collection root, or ``None`` when it can."""
     real = os.path.realpath(root)
     if real in SHARED_FOLDERS or root in SHARED_FOLDERS:
         return f"its collection root is {real}, a folder of the whole machine"
@@ -57,7 +55,8 @@ class CollectionFiles:
     ``base`` is the folder of the database or index file (relative stored paths are resolved
     against it; without one they are refused), ``root`` the recorded collection root (when none is
     recorded, as in files written before roots were recorded, the common folder of the stored
-    paths). A root that is ``/`` or a system folder raises :class:`ReirError`.
+    paths; when they share none, nothing is handed out). A root that is ``/`` or a system folder raises
+    :class:`ReirError`.
     """
 
     def __init__(self, paths: list[str], root: str | None, base: str | os.PathLike | None, what: str = "the index"):
@@ -66,11 +65,12 @@ class CollectionFiles:
             chosen = self.absolute(root) or ""
         else:
             chosen = common_folder(p for p in (self.absolute(s) for s in paths) if p)
-        problem = root_problem(chosen)
+        problem = root_problem(chosen) if chosen else None
         if problem:
             raise ReirError(f"{what} cannot be served: {problem}; rebuild it from a folder of images "
                             "(reir embed --images FOLDER, then reir index)")
-        self.root = os.path.realpath(chosen)
+        # no root at all (no paths, or paths sharing no folder): no image is handed out
+        self.root = os.path.realpath(chosen) if chosen else None
 
     def absolute(self, stored: str) -> str | None:
         """A stored path made absolute against the base folder, symlinks not yet followed; ``None`` if relative
@@ -82,7 +82,7 @@ class CollectionFiles:
         return os.path.normpath(os.path.join(self.base, stored)) if self.base else None
 
     def inside(self, real: str) -> bool:
-        return real == self.root or real.startswith(self.root.rstrip("/") + "/")
+        return self.root is not None and real.startswith(self.root.rstrip("/") + "/")
 
     def image(self, stored: str) -> tuple[bytes, str] | None:
         """``(bytes, content type)`` of a stored path's image, or ``None`` when it is outside the collection,

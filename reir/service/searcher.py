@@ -173,7 +173,9 @@ class Searcher:
         if self.expose_paths or not path:
             return path
         absolute = self.files.absolute(path) or path
-        relative = os.path.relpath(absolute, self.root) if os.path.isabs(absolute) else absolute
+        if self.root is None or not os.path.isabs(absolute):
+            return os.path.basename(path)
+        relative = os.path.relpath(absolute, self.root)
         return os.path.basename(path) if relative.startswith("..") else relative
 
     def prepare(self, data):
