@@ -121,3 +121,20 @@ def test_a_model_header_claiming_a_huge_network_is_refused_before_it_is_built(se
         verdict, newlines, grown_mib = lines[field].split()
         assert verdict == "refused" and newlines == "0" and int(grown_mib) < 64, lines
     assert lines["ensemble_size"] == "loaded"  # the served model has 4 branches: the check passes a true header
+
+
+def test_an_hnsw_graph_linking_outside_its_vectors_is_refused(tmp_path):
+    """A neighbour id past the last vector would make FAISS read outside its storage while searching."""
+    from reir.retrieval.faiss_layout import _Cursor
+    from reir.retrieval.index import Index
+
+    path, data = flat_index(tmp_path, "HNSW8")
+    cursor = _Cursor(data, path)
+    cursor.take(37)
+    for element in (8, 4, 4, 8, 4):
+        cursor.array(element)
+    start, length = cursor.last
+    assert length > 0
+    path.write_bytes(data[:start] + struct.pack("<i", 10**6) + data[start + 4:])
+    with pytest.raises(ReirError, match="links to vectors outside 0..27"):
+        Index.load(path)

@@ -41,7 +41,15 @@ class _Cursor:
         if expected is not None and length != expected:
             self.refuse(f"{what} holds {length:,} elements where its header implies {expected:,}")
         self.position += length * element
+        self.last = (self.position - length * element, length)
         return length
+
+    def last_ints(self):
+        """The elements of the array just skipped, as int32 (no copy)."""
+        import numpy as np
+
+        start, length = self.last
+        return np.frombuffer(self.data, dtype="<i4", count=length, offset=start)
 
     def refuse(self, reason: str):
         raise ReirError(f"index {self.path} is damaged or not written by REIR ({reason}); rebuild it with reir index")
@@ -71,5 +79,11 @@ def _check_index(cursor: _Cursor, dim: int, count: int) -> None:
         cursor.array(4, ntotal, "the levels")
         cursor.array(8, ntotal + 1, "the offsets")
         cursor.array(4, None, "the neighbours")
-        cursor.take(5 * 4)  # entry point, top level, efConstruction, efSearch, an unused field
+        neighbours = cursor.last_ints()
+        if len(neighbours) and not (-1 <= int(neighbours.min()) and int(neighbours.max()) < ntotal):
+            cursor.refuse(f"its graph links to vectors outside 0..{ntotal - 1}")
+        entry_point = cursor.unpack("i")
+        if not -1 <= entry_point < max(ntotal, 1):
+            cursor.refuse(f"its graph's entry point {entry_point} is not one of its {ntotal:,} vectors")
+        cursor.take(4 * 4)  # top level, efConstruction, efSearch, an unused field
         _check_index(cursor, dim, count)
