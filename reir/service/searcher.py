@@ -72,8 +72,8 @@ class PixelBudget:
     def acquire(self, pixels: int) -> None:
         with self.changed:
             if not self.changed.wait_for(lambda: self.free >= pixels, self.wait_seconds):
-                raise BadRequest(503, f"the images being decoded fill the budget of {self.total / 1e6:g} megapixels; "
-                           "retry shortly")
+                raise BadRequest(503, f"the images being decoded fill the budget of {self.total / 1e6:g} "
+                                      "megapixels; retry shortly")
             self.free -= pixels
 
 
