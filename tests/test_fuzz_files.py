@@ -305,7 +305,7 @@ def test_mutated_faiss_files_are_refused_or_searched_correctly(served_model, tmp
         index.save(good)
         data, id_map = good.read_bytes(), id_map_path(good).read_bytes()
         queries = index.vectors()[:4] if index.exact else torch.from_numpy(index.faiss_index.reconstruct_n(0, 4))
-        for n in range(70):
+        for n in range(45):
             case = tmp_path / f"case_{factory}_{n}.faiss"
             case.write_bytes(mutate_index(data, rng))
             id_map_path(case).write_bytes(id_map)
