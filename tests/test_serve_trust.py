@@ -234,3 +234,44 @@ def test_without_any_root_nothing_is_served_but_search_works(model, served_model
     result = run_reir("report", "--data_base", str(crafted), "--output", str(report))
     assert result.returncode == 0, result.stderr
     assert "thumbnails not shown" in report.read_text() and "data:image/jpeg" not in report.read_text()
+
+
+def test_the_page_works_with_a_key_from_the_address_or_asked_for(served_model, tmp_path):
+    """A real server holding a key and a real browser: the key in the address's fragment, or typed when asked."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    from browser import chromium, screenshot
+    from test_serve import start_server
+
+    key_file = tmp_path / "service.key"
+    key_file.write_text(KEY)
+    index = tmp_path / "digits.faiss"
+    assert run_reir("index", "--data_base", str(served_model.database), "--output", str(index)).returncode == 0
+    process, address, _ = start_server(index, "--api_key_file", str(key_file))
+    driver = chromium(tmp_path / "profile")
+    query = load_database(served_model.database).paths("test")[0]
+    try:
+        driver.get(f"{address}/#key={KEY}")
+        WebDriverWait(driver, 30).until(lambda d: "database images" in d.find_element(By.ID, "about").text)
+        assert KEY not in driver.current_url  # taken out of the address bar
+        driver.find_element(By.ID, "file").send_keys(query)
+        WebDriverWait(driver, 60).until(lambda d: "results in" in d.find_element(By.ID, "status").text)
+        WebDriverWait(driver, 30).until(lambda d: d.find_elements(By.CSS_SELECTOR, "#results .cell img") and all(
+            d.execute_script("return arguments[0].complete && arguments[0].naturalWidth > 0", img)
+            for img in d.find_elements(By.CSS_SELECTOR, "#results .cell img")))
+        screenshot(driver, "serve_with_key")
+
+        driver.execute_script("sessionStorage.clear()")
+        driver.get(f"{address}/")
+        WebDriverWait(driver, 30).until(expected_conditions.alert_is_present())
+        asked = driver.switch_to.alert
+        assert "key" in asked.text
+        asked.send_keys(KEY)
+        asked.accept()
+        WebDriverWait(driver, 30).until(lambda d: "database images" in d.find_element(By.ID, "about").text)
+    finally:
+        driver.quit()
+        process.terminate()
+        process.wait(timeout=30)
