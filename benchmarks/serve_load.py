@@ -12,6 +12,15 @@ One run, one server, three measurements:
    for ``--seconds``: the normal clients' requests/s, p50/p99 and errors, the other clients'
    answers, and the server's RSS: idle vs the peak sampled during the phase.
 
+Then two runs of abuse (``--abuse_only`` runs just these):
+
+4. Slow bodies: 64 connections each declaring a 100 KB body and sending 10 bytes every 2 s, beside
+   ``--normal`` normal clients, for ``--seconds``: the normal clients' errors (the server takes a
+   request slot only once a body has arrived and cuts trickles off under its minimum rate), the
+   trickling connections' answers and how long the last one was held.
+5. Large uploads: 64 concurrent uploads of a 6000 x 6000 (36 MP) blank PNG: the answers, and the
+   server's RSS over idle at its peak and 3 s after the last answer (decoded pixels share one budget).
+
 Without ``--index``, it serves a synthetic setup made here: a randomly initialised REIR
 (resnet18, ``--ensemble`` branches x 12 meta classes at ``--image_size`` px; the network's
 cost does not depend on its weights) and a Flat index of ``--images`` random embeddings of
@@ -155,6 +164,78 @@ def slow_uploader(port: int, body: bytes, content_type: str, stop_at: float, tri
             connection.close()
 
 
+def trickler(port: int, stop_at: float, answers: dict, held: list[float], lock: threading.Lock) -> None:
+    """Declares a 100 KB body and sends 10 bytes every 2 s until the server answers (or ``stop_at``)."""
+    import select
+    import socket
+
+    started = time.perf_counter()
+    answer = "still sending at the end"
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+        sock.sendall(b"POST /search HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: image/png\r\n"
+                     b"Content-Length: 100000\r\n\r\n")
+        try:
+            while time.perf_counter() < stop_at:
+                sock.sendall(b"0123456789")
+                readable, _, _ = select.select([sock], [], [], 2.0)
+                if readable:
+                    head = sock.recv(200)
+                    answer = head.split(b" ", 2)[1].decode() if head.startswith(b"HTTP/") else "closed"
+                    break
+        except OSError as exc:
+            answer = type(exc).__name__
+    with lock:
+        answers[answer] = answers.get(answer, 0) + 1
+        held[0] = max(held[0], time.perf_counter() - started)
+
+
+def large_upload(port: int, body: bytes, tally: Tally) -> None:
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=300)
+    started = time.perf_counter()
+    try:
+        connection.request("POST", "/search?k=10", body=body, headers={"Content-Type": "image/png"})
+        response = connection.getresponse()
+        tally.add(started, response.status, response.read())
+    except (OSError, http.client.HTTPException) as exc:
+        tally.add(started, type(exc).__name__, b"")
+    finally:
+        connection.close()
+
+
+def abuse_runs(server_pid: int, port: int, bodies, seconds: float, normal_clients: int, k: int) -> bool:
+    """Runs 4 and 5 of the module's description; prints their lines, ``True`` when the normal clients had no error."""
+    normal, answers, held, lock = Tally(), {}, [0.0], threading.Lock()
+    stop_at = time.perf_counter() + seconds
+    elapsed = run_clients(
+        [threading.Thread(target=trickler, args=(port, stop_at, answers, held, lock)) for _ in range(64)]
+        + [threading.Thread(target=client, args=(port, bodies, stop_at, normal, k)) for _ in range(normal_clients)])
+    print(f"slow bodies: 64 connections sending 10 bytes every 2 s beside {normal_clients} normal clients for "
+          f"{elapsed:.1f} s:")
+    print(f"  normal clients: {normal.line(elapsed)}")
+    print(f"  trickling connections: answers {answers}; the longest held {held[0]:.1f} s")
+    buffer = io.BytesIO()
+    Image.new("RGB", (6000, 6000)).save(buffer, format="PNG")
+    large = buffer.getvalue()
+    time.sleep(1)
+    idle_kib = rss_kib(server_pid)
+    uploads, stop, peak = Tally(), threading.Event(), [idle_kib]
+    sampler = threading.Thread(target=peak_rss_sampler, args=(server_pid, stop, peak))
+    sampler.start()
+    upload_elapsed = run_clients([threading.Thread(target=large_upload, args=(port, large, uploads)) for _ in range(64)])
+    time.sleep(3)
+    stop.set()
+    sampler.join()
+    after_kib = rss_kib(server_pid)
+    print(f"64 concurrent uploads of a 6000x6000 (36 MP) blank PNG ({len(large) / 1024:.0f} KiB) in "
+          f"{upload_elapsed:.1f} s: answers {uploads.statuses}")
+    print(f"  server RSS idle {idle_kib / 1024:.0f} MiB, peak {peak[0] / 1024:.0f} MiB "
+          f"(+{(peak[0] - idle_kib) / 1024:.0f} MiB), 3 s after {after_kib / 1024:.0f} MiB "
+          f"(+{(after_kib - idle_kib) / 1024:.0f} MiB)")
+    for error in normal.errors[:5]:
+        print(f"  normal client error: {error}")
+    return not normal.errors
+
+
 def peak_rss_sampler(pid: int, stop: threading.Event, peak: list[int]) -> None:
     while not stop.is_set():
         peak[0] = max(peak[0], rss_kib(pid))
@@ -208,6 +289,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--images", type=int, default=100_000, help="synthetic index size")
     parser.add_argument("--ensemble", type=int, default=48, help="synthetic model branches")
     parser.add_argument("--image_size", type=int, default=64, help="synthetic model input size")
+    parser.add_argument("--abuse_only", action="store_true", help="run only the slow-body and large-upload runs")
     args = parser.parse_args(argv)
     if not 1 <= args.clients <= 64 or not 1 <= args.normal <= 64 or not 0 < args.seconds <= 300 \
             or not 0 < args.trickle_seconds <= 25 or not 1 <= args.embed_images <= 5000:
@@ -239,6 +321,9 @@ def main(argv: list[str] | None = None) -> int:
             rng = np.random.default_rng(1)
             bodies = [multipart(png(rng, 64)) for _ in range(16)]
             client(port, bodies, time.perf_counter() + 3, Tally(), args.k)  # warm-up
+            if args.abuse_only:
+                print(f"{described}; {found.group(1)} images")
+                return 0 if abuse_runs(server.pid, port, bodies, args.seconds, args.normal, args.k) else 1
             embed_per_s, embedded = embed_rate(embed_model_args, scratch, args.embed_images, args.batch_size,
                                                64 if args.index else args.image_size)
 
@@ -263,6 +348,7 @@ def main(argv: list[str] | None = None) -> int:
                    for _ in range(GREEDY_CLIENTS)])
             stop.set()
             sampler.join()
+            abused_ok = abuse_runs(server.pid, port, bodies, args.seconds, args.normal, args.k)
         finally:
             server.terminate()
             server.wait(timeout=30)
@@ -281,7 +367,7 @@ def main(argv: list[str] | None = None) -> int:
               f"(+{(peak[0] - idle_kib) / 1024:.0f} MiB)")
         for error in (throughput.errors + normal.errors)[:5]:
             print(f"  normal client error: {error}")
-        return 1 if throughput.errors or normal.errors or not throughput.latencies else 0
+        return 1 if throughput.errors or normal.errors or not throughput.latencies or not abused_ok else 0
 
 
 def _recorded_model(index_file: Path) -> str:

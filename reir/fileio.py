@@ -136,6 +136,8 @@ def read_json(path: str | os.PathLike, what: str = "file") -> Any:
         return json.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ReirError(f"{what} {path} is not valid JSON ({exc}); regenerate it") from None
+    except RecursionError:
+        raise ReirError(f"{what} {path} nests its JSON deeper than any REIR file does; regenerate it") from None
 
 
 def save_tensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor], metadata: Any) -> Path:
@@ -186,7 +188,12 @@ def load_tensors(path: str | os.PathLike, what: str = "file") -> tuple[dict[str,
                         "only safetensors files written by REIR are loaded") from None
     if raw is None:
         raise ReirError(f"{what} {path} has no REIR metadata; only files written by REIR are loaded")
-    return tensors, json.loads(raw)
+    try:
+        return tensors, json.loads(raw)
+    except (json.JSONDecodeError, RecursionError) as exc:
+        reason = "nested too deeply" if isinstance(exc, RecursionError) else str(exc)
+        raise ReirError(f"{what} {path} has damaged REIR metadata ({reason}); only files written by REIR "
+                        "are loaded") from None
 
 
 def _remove_quietly(path: str) -> None:

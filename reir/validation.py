@@ -35,6 +35,18 @@ def as_features(value, name: str) -> torch.Tensor:
     return value
 
 
+def check_finite(vectors: torch.Tensor, what: str, fix: str) -> torch.Tensor:
+    """``vectors`` (rows of embeddings), refused with the number of rows holding NaN or an infinity: one such
+    row would make every search over it fail or rank at random."""
+    if vectors.is_floating_point() and vectors.dim() and vectors.numel():
+        rows = vectors.reshape(len(vectors), -1)
+        bad = sum(int((~torch.isfinite(rows[start:start + 65536])).any(dim=1).sum())  # bounded scratch memory
+                  for start in range(0, len(rows), 65536))
+        if bad:
+            raise ReirError(f"{what} holds {bad} of {len(vectors)} vectors with NaN or infinite values; {fix}")
+    return vectors
+
+
 def check_labels(labels, count: int, name: str, of: str) -> list | torch.Tensor:
     """Class labels for ``count`` items: class names (str), integers, or a 1-D integer tensor."""
     if isinstance(labels, torch.Tensor):

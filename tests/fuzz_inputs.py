@@ -102,3 +102,17 @@ def odd_text(rng: random.Random) -> str:
         return rng.choice(ODD_TEXT)
     alphabet = "0123456789-+. /%\\\u00b2\u0663\u2460abc\u00e9\u4e00"
     return "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 12)))
+
+
+def claim_length(data: bytes, rng: random.Random) -> bytes:
+    """A FAISS file with one 8-byte field (a length, a count) at an 8-aligned or header position made huge
+    or negative: what a crafted index says to make its reader allocate."""
+    if len(data) < 16:
+        return data
+    position = rng.choice([8, 37, 45, rng.randrange(0, len(data) - 8)])
+    value = rng.choice([2**28, 2**40, 2**63 - 1, 2**64 - 1, rng.randrange(2**32)])
+    return data[:position] + struct.pack("<Q", value) + data[position + 8:]
+
+
+def mutate_index(data: bytes, rng: random.Random) -> bytes:
+    return rng.choice([flip_bits, truncate, overwrite, claim_length, claim_length])(data, rng)

@@ -248,3 +248,205 @@ def test_user_files_are_read_or_refused_in_one_line(served_model, tmp_path, caps
     record_property("fuzz cases", f"files: {sum(campaign.counts.values())} cases ({campaign.summary()})")
     assert not campaign.failures, f"{len(campaign.failures)} cases broke a rule:\n" + "\n".join(campaign.failures[:25])
     assert all(campaign.counts[s] > campaign.accepted[s] for s in campaign.counts), "every surface refuses something"
+
+
+def in_forked_child(function, seconds: int = CASE_SECONDS) -> str:
+    """``function()``'s one-line answer, run in a forked child: a crash or a hang there is reported as such
+    instead of taking the test process down."""
+    import os
+
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: answer, then leave without running the parent's clean-up
+        os.close(read)
+        try:
+            answer = function()
+        except ReirError as exc:
+            answer = "refused" if str(exc) and "\n" not in str(exc) else f"error: not one line {str(exc)!r:.120}"
+        except BaseException as exc:  # noqa: BLE001 - reported to the parent, which fails the case
+            answer = f"error: {type(exc).__name__}: {str(exc)[:160]}"
+        os.write(write, answer.encode()[:4000])
+        os._exit(0)
+    os.close(write)
+    import time
+
+    ended = time.monotonic() + seconds
+    while time.monotonic() < ended:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            break
+        time.sleep(0.01)
+    else:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        return f"error: no answer within {seconds} s"
+    answer = os.read(read, 4000).decode(errors="replace")
+    os.close(read)
+    if os.WIFSIGNALED(status):
+        return f"error: crashed with signal {os.WTERMSIG(status)}"
+    return answer or "error: no answer"
+
+
+def test_mutated_faiss_files_are_refused_or_searched_correctly(served_model, tmp_path, record_property):
+    """Every mutated index file is opened and searched in a forked child: a one-line refusal or a well-formed
+    search, never a crash, a hang or a traceback."""
+    import faiss
+    import torch
+
+    from fuzz_inputs import mutate_index
+    from reir.retrieval.index import Index, id_map_path
+
+    faiss.omp_set_num_threads(1)  # a forked child must not wait on the parent's OpenMP threads
+    rng = random.Random(SEED)
+    counts, outcomes, failures = collections.Counter(), collections.Counter(), []
+    for factory in ("Flat", "HNSW8"):
+        good = tmp_path / f"good_{factory}.faiss"
+        index = Index.from_database(served_model.database, factory=factory)
+        index.save(good)
+        data, id_map = good.read_bytes(), id_map_path(good).read_bytes()
+        queries = index.vectors()[:4] if index.exact else torch.from_numpy(index.faiss_index.reconstruct_n(0, 4))
+        for n in range(45):
+            case = tmp_path / f"case_{factory}_{n}.faiss"
+            case.write_bytes(mutate_index(data, rng))
+            id_map_path(case).write_bytes(id_map)
+
+            def open_and_search(case=case):
+                opened = Index.load(case)
+                scores, ids = opened.search(queries, 3)
+                wellformed = (ids.shape == (4, 3) and bool(((ids >= -1) & (ids < len(opened))).all())
+                              and bool(torch.isfinite(scores[ids >= 0]).all()))
+                return "searched" if wellformed else f"error: malformed answer {ids.tolist()}"
+
+            answer = in_forked_child(open_and_search)
+            counts[factory] += 1
+            outcomes[(factory, answer.split(":")[0])] += 1
+            if answer.startswith("error"):
+                failures.append(f"{factory} case {n}: {answer}")
+            case.unlink()
+            id_map_path(case).unlink()
+    summary = "; ".join(f"{f} index files {counts[f]} (searched {outcomes[(f, 'searched')]}, refused "
+                        f"{outcomes[(f, 'refused')]})" for f in counts)
+    record_property("fuzz cases", f"FAISS index files: {sum(counts.values())} cases ({summary})")
+    assert not failures, f"{len(failures)} index files broke a rule:\n" + "\n".join(failures[:20])
+    assert all(outcomes[(f, "refused")] for f in counts), "every layout refuses something"
+
+
+def test_crafted_databases_serve_only_collection_images(served_model, tmp_path, record_property):
+    """Databases naming outside files, relative paths, symlinks in and out, non-images, folders, and
+    recording roots from the collection to ``/``: the service refuses a machine-wide or system root at start,
+    and otherwise serves only image files whose real path lies under its root; with the collection recorded
+    as the root, never the secret beside it (reached by symlinks or ``..``) nor /etc/passwd."""
+    import os
+
+    import torch
+
+    from reir.model.files import load_model
+    from reir.retrieval.database import Database
+    from reir.retrieval.index import Index
+    from reir.service import BadRequest, Searcher
+
+    rng = random.Random(SEED)
+    model = load_model(served_model.model)
+    collection, private = tmp_path / "collection", tmp_path / "private"
+    (collection / "sub").mkdir(parents=True)
+    private.mkdir()
+    planted = {}
+    for n in range(4):
+        path = collection / ("sub" if n % 2 else "") / f"{n}.png"
+        path.write_bytes(image_bytes(rng, "PNG", (8, 8)))
+        planted[str(path)] = path.read_bytes()
+    secret = private / "secret.png"
+    secret.write_bytes(image_bytes(rng, "PNG", (9, 9)))
+    (collection / "notes.png").write_text("not an image")
+    (collection / "out.png").symlink_to(secret)
+    (collection / "passwd.png").symlink_to("/etc/passwd")
+    (collection / "in.png").symlink_to(collection / "0.png")
+    (collection / "private_dir").symlink_to(private)
+    candidates = [str(p) for p in planted] + [
+        "/etc/passwd", str(secret), "../private/secret.png", "collection/0.png", "0.png", "sub/1.png",
+        str(collection / "notes.png"), str(collection / "out.png"), str(collection / "passwd.png"),
+        str(collection / "in.png"), str(collection / "private_dir" / "secret.png"), str(collection / "sub"),
+        str(collection / "missing.png"), str(collection / ".." / "private" / "secret.png"), "", "/",
+        f"{collection / 'x.tar'}::key", "\x00", str(collection) + "/../../../../etc/passwd"]
+    roots = [None, str(collection), str(collection / "sub"), "collection", "/", "/etc", "/usr/share", "/tmp",
+             str(tmp_path), "", "..", str(collection / "private_dir")]
+    ensemble, meta = model.embedding_shape
+    counts, failures = collections.Counter(), []
+    for n in range(80):
+        paths = [rng.choice(candidates) for _ in range(rng.randint(1, 8))]
+        root = rng.choice(roots)
+        home = rng.choice([tmp_path, collection])
+        database = home / f"db_{n}.safetensors"
+        info = {"collection_root": root} if root is not None else {}
+        Database({"test": torch.nn.functional.normalize(torch.randn(len(paths), ensemble, meta), dim=-1)},
+                 {"test": {"paths": paths, "labels": [""] * len(paths)}}, model.config, info).save(database)
+        try:
+            searcher = Searcher(model, Index.from_database(database), source=database)
+        except ReirError as exc:
+            counts["refused at start"] += 1
+            if "\n" in str(exc):
+                failures.append(f"case {n}: not one line: {exc}")
+            database.unlink()
+            continue
+        for image_id in range(len(paths)):
+            counts["image requests"] += 1
+            try:
+                data, content_type = searcher.database_image(str(image_id))
+            except BadRequest as exc:
+                counts["answered 404"] += 1
+                if exc.status != 404 or str(tmp_path) in str(exc) or "/etc" in str(exc):
+                    failures.append(f"case {n} id {image_id}: {exc.status} {exc}")
+                continue
+            counts["served"] += 1
+            owners = [p for p, content in {**planted, str(secret): secret.read_bytes()}.items() if content == data]
+            under_root = [p for p in owners if os.path.realpath(p).startswith(searcher.root + "/")]
+            leaked = root in (str(collection), str(collection / "sub")) and data == secret.read_bytes()
+            if not under_root or leaked or content_type != "image/png":
+                failures.append(f"case {n} id {image_id}: served {len(data)} bytes ({content_type}) from "
+                                f"{paths[image_id]!r} under root {searcher.root}")
+        database.unlink()
+    record_property("fuzz cases", f"crafted databases: 80 cases ({', '.join(f'{k} {v}' for k, v in counts.items())})")
+    assert not failures, f"{len(failures)} cases broke a rule:\n" + "\n".join(failures[:20])
+    assert counts["refused at start"] and counts["answered 404"] and counts["served"]
+
+
+def test_crafted_model_headers_are_refused_before_allocation(served_model, tmp_path, record_property):
+    """Model configurations claiming other sizes than the tensors stored: refused in one line, the process
+    growing by no more than a small multiple of the file."""
+    import resource
+
+    from reir.fileio import load_tensors, save_tensors
+    from reir.model.files import load_model
+
+    rng = random.Random(SEED)
+    state, meta = load_tensors(served_model.model)
+    state = {k: t.clone() for k, t in state.items()}
+    fields = {"ensemble_size": [0, 1, 5, 2**20, -3], "meta_class_size": [1, 2, 2**20, 2**31, 10**12],
+              "projection": [1, 10**6, 10**12, -1], "head_scale": [0.0, -1.0, 1e308],
+              "share_type": ["layer4", "nothing", ""], "head": ["cosine", "linear", "x"],
+              "model_type": ["resnet50", "vgg", ""], "learn_scale": [True], "with_random": [True]}
+    baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    counts, failures = collections.Counter(), []
+    for n in range(60):
+        crafted = dict(meta["model"])
+        for name in rng.sample(sorted(fields), rng.randint(1, 3)):
+            crafted[name] = rng.choice(fields[name])
+        path = tmp_path / f"model_{n}.safetensors"
+        save_tensors(path, state, dict(meta, model=crafted))
+        counts["cases"] += 1
+        try:
+            with deadline(CASE_SECONDS):
+                load_model(path)
+            counts["loaded"] += 1
+        except ReirError as exc:
+            counts["refused"] += 1
+            if "\n" in str(exc):
+                failures.append(f"case {n}: not one line: {exc}")
+        except Exception as exc:  # noqa: BLE001 - a traceback for the user
+            failures.append(f"case {n} {crafted}: {type(exc).__name__}: {str(exc)[:160]}")
+        path.unlink()
+    grown_mib = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - baseline) / 1024
+    record_property("fuzz cases", f"crafted model headers: {counts['cases']} cases (loaded {counts['loaded']}, "
+                                  f"refused {counts['refused']}; peak memory grew {grown_mib:.0f} MiB)")
+    assert not failures, f"{len(failures)} cases broke a rule:\n" + "\n".join(failures[:20])
+    assert counts["refused"] and grown_mib < 200

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from reir.argtypes import positive_int
 from reir.cli.common import ArgumentParser, reports_errors
+from reir.data.images import MAX_PIXELS
 from reir.errors import ReirError
 from reir.fileio import write_json
 from reir.plots import grids
@@ -40,6 +41,9 @@ def get_args_parser(prog: str = "inference.py") -> ArgumentParser:
     extra.add_argument("--query_label", default=None,
                        help="class of a query that is not in the database, to colour the results")
     extra.add_argument("--json", action="store_true", help="print the JSON report instead of writing it")
+    extra.add_argument("--max_pixels", default=MAX_PIXELS, type=positive_int,
+                       help=f"largest query image, in pixels (default {MAX_PIXELS:,}, as reir serve); larger ones "
+                            "are refused before decoding")
     return parser
 
 
@@ -54,7 +58,7 @@ def retrieve(args) -> dict:
     location = locate_query(db, args.query_img_name, args.data_type)
     if location is None:
         query_path, label = str(Path(args.query_img_name).resolve()), args.query_label
-        features, exclude = embed_image(db, db_path, query_path), None
+        features, exclude = embed_image(db, db_path, query_path, args.max_pixels), None
     else:
         query_split, index = location
         query_path, label = db.paths(query_split)[index], db.labels(query_split)[index]

@@ -1,5 +1,6 @@
 """``reir serve``: parses its flags, opens the model and the index, and starts the service (reir.service)."""
 
+import ipaddress
 import socket
 import sys
 
@@ -10,6 +11,7 @@ from reir.errors import ReirError, UsageError
 from reir.retrieval.backends import open_index
 from reir.retrieval.index import Index
 from reir.devices import parse_device
+from reir.service.access import MIN_KEY_CHARACTERS
 from reir.service import (BATCH_SIZE, BATCH_WINDOW_MS, DEFAULT_K, MAX_BODY_BYTES, MAX_K, MAX_PIXELS, MAX_REQUESTS,
                           UPLOAD_SECONDS, Searcher, create_app)
 
@@ -18,18 +20,50 @@ def load_searcher(args) -> Searcher:
     if args.uri or args.backend == "milvus":
         if args.backend != "milvus" or not args.uri:
             raise UsageError("a Milvus collection is served with --backend milvus --uri URI [--collection NAME]")
-        index = open_index("milvus", uri=args.uri, collection=args.collection)
+        index, source = open_index("milvus", uri=args.uri, collection=args.collection), None
     elif args.index:
-        index = Index.load(args.index)
+        index, source = Index.load(args.index), args.index
     else:
         from reir.retrieval.database import resolve_database_path
 
-        index = Index.from_database(resolve_database_path(args.data_base, "."))
+        source = resolve_database_path(args.data_base, ".")
+        index = Index.from_database(source)
     model_file = args.model or index.info.get("model_file")
     if not model_file:
         raise UsageError("the index records no model file; pass --model epochs/<name>_model.safetensors")
     model = load_model(model_file, parse_device(args.device))
-    return Searcher(model, index, args.max_pixels, args.expose_paths)
+    return Searcher(model, index, args.max_pixels, args.expose_paths, source)
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` is an address of this machine only (127.0.0.0/8, ::1, localhost)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False  # a name that resolves elsewhere, or to every interface
+
+
+def access_key(args) -> str | None:
+    """The key requests must carry, from --api_key_file; a --host beyond this machine needs one or --no_auth."""
+    if args.api_key_file and args.no_auth:
+        raise UsageError("--api_key_file and --no_auth contradict each other; pass one")
+    if args.api_key_file is None:
+        if not is_loopback(args.host) and not args.no_auth:
+            raise UsageError(f"--host {args.host} listens beyond this machine; pass --api_key_file FILE (a key "
+                             "clients send as 'Authorization: Bearer <key>'), or --no_auth to serve anyone")
+        return None
+    try:
+        key = open(args.api_key_file, encoding="utf-8").read().strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UsageError(f"--api_key_file {args.api_key_file} cannot be read ({type(exc).__name__}); "
+                         "write the key on one line of a text file") from None
+    if len(key) < MIN_KEY_CHARACTERS or any(c.isspace() or not c.isprintable() for c in key) or not key.isascii():
+        raise UsageError(f"--api_key_file {args.api_key_file} must hold one key of at least {MIN_KEY_CHARACTERS} "
+                         "printable ASCII characters and no spaces, e.g. from: python -c 'import secrets; "
+                         "print(secrets.token_urlsafe(32))'")
+    return key
 
 
 def get_args_parser() -> ArgumentParser:
@@ -55,6 +89,12 @@ def get_args_parser() -> ArgumentParser:
                         help="queries embedded together in one network pass at most")
     parser.add_argument("--batch_window_ms", default=BATCH_WINDOW_MS, type=float,
                         help="how long a first query waits for others to join its batch")
+    parser.add_argument("--api_key_file", default=None,
+                        help="file holding the key every request must send as 'Authorization: Bearer <key>' "
+                             "(required with a --host beyond this machine, unless --no_auth)")
+    parser.add_argument("--no_auth", action="store_true",
+                        help="listen beyond this machine with no key: anyone who can reach it can search and "
+                             "fetch every collection image (a warning is printed)")
     parser.add_argument("--expose_paths", action="store_true",
                         help="answer with the server's absolute image and model paths (default: relative names)")
     return parser
@@ -67,12 +107,13 @@ def main(argv: list[str] | None = None) -> int:
         raise UsageError(f"--port {args.port} is not a port; use 1-65535 or 0 for any free port")
     if args.k > MAX_K:
         raise UsageError(f"--k {args.k} exceeds {MAX_K}")
+    api_key = access_key(args)
     searcher = load_searcher(args)
     if not 0 < args.upload_seconds <= 3600 or not 0 <= args.batch_window_ms <= 1000 or not args.max_body_mb > 0:
         raise UsageError("--upload_seconds must be within (0, 3600], --batch_window_ms within [0, 1000] "
                          "and --max_body_mb positive")
     app = create_app(searcher, int(args.max_body_mb * 2**20), args.k, args.max_requests, args.upload_seconds,
-                     args.batch_size, args.batch_window_ms)
+                     args.batch_size, args.batch_window_ms, api_key)
     import uvicorn
 
     family = socket.AF_INET6 if ":" in args.host else socket.AF_INET
@@ -89,6 +130,9 @@ def main(argv: list[str] | None = None) -> int:
     shown = f"[{args.host}]" if family == socket.AF_INET6 else args.host
     print(f"Serving {len(searcher.index)} images ({searcher.index.factory}) at http://{shown}:{port}/ "
           "(Ctrl-C stops)", flush=True)
+    if args.no_auth and not is_loopback(args.host):
+        print(f"reir serve: WARNING: --no_auth on {args.host}: anyone who can reach port {port} can search and "
+              "download every collection image; use --api_key_file instead", file=sys.stderr, flush=True)
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False))
     server.run(sockets=[sock])
     return 0

@@ -29,6 +29,11 @@ def build_transform(image_size: int, mean, std, train: bool):
     return transforms.Compose(steps)
 
 
+# The largest query image decoded by default (reir serve's uploads, reir search's query): 40 MP decode to
+# about 120 MB of RGB; a larger one is refused from its header, before decoding.
+MAX_PIXELS = 40_000_000
+
+
 class ImageError(ReirError):
     """An image that cannot be used. ``kind`` says why (``missing``, ``too_large``, ``not_image`` or
     ``unreadable``) so that each caller adds its own fix (prepare again, skip the file, answer 413 ...);

@@ -92,6 +92,7 @@ def load_model(path: str | os.PathLike, device: torch.device | str = "cpu") -> M
         branches = {key.split(".")[1] for key in state if key.startswith("branches.")}
         if config.ensemble_size != len(branches) or not 0 < config.meta_class_size <= 2**20:
             raise ValueError(f"{len(branches)} branches stored for ensemble_size {config.ensemble_size}")
+        check_shapes_before_building(config, state, path)
         network = create_model(config, weights="none")
     try:
         network.load_state_dict(state)
@@ -99,6 +100,21 @@ def load_model(path: str | os.PathLike, device: torch.device | str = "cpu") -> M
         raise ReirError(f"model file {path} does not match its recorded configuration; retrain with train.py") from None
     network.eval().to(device)
     return Model(network, image_size, mean, std, meta.get("config", {}), Path(path))
+
+
+def check_shapes_before_building(config: ModelConfig, state: dict[str, torch.Tensor], path) -> None:
+    """The network the recorded configuration describes, built on the meta device (no memory), against the
+    tensors the file holds: a configuration claiming more than the file carries (``meta_class_size`` 2**20,
+    ``projection`` 10**12) is refused before a single parameter is allocated."""
+    with torch.device("meta"):
+        skeleton = create_model(config, weights="none")
+    expected = {name: tuple(tensor.shape) for name, tensor in skeleton.state_dict().items()}
+    held = {name: tuple(tensor.shape) for name, tensor in state.items()}
+    if expected != held:
+        differing = sorted(set(expected) ^ set(held)) or sorted(n for n in expected if expected[n] != held[n])
+        name = differing[0]
+        raise ReirError(f"model file {path} does not match its recorded configuration ({name}: recorded "
+                        f"{expected.get(name, 'absent')}, stored {held.get(name, 'absent')}); retrain with train.py")
 
 
 def _preprocessing(info: dict) -> tuple[int, list[float], list[float]]:

@@ -19,19 +19,25 @@ import torch
 from reir.retrieval.evaluation import evaluate_database
 from reir.data.images import read_image
 from reir.errors import ReirError
+from reir.retrieval.collection_files import CollectionFiles, collection_files
 from reir.retrieval.database import Database
 from reir.retrieval.database import UNLABELLED
 from reir.retrieval.results import Results
 from reir.retrieval.similarity import knn
 
 THUMBNAIL = 72
+THUMBNAIL_SOURCE_PIXELS = 40_000_000  # larger images are shown as missing rather than decoded
 GREEN, RED, GREY, BLUE = "#00aa00", "#dc0000", "#969696", "#0a5adc"
 
 
-def thumbnail(path: str, size: int = THUMBNAIL) -> str:
-    """A ``data:`` URL of a small JPEG of the image, or an empty string when it cannot be read."""
+def thumbnail(files: CollectionFiles, path: str, size: int = THUMBNAIL) -> str:
+    """A ``data:`` URL of a small JPEG of the image, or an empty string when it cannot be read or is not an
+    image file of the collection."""
+    found = files.image(path)
+    if found is None:
+        return ""
     try:
-        image = read_image(path)
+        image = read_image(found[0], THUMBNAIL_SOURCE_PIXELS)
     except ReirError:
         return ""
     image.thumbnail((size, size))
@@ -95,12 +101,13 @@ def chosen_queries(results: Results, precision: torch.Tensor, count: int) -> tup
     return best, worst
 
 
-def query_rows(db: Database, query_split: str, gallery_split: str, rows: list[int], results: Results) -> str:
+def query_rows(db: Database, files: CollectionFiles, query_split: str, gallery_split: str, rows: list[int],
+               results: Results) -> str:
     thumbs: dict[str, str] = {}
 
     def cell(path: str, caption: str, colour: str) -> str:
         if path not in thumbs:
-            thumbs[path] = thumbnail(path)
+            thumbs[path] = thumbnail(files, path)
         picture = (f'<img src="{thumbs[path]}" alt="">' if thumbs[path] else '<div class="missing">missing</div>')
         return (f'<figure style="border-color:{colour}" title="{html.escape(path)}">{picture}'
                 f'<figcaption>{html.escape(caption)}</figcaption></figure>')
@@ -133,6 +140,12 @@ img.curves { max-width: 100%; }
 
 def build_report(db: Database, db_path: Path, statistics: Path | None, k: int, count: int) -> str:
     title = db.config.get("save_name") or db_path.name
+    try:
+        files = collection_files([p for split in db.splits for p in db.paths(split)], db.info, db_path,
+                                 "the database's images")
+        refused = ""
+    except ReirError as exc:
+        files, refused = CollectionFiles([], None, None), str(exc)  # the report goes on, without thumbnails
     query_split, gallery_split, results, precision = rank_queries(db, k)
     best, worst = chosen_queries(results, precision, count)
     sections = [f"<h1>REIR report: {html.escape(title)}</h1>",
@@ -140,6 +153,8 @@ def build_report(db: Database, db_path: Path, statistics: Path | None, k: int, c
                 + ", ".join(f"{split} {len(t)} images" for split, t in db.features.items())
                 + f" · embeddings {tuple(next(iter(db.features.values())).shape[1:])}"
                 + (f" · epoch {db.info['epoch']}" if "epoch" in db.info else "") + "</p>"]
+    if refused:
+        sections.append(f'<p class="note">thumbnails not shown: {html.escape(refused)}</p>')
     try:
         metrics = evaluate_database(db, recalls=db.config.get("recalls") or [1, 2, 4, 8], with_nmi=False)
         if db.info.get("metrics", {}).get("nmi") is not None:
@@ -157,12 +172,12 @@ def build_report(db: Database, db_path: Path, statistics: Path | None, k: int, c
     caption = f"top {results.k} of the {gallery_split} split; green: same class, red: other class"
     if worst:
         sections.append(f'<h2>Best queries</h2><p class="note">{caption}</p><div id="best">'
-                        + query_rows(db, query_split, gallery_split, best, results) + "</div>")
+                        + query_rows(db, files, query_split, gallery_split, best, results) + "</div>")
         sections.append(f'<h2>Worst queries</h2><p class="note">{caption}</p><div id="worst">'
-                        + query_rows(db, query_split, gallery_split, worst, results) + "</div>")
+                        + query_rows(db, files, query_split, gallery_split, worst, results) + "</div>")
     else:
         sections.append(f'<h2>Queries</h2><p class="note">{caption} (no labels: the first queries)</p><div id="best">'
-                        + query_rows(db, query_split, gallery_split, best, results) + "</div>")
+                        + query_rows(db, files, query_split, gallery_split, best, results) + "</div>")
     return ('<!doctype html>\n<html lang="en"><head><meta charset="utf-8">'
             f"<title>REIR report: {html.escape(title)}</title><style>{STYLE}</style></head>\n<body>\n"
             + "\n".join(sections) + "\n</body></html>\n")

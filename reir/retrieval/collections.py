@@ -16,6 +16,7 @@ from reir.data.tarshards import expand_shards, iter_samples, shard_fingerprint
 from reir.errors import ReirError
 from reir.model.embedding import embed
 from reir.model.files import Model
+from reir.retrieval.collection_files import recorded_root
 from reir.retrieval.database import UNLABELLED
 
 
@@ -27,6 +28,7 @@ class Collection:
     paths: list[str]
     labels: list[str]
     source: str
+    root: str  # the folder served images must lie under (reir.retrieval.collection_files)
 
     def shard_count(self, shard_size: int) -> int:
         return -(-len(self.paths) // shard_size)
@@ -60,6 +62,7 @@ class TarCollection:
     shards: list[Path]
     split: str
     source: str
+    root: str
 
     def shard_count(self, shard_size: int) -> int:
         return len(self.shards)
@@ -119,7 +122,8 @@ def from_folder(folder: Path, split: str, labels_from_folders: bool) -> Collecti
             raise ReirError(f"{loose[0]} is not inside a class folder; with --labels_from_folders every image "
                             f"must be in {folder}/<class>/")
         labels = [f.relative_to(folder).parts[0] for f in files]
-    return Collection([split] * len(files), [str(f.resolve()) for f in files], labels, str(folder.resolve()))
+    return Collection([split] * len(files), [str(f.resolve()) for f in files], labels, str(folder.resolve()),
+                      str(folder.resolve()))
 
 
 def from_csv(path: Path, split: str) -> Collection:
@@ -138,7 +142,7 @@ def from_csv(path: Path, split: str) -> Collection:
             labels.append((row.get("label") or "").strip())
     if not paths:
         raise ReirError(f"{path} lists no images; add rows with a path")
-    return Collection([split] * len(paths), paths, labels, str(path.resolve()))
+    return Collection([split] * len(paths), paths, labels, str(path.resolve()), recorded_root(paths))
 
 
 def from_dataset(data_name: str, data_path: str, crop_type: str, image_size: int, splits: list[str] | None) -> Collection:
@@ -154,8 +158,9 @@ def from_dataset(data_name: str, data_path: str, crop_type: str, image_size: int
         names += [split] * len(split_list.splits[split])
         paths += split_list.absolute(split)
         labels += split_list.splits[split].labels
-    return Collection(names, paths, labels, f"{data_name} ({crop_type}) in {data_path}")
+    return Collection(names, paths, labels, f"{data_name} ({crop_type}) in {data_path}", recorded_root(paths))
 
 
 def from_shards(pattern: str, split: str) -> TarCollection:
-    return TarCollection(expand_shards(pattern), split, pattern)
+    shards = expand_shards(pattern)
+    return TarCollection(shards, split, pattern, recorded_root([str(s.resolve()) for s in shards]))

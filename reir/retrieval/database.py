@@ -24,7 +24,7 @@ import torch
 
 from reir.errors import ReirError
 from reir.fileio import METADATA_KEY, load_tensors, save_tensors, write_json
-from reir.validation import check_text_list, file_structure
+from reir.validation import check_finite, check_text_list, file_structure
 
 FORMAT = "reir-database/1"
 SHARDED_FORMAT = "reir-database-shards/1"
@@ -32,6 +32,7 @@ SHARD_FORMAT = "reir-database-shard/1"
 MANIFEST = "manifest.json"
 SUFFIX = "_data_base.safetensors"
 UNLABELLED = ""  # the label of an image whose class is unknown
+NON_FINITE_FIX = "re-embed the images (reir embed) or retrain; a model giving NaN has diverged"
 
 
 def shared_label_ids(*label_lists: list[str]) -> list[torch.Tensor]:
@@ -62,6 +63,8 @@ class Database:
         return ("query", "gallery") if "query" in self.splits else ("test",)
 
     def save(self, path: str | Path) -> Path:
+        for name, tensor in self.features.items():
+            check_finite(tensor, f"split {name} of the database", NON_FINITE_FIX)
         return save_tensors(path, {f"{name}_features": t for name, t in self.features.items()},
                             {"format": FORMAT, "splits": self.splits, "config": self.config, "info": self.info})
 
@@ -76,6 +79,8 @@ def load_database(path: str | Path) -> Database:
         if not isinstance(meta, dict) or meta.get("format") != FORMAT:
             raise ReirError(f"database {path} is not a REIR database; pass a *{SUFFIX} file written by train.py")
         features = {name[: -len("_features")]: t for name, t in tensors.items() if name.endswith("_features")}
+        for name, tensor in features.items():
+            check_finite(tensor, f"database {path} (split {name})", NON_FINITE_FIX)
         splits = meta["splits"]
         for name, tensor in features.items():
             if name not in splits or len(splits[name]["paths"]) != len(tensor):
@@ -122,6 +127,8 @@ def resolve_database_path(name: str, output_dir: str | Path = ".") -> Path:
 def save_shard(path: str | Path, features: dict[str, torch.Tensor], splits: dict[str, dict[str, list[str]]],
                extra: dict | None = None) -> Path:
     """One shard of a sharded database: a slice of each split, with its paths and labels."""
+    for name, tensor in features.items():
+        check_finite(tensor, f"split {name} of database shard {path}", NON_FINITE_FIX)
     return save_tensors(path, {f"{name}_features": t for name, t in features.items()},
                         {"format": SHARD_FORMAT, "splits": splits, **(extra or {})})
 
@@ -131,7 +138,10 @@ def read_shard(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
     tensors, meta = load_tensors(path, "database shard")
     if not isinstance(meta, dict) or meta.get("format") != SHARD_FORMAT:
         raise ReirError(f"{path} is not a REIR database shard; regenerate the database with reir embed")
-    return {name[: -len("_features")]: t for name, t in tensors.items() if name.endswith("_features")}, meta
+    features = {name[: -len("_features")]: t for name, t in tensors.items() if name.endswith("_features")}
+    for name, tensor in features.items():
+        check_finite(tensor, f"database shard {path} (split {name})", NON_FINITE_FIX)
+    return features, meta
 
 
 def read_shard_metadata(path: str | Path) -> dict | None:

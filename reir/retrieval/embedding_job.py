@@ -27,6 +27,7 @@ from reir import distributed
 from reir.errors import ReirError, UsageError
 from reir.fileio import atomic_write
 from reir.model.files import Model
+from reir.retrieval.collection_files import ROOT_KEY
 from reir.retrieval.database import (MANIFEST, Database, gather, read_shard, read_shard_metadata, save_shard,
                                      write_manifest)
 
@@ -132,6 +133,7 @@ def embed_shards(model: Model, collection, parts: Path, key: str, shard_size: in
 def database_info(model: Model, collection, skipped: list[list]) -> dict:
     return {"model_file": str(Path(model.path).resolve()), "image_size": model.image_size,
             "mean": model.mean, "std": model.std, "source": collection.source,
+            ROOT_KEY: collection.root,
             "data_name": model.run_config.get("data_name"), "skipped": skipped}
 
 

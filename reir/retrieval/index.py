@@ -15,13 +15,15 @@ import torch
 from reir.errors import ReirError
 from reir.fileio import atomic_write, read_json
 from reir.retrieval.database import UNLABELLED
+from reir.retrieval.faiss_layout import check_faiss_layout
 from reir.retrieval.index_common import as_vectors, common_folder, database_chunks
 from reir.retrieval.results import Results
 from reir.retrieval.similarity import knn
-from reir.validation import check_k, check_text_list, file_structure
+from reir.validation import check_finite, check_k, check_text_list, file_structure
 
 INDEX_FORMAT = "reir-index/1"
 EXACT_FACTORY = "Flat"
+NON_FINITE_FIX = "re-embed the images (reir embed) and rebuild the index"
 
 
 def _faiss():
@@ -74,7 +76,7 @@ class Index:
 
         Approximate factories are trained on the features (on a random ``train_size`` of them when given).
         """
-        vectors = as_vectors(features)
+        vectors = check_finite(as_vectors(features), "the embeddings to index", NON_FINITE_FIX)
         index = _new_faiss_index(vectors.shape[1], factory)
         if not index.is_trained:
             sample = vectors
@@ -114,7 +116,7 @@ class Index:
 
     def add(self, features: torch.Tensor, paths: Sequence[str] | None = None,
             labels: Sequence[str] | None = None) -> None:
-        vectors = as_vectors(features)
+        vectors = check_finite(as_vectors(features), "the embeddings to index", NON_FINITE_FIX)
         if len(self) and vectors.shape[1] != self.dim:
             raise ReirError(f"vectors of dimension {vectors.shape[1]} cannot join an index of dimension {self.dim}; "
                             "embed with the same model")
@@ -162,6 +164,18 @@ class Index:
             self._exact_vectors = torch.as_tensor(array, dtype=torch.float32).reshape(len(self), self.dim)
         return self._exact_vectors
 
+    def check_stored_vectors(self, path) -> None:
+        """Refuses an index whose stored vectors hold NaN or infinities (where it keeps them as floats)."""
+        if self.exact:
+            check_finite(self.vectors(), f"index {path}", NON_FINITE_FIX)
+            return
+        for start in range(0, len(self), 65536):
+            try:
+                rows = self.faiss_index.reconstruct_n(start, min(65536, len(self) - start))
+            except RuntimeError:
+                return  # an index that cannot give its vectors back (IVF without a direct map) is checked when built
+            check_finite(torch.from_numpy(rows), f"index {path}", NON_FINITE_FIX)
+
     def save(self, path: str | os.PathLike) -> tuple[Path, Path]:
         """FAISS's own file at ``path`` and the id map (paths, labels, factory) at ``<path>.ids.json``."""
         faiss = _faiss()
@@ -189,14 +203,18 @@ class Index:
                 raise TypeError("factory, info or its search_parameters is of the wrong kind")
         if not path.is_file():
             raise ReirError(f"index {path} does not exist; build it with reir index")
+        data = path.read_bytes()
+        with file_structure(id_map_path(path), "index id map", "rebuild it with reir index"):
+            check_faiss_layout(data, int(id_map["dim"]), len(id_map["paths"]), path)
         try:
-            index = faiss.deserialize_index(_numpy_bytes(path.read_bytes()))
+            index = faiss.deserialize_index(_numpy_bytes(data))
         except RuntimeError as exc:
             raise ReirError(f"index {path} is not a FAISS index ({_faiss_message(exc)}); rebuild it with reir index") from None
         if index.ntotal != len(id_map["paths"]) or index.ntotal != len(id_map["labels"]):
             raise ReirError(f"index {path} holds {index.ntotal} vectors but its id map {len(id_map['paths'])}; "
                             "rebuild both with reir index")
         loaded = cls(index, id_map["factory"], id_map["paths"], id_map["labels"], info)
+        loaded.check_stored_vectors(path)
         with file_structure(id_map_path(path), "index id map", "rebuild it with reir index"):
             loaded.tune(**info.get("search_parameters", {}))
         return loaded

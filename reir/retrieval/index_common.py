@@ -13,6 +13,10 @@ from reir.errors import ReirError
 from reir.retrieval.database import Database, iter_database, load_database, read_manifest
 from reir.retrieval.similarity import flatten
 
+# The key under which a database's (and an index's) info records the folder its images came from
+# (reir.retrieval.collection_files decides what may be served with it).
+ROOT_KEY = "collection_root"
+
 
 def database_chunks(database, splits: Sequence[str] | None = None):
     """``(splits, info, chunks)`` of a database (object, file or sharded folder) for indexing.
@@ -31,8 +35,9 @@ def database_chunks(database, splits: Sequence[str] | None = None):
     missing = [s for s in chosen if s not in available]
     if missing:
         raise ReirError(f"database has no split {', '.join(missing)}; it has {', '.join(available)}")
-    model_file = (manifest["info"] if manifest else loaded.info).get("model_file")
-    info = {"splits": chosen, "model_file": model_file, **({"database": source} if source else {})}
+    recorded = manifest["info"] if manifest else loaded.info
+    info = {"splits": chosen, "model_file": recorded.get("model_file"), **({"database": source} if source else {}),
+            **({ROOT_KEY: recorded[ROOT_KEY]} if recorded.get(ROOT_KEY) else {})}
     if manifest:
         chunks = (chunk for split in chosen for chunk in iter_database(database, [split], manifest))
     else:

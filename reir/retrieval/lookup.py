@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from reir.data.images import MAX_PIXELS, ImageError, read_image
 from reir.errors import ReirError
 from reir.model.embedding import embed
 from reir.model.files import find_model, load_model, model_candidates
@@ -67,9 +68,17 @@ def model_path(db: Database, db_path: Path) -> Path:
                     f"{candidates[1].parent}) to query with images outside the database")
 
 
-def embed_image(db: Database, db_path: Path, image_path: str) -> torch.Tensor:
-    """``[1, ensemble, meta]`` embedding of an image outside the database, as training embedded the rest."""
-    features = embed(load_model(model_path(db, db_path)), [image_path])
+def embed_image(db: Database, db_path: Path, image_path: str, max_pixels: int = MAX_PIXELS) -> torch.Tensor:
+    """``[1, ensemble, meta]`` embedding of an image outside the database, as training embedded the rest.
+
+    An image over ``max_pixels`` is refused from its header, before decoding (as the service does)."""
+    try:
+        image = read_image(image_path, max_pixels)
+    except ImageError as exc:
+        if exc.kind == "too_large":
+            raise ReirError(f"{exc}; raise the limit with --max_pixels if this image is wanted") from None
+        raise
+    features = embed(load_model(model_path(db, db_path)), [image])
     stored = next(iter(db.features.values())).shape[1:]
     if features.shape[1:] != stored:
         raise ReirError(f"model file of {db_path} embeds {tuple(features.shape[1:])} but the database holds "

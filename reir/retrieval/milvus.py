@@ -23,6 +23,7 @@ import torch
 
 from reir.errors import ReirError
 from reir.retrieval.database import UNLABELLED
+from reir.validation import check_finite
 from reir.retrieval.index_common import as_vectors, common_folder, database_chunks
 from reir.retrieval.results import Results
 
@@ -188,7 +189,7 @@ class MilvusIndex:
 
     def add(self, features, paths: Sequence[str] | None = None, labels: Sequence[str] | None = None) -> None:
         """Rows ``len .. len + N - 1``, in batches of :data:`INSERT_BATCH`."""
-        vectors = as_vectors(features)
+        vectors = check_finite(as_vectors(features), "the embeddings to index", "re-embed the images (reir embed)")
         if vectors.shape[1] != self.dim:
             raise ReirError(f"vectors of dimension {vectors.shape[1]} cannot join an index of dimension {self.dim}; "
                             "embed with the same model")

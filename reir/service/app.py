@@ -5,8 +5,8 @@ import time
 from importlib import resources
 from pathlib import Path
 
-from reir.data.tarshards import IMAGE_TYPES
 from reir.retrieval.database import UNLABELLED
+from reir.service.access import KeyRequired
 from reir.service.batcher import QueryBatcher
 from reir.service.limits import MAX_BODY_BYTES, MAX_REQUESTS, RETRY_AFTER_SECONDS, UPLOAD_SECONDS, BodyLimit
 from reir.service.searcher import BadRequest, Searcher, parse_decimal
@@ -19,11 +19,12 @@ BATCH_WINDOW_MS = 5.0
 
 def create_app(searcher: Searcher, max_body_bytes: int = MAX_BODY_BYTES, default_k: int = DEFAULT_K,
                max_requests: int = MAX_REQUESTS, upload_seconds: float = UPLOAD_SECONDS,
-               batch_size: int = BATCH_SIZE, batch_window_ms: float = BATCH_WINDOW_MS):
-    """The FastAPI application; a bounded, spooling body reader with a cap on requests in flight wraps it."""
+               batch_size: int = BATCH_SIZE, batch_window_ms: float = BATCH_WINDOW_MS, api_key: str | None = None):
+    """The FastAPI application; a bounded, spooling body reader with a cap on requests in flight wraps it, and
+    with ``api_key`` a check of that key on every request (before a body is read) wraps that."""
     from fastapi import FastAPI, Request
     from fastapi.exceptions import RequestValidationError
-    from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
+    from fastapi.responses import HTMLResponse, JSONResponse, Response
     from starlette.concurrency import run_in_threadpool
     from starlette.datastructures import UploadFile
     from starlette.exceptions import HTTPException
@@ -76,12 +77,10 @@ def create_app(searcher: Searcher, max_body_bytes: int = MAX_BODY_BYTES, default
     async def database_image(image_id: str, request: Request):
         # images go whole: Range is ignored (as HTTP allows), so a malformed one cannot get a plain-text error
         request.scope["headers"] = [(k, v) for k, v in request.scope["headers"] if k not in (b"range", b"if-range")]
-        found = searcher.database_image(image_id)
-        headers = {"Cache-Control": "max-age=3600", "Accept-Ranges": "none"}
-        if isinstance(found, Path):
-            return FileResponse(found, headers=headers)
-        data, extension = found
-        return Response(data, media_type=IMAGE_TYPES[extension], headers=headers)
+        data, content_type = searcher.database_image(image_id)
+        return Response(data, media_type=content_type,
+                        headers={"Cache-Control": "max-age=3600", "Accept-Ranges": "none",
+                                 "X-Content-Type-Options": "nosniff"})
 
     @app.post("/search")
     async def search(request: Request):
@@ -112,7 +111,7 @@ def create_app(searcher: Searcher, max_body_bytes: int = MAX_BODY_BYTES, default
         if data is None and query_id is None:
             raise BadRequest(400, "no image: send a file field 'image' or a database image 'id'")
         if data is None:
-            data = searcher.database_image(query_id)
+            data = searcher.database_image(query_id)[0]
             query_id = searcher.database_id(query_id)
             query_label = searcher.index.labels[query_id] or None
         tensor, width, height = await run_in_threadpool(searcher.prepare, data)
@@ -120,7 +119,8 @@ def create_app(searcher: Searcher, max_body_bytes: int = MAX_BODY_BYTES, default
         return {"k": k, "query": {"id": query_id, "label": query_label, "width": width, "height": height},
                 "results": results, "milliseconds": round(1000 * (time.perf_counter() - started), 2)}
 
-    return BodyLimit(app, max_body_bytes, max_requests, upload_seconds)
+    limited = BodyLimit(app, max_body_bytes, max_requests, upload_seconds)
+    return KeyRequired(limited, api_key) if api_key is not None else limited
 
 
 def text_field(form, name: str) -> str | None:

@@ -36,6 +36,7 @@ from reir.model.network import REIRNet, create_model
 from reir.model.sharding import describe
 from reir.plots.curves import plot_statistics
 from reir.retrieval.database import SUFFIX as DATABASE_SUFFIX, Database, shared_label_ids
+from reir.retrieval.collection_files import ROOT_KEY, recorded_root
 from reir.retrieval.metrics import evaluate_embeddings, format_metrics
 from reir.training.config import TrainConfig
 from reir.training.losses import PairTerm, pair_term
@@ -338,6 +339,7 @@ def _run(config: TrainConfig, stop: StopRequest, context: distributed.Context, d
             # Absolute paths: the database and the model work from any directory.
             splits = {split: {"paths": [os.path.abspath(p) for p in split_list.absolute(split)],
                               "labels": split_list.splits[split].labels} for split in features}
+            info[ROOT_KEY] = recorded_root([p for split in splits.values() for p in split["paths"]])
             save_model(model_file, model.state_dict(), config.model, run_config, info)
             Database(features, splits, run_config, info).save(database_file)
         state.epoch_done(epoch, best_recall)
