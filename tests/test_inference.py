@@ -200,3 +200,20 @@ def test_end_to_end_in_database_and_outside_image(trained, tmp_path):
         [r["score"] for r in inside["results"]], abs=1e-4)
     assert all(r["correct"] == (r["label"] == inside["query"]["label"]) for r in outside["results"])
     assert (trained / "results" / "my_digit" / "grid.png").is_file()
+
+
+def test_queries_of_one_file_name_keep_their_own_folders(tmp_path):
+    """Every glyph is <character>/DejaVuSans.png: a second character's query must not overwrite the first's."""
+    from reir.cli.search import query_folder
+
+    results = tmp_path / "results"
+    first = query_folder(results, "data/glyphs/images/U+0041/DejaVuSans.png")
+    assert first == results / "DejaVuSans"
+    first.mkdir(parents=True)
+    (first / "results.json").write_text(json.dumps({"query": {"path": "data/glyphs/images/U+0041/DejaVuSans.png"}}))
+    assert query_folder(results, "data/glyphs/images/U+0041/DejaVuSans.png") == first  # a rerun replaces its own
+    second = query_folder(results, "data/glyphs/images/U+0391/DejaVuSans.png")
+    assert second == results / "DejaVuSans_2"
+    second.mkdir()
+    (second / "results.json").write_text("not json")  # unreadable: never taken as this query's
+    assert query_folder(results, "data/glyphs/images/U+0410/DejaVuSans.png") == results / "DejaVuSans_3"
