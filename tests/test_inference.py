@@ -217,3 +217,16 @@ def test_queries_of_one_file_name_keep_their_own_folders(tmp_path):
     second.mkdir()
     (second / "results.json").write_text("not json")  # unreadable: never taken as this query's
     assert query_folder(results, "data/glyphs/images/U+0410/DejaVuSans.png") == results / "DejaVuSans_3"
+
+
+def test_grid_captions_hold_the_whole_label_and_a_code_points_character():
+    font = grids.caption_font()
+    caption = grids.result_caption({"rank": 1, "score": 1.0, "label": "U+0391"})
+    assert caption == "1: 1.0000\nU+0391 Α"
+    long_label = "a class name longer than one line"
+    lines = grids.caption_lines(grids.result_caption({"rank": 2, "score": 0.5, "label": long_label}), font)
+    assert len(lines) == 3 and lines[0] == "2: 0.5000" and " ".join(lines[1:]) == long_label  # wrapped, not cut
+    assert all(font.getlength(line) <= grids.TILE for line in lines)
+    beyond = grids.caption_lines("1: 0.5\n" + long_label * 3, font)  # past the strip's lines: an ellipsis says so
+    assert len(beyond) == grids.CAPTION_LINES and beyond[-1].endswith("…")
+    assert grids.shown_label("U+D800") == "U+D800" and grids.shown_label("cat") == "cat"

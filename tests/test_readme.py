@@ -94,7 +94,7 @@ def test_readme_blocks_run_in_a_fresh_checkout(tmp_path):
     # what make demo leaves, small: 40 glyph characters rendered, one model and its database
     prepare_glyphs(checkout / "data", limit=GLYPHS)
     made = run_bash(".venv/bin/reir train --data_name glyphs --data_path data --output_dir demo_output --weights none "
-                    "--ensemble_size 3 --meta_class_size 2 --image_size 16 --num_epochs 1 --num_workers 0 "
+                    "--ensemble_size 3 --meta_class_size 3 --image_size 16 --num_epochs 1 --num_workers 0 "
                     "--device cpu --batch_size 64", checkout)
     assert made.returncode == 0, made.stderr[-2000:]
 
