@@ -88,6 +88,14 @@ def percent(value: float | None) -> str:
     return "n/a (no query found a correct result)" if value is None else f"{100 * value:.2f}%"
 
 
+def comparison_estimate(counts: dict, k: int) -> tuple[int, int]:
+    """How many pictures :func:`save_comparisons` writes (the queries ``better`` wins) and their size in bytes
+    at most: each a title strip and two rows of ``k`` results, as uncompressed RGB (PNG writes less)."""
+    count = int((counts["better"] > counts["worse"]).sum())
+    width, height = grids.grid_size(2, k + 1, title=True)
+    return count, count * width * height * 3
+
+
 def save_comparisons(folder: Path, better: Database, worse: Database, splits: tuple[str, str],
                      rankings: dict, counts: dict, names: tuple[str, str]) -> list[str]:
     """One picture per query that ``better`` wins: the query, then better's row above worse's row."""
