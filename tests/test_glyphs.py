@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import re
 from pathlib import Path
 
 import numpy as np
@@ -139,6 +140,11 @@ def test_demo_prints_learned_and_baseline_rows(glyphs_root, tmp_path, capsys, mo
     assert demo.main(["--data_path", str(glyphs_root), "--output_dir", str(tmp_path), "--num_epochs", "1"]) == 0
     out = capsys.readouterr().out
     assert "scratch recipe" in out
+    # each stage says what it does and how long it takes before it starts
+    stages = [line for line in out.splitlines() if line.startswith("[")]
+    assert [line.split(":")[0] for line in stages] == ["[1/3] dataset", "[2/3] training", "[3/3] baselines"]
+    assert all(re.search(r"about \d+ s on an idle 2-core CPU", line) for line in stages)
+    assert out.index("[2/3] training") < out.index("Train 1/1") < out.index("[3/3] baselines")
     table = [line for line in out.splitlines() if line.startswith("| ") and "embedding" not in line]
     assert [line.split("|")[1].strip().split(" (")[0].split(",")[0] for line in table] == [
         "REIR", "raw pixels", "same network"]
