@@ -25,6 +25,7 @@ class Collection:
     paths: list[str]
     labels: list[str]
     source: str
+    data_name: str | None = None  # the prepared dataset it lists; None for a folder or CSV of images
 
     def shard_count(self, shard_size: int) -> int:
         return -(-len(self.paths) // shard_size)
@@ -54,6 +55,7 @@ class TarCollection:
     shards: list[Path]
     split: str
     source: str
+    data_name: str | None = None
 
     def shard_count(self, shard_size: int) -> int:
         return len(self.shards)
@@ -146,7 +148,7 @@ def from_dataset(data_name: str, data_path: str, crop_type: str, image_size: int
         names += [split] * len(split_list.splits[split])
         paths += split_list.absolute(split)
         labels += split_list.splits[split].labels
-    return Collection(names, paths, labels, f"{data_name} ({crop_type}) in {data_path}")
+    return Collection(names, paths, labels, f"{data_name} ({crop_type}) in {data_path}", data_name)
 
 
 def from_shards(pattern: str, split: str) -> TarCollection:
