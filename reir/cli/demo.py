@@ -20,7 +20,7 @@ from reir.cli.train import get_args_parser
 from reir.data.custom import load_custom
 from reir.data.glyphs import write_subset_csv
 from reir.data.sources import load_dataset
-from reir.data.splits import split_list_path
+from reir.data.splits import Split, save_split_list, split_list_path
 from reir.model.network import ModelConfig
 from reir.retrieval.baselines import label_ids, raw_pixel_features, untrained_features
 from reir.retrieval.database import load_database
@@ -49,7 +49,7 @@ def announce(stage: str, what: str, seconds: float) -> None:
 
 
 def training_arguments(args, source) -> list[str]:
-    return ["--data_name", "custom", "--data_path", str(source), "--output_dir", args.output_dir,
+    return ["--data_name", "glyphs", "--data_path", str(source), "--output_dir", args.output_dir,
             "--weights", "none", "--model_type", CONFIG.model_type, "--share_type", CONFIG.share_type,
             "--ensemble_size", str(CONFIG.ensemble_size), "--meta_class_size", str(CONFIG.meta_class_size),
             "--image_size", str(IMAGE_SIZE), "--batch_size", "64", "--num_epochs", str(args.num_epochs),
@@ -78,8 +78,15 @@ def main(argv: list[str] | None = None) -> int:
     source = write_subset_csv(load_dataset("glyphs", args.data_path, "uncropped"),
                               Path(args.output_dir) / "glyphs_subset.csv", TRAIN_CLASSES, TEST_CLASSES, seed=None)
     split_list = load_custom(source, "uncropped")
+    # the chosen characters as a glyphs split list of their own, so that every output is named glyphs_...
+    # after what it was trained on (a CSV trains as custom_...); the images stay under --data_path
+    subset_root = Path(args.output_dir) / "glyphs_subset"
+    save_split_list(split_list_path(subset_root, "glyphs", "uncropped"), "glyphs", "uncropped", split_list.mean,
+                    split_list.std, {name: Split(split_list.absolute(name), split.labels)
+                                     for name, split in split_list.splits.items()},
+                    {"subset": f"{TRAIN_CLASSES} + {TEST_CLASSES} characters of {source}"})
     prepared = time.perf_counter()
-    config = TrainConfig.from_args(get_args_parser().parse_args(training_arguments(args, source)))
+    config = TrainConfig.from_args(get_args_parser().parse_args(training_arguments(args, subset_root)))
     announce("[2/3] training", f"{args.num_epochs} epochs on {len(split_list.splits['train'])} images, each "
              "followed by an evaluation (a bar shows each epoch's progress and time left)",
              args.num_epochs * IDLE_SECONDS["epoch"])
