@@ -31,9 +31,11 @@ browser:
 	else echo "make browser: no apt-get or no root; the browser tests will be skipped (install chromium and chromedriver to run them)"; fi
 
 # One test per core (pytest-xdist; an idle worker takes queued tests from a busy one); the slowest
-# tests are listed so the suite's time stays visible.
-test: $(STAMP) browser
-	$(PY) -m pytest -q -n auto --dist worksteal --durations=15
+# tests are listed so the suite's time stays visible. BROWSER=0 installs no browser and skips the
+# browser tests (outside CI, where they always run).
+BROWSER ?= 1
+test: $(STAMP) $(if $(filter 0,$(BROWSER)),,browser)
+	REIR_BROWSER=$(BROWSER) $(PY) -m pytest -q -n auto --dist worksteal --durations=15
 
 clean:
 	rm -rf $(VENV) demo_output

@@ -3,6 +3,7 @@
 The browser is the system's ``chromium`` with its ``chromedriver`` (``make browser`` installs
 Debian's packages where apt and root are at hand). Where they are missing the page tests are
 skipped with what to install, except in CI (``CI=true``), where a missing browser is a failure.
+``make test BROWSER=0`` (``REIR_BROWSER=0``) skips them without looking, outside CI.
 """
 
 from __future__ import annotations
@@ -22,6 +23,9 @@ FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage
 
 def chromium(profile: Path):
     """A Selenium driver on the system Chromium with a fresh profile folder."""
+    in_ci = os.environ.get("CI", "").lower() == "true"
+    if os.environ.get("REIR_BROWSER") == "0" and not in_ci:
+        pytest.skip("browser tests turned off (make test BROWSER=0); CI runs them")
     binary, driver = shutil.which("chromium"), shutil.which("chromedriver")
     if not binary or not driver:
         missing = " and ".join(name for name, found in (("chromium", binary), ("chromedriver", driver)) if not found)
@@ -29,7 +33,7 @@ def chromium(profile: Path):
                    "(apt-get install chromium chromium-driver), Fedora `dnf install chromium chromedriver`, "
                    "Alpine `apk add chromium chromium-chromedriver`, macOS `brew install --cask chromium` and "
                    "`brew install chromedriver`")
-        if os.environ.get("CI", "").lower() == "true":
+        if in_ci:
             pytest.fail(message)
         pytest.skip(message)
     from selenium import webdriver

@@ -1,6 +1,7 @@
 """ablation.py: the three figures on hand-made databases with known answers, images, refusals."""
 
 import json
+import re
 
 import pytest
 import torch
@@ -52,6 +53,11 @@ def test_figures_and_comparison_images_on_known_databases(pair):
     assert "better ratio: inf (better wins 5, worse wins 0)" in result.stdout
     folder = root / "results" / "ablation_better_vs_worse_test"
     pictures = sorted(folder.glob("*.png"))
+    # what it writes is said before it writes: the count, and a bound on the size the pictures take
+    announced = re.search(r"Writing (\d+) comparison images .*at most ([\d.,]+) MiB\) to (.+)", result.stdout)
+    assert announced and int(announced.group(1)) == len(pictures) == 5 and announced.group(3) == str(folder)
+    assert result.stdout.index("Writing 5") < result.stdout.index("Saved 5")
+    assert sum(p.stat().st_size for p in pictures) <= float(announced.group(2).replace(",", "")) * 2 ** 20
     assert [p.name[:5] for p in pictures] == ["00000", "00001", "00002", "00003", "00004"]
     summary = json.loads((folder / "ablation.json").read_text())
     assert (summary["better_wins"], summary["worse_wins"], summary["better_ratio"]) == (5, 0, None)
@@ -101,7 +107,7 @@ def test_mismatched_databases_are_refused(pair, tmp_path_factory, capsys):
     relabelled = make_database(other, "rl", {"test": (WORSE_ANGLES, list(reversed(TEST_LABELS)))},
                                image_folder=root / "images")
     no_train = ["--data_type", "train"]
-    cases = [([other_data], "differ in data_name"), ([other_crop], "differ in crop_type"),
+    cases = [([other_crop], "differ in crop_type"),
              ([fewer], "different test image lists"), ([relabelled], "different test image lists"),
              ([worse, *no_train], "has no train split")]
     before = sorted(root.rglob("*"))
@@ -110,6 +116,10 @@ def test_mismatched_databases_are_refused(pair, tmp_path_factory, capsys):
                                  "--output_dir", str(root), *extra], capsys)
         assert code == 1 and len(err.strip().splitlines()) == 1 and message in err, err
     assert sorted(root.rglob("*")) == before
+    # the same images under another dataset name (a folder embedded by models of two datasets) compare
+    code, out, err = invoke(["--better_data_base", str(better), "--worse_data_base", str(other_data),
+                             "--output_dir", str(other)], capsys)
+    assert code == 0 and "GE rate: 100.00%" in out, err
     code, out, err = invoke(["--better_data_base", str(better), "--retrieval_num", "-1"], capsys)
     assert code == 2 and len(err.strip().splitlines()) == 1
     code, out, err = invoke(["--output_dir", str(root)], capsys)  # the original's defaults, not trained here

@@ -144,7 +144,19 @@ def test_one_training_epoch_on_each_prepared_benchmark(official, tmp_path, data_
 def test_missing_folder_and_missing_datasets(tmp_path, capsys):
     one_line_error(capsys, prepare_main(["--data_path", str(tmp_path), "--data_name", "car"]), 1,
                    str(tmp_path / "car"), "not found", "unpack")
-    one_line_error(capsys, prepare_main(["--data_path", str(tmp_path)]), 1, "no dataset found", str(tmp_path))
+
+
+
+def test_prepare_without_benchmarks_lists_the_embedded_datasets_found_or_buildable(tmp_path, capsys):
+    from reir.data.digits import prepare_digits
+
+    prepare_digits(tmp_path)
+    assert prepare_main(["--data_path", str(tmp_path)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert "no benchmark under" in lines[0]
+    assert lines[1:] == [f"  digits: ready in {tmp_path / 'digits' / 'splits_uncropped.json'}",
+                         "  glyphs: not built yet: python data_utils.py --data_name glyphs",
+                         "  fonts: not built yet: python data_utils.py --data_name fonts"]
 
 
 def test_missing_annotation_file(tmp_path, capsys):

@@ -161,11 +161,17 @@ def test_csv_and_prepared_dataset(served_model, collection, tmp_path):
     listing.write_text("path,label\n" + "".join(f"{collection / 'a' / f'{i:04d}.png'},odd\n" for i in (1, 3, 5)))
     result = embed(served_model.model, "--images", str(listing), "--output", str(tmp_path / "c.safetensors"))
     assert result.returncode == 0, result.stderr
-    assert load_database(tmp_path / "c.safetensors").labels("test") == ["odd"] * 3
+    listed = load_database(tmp_path / "c.safetensors")
+    assert listed.labels("test") == ["odd"] * 3
+    # the images embedded, not the model's training data, are what the database records as its own
+    assert listed.info["images"] == {"data_name": None, "root": str(listing.resolve()), "count": {"test": 3}}
+    assert listed.info["data_name"] is None and listed.info["model_data"]["data_name"] == "digits"
     result = embed(served_model.model, "--data_name", "digits", "--data_path", str(served_model.data_path),
                    "--output", str(tmp_path / "d.safetensors"))
     assert result.returncode == 0, result.stderr
     embedded, trained = load_database(tmp_path / "d.safetensors"), load_database(served_model.database)
+    assert embedded.info["images"]["data_name"] == "digits"
+    assert embedded.info["images"]["count"] == {split: len(embedded.paths(split)) for split in embedded.features}
     assert embedded.splits == trained.splits
     assert all(torch.allclose(embedded.features[s], trained.features[s], atol=1e-5) for s in trained.features)
     evaluated = run_reir("eval", "--data_base", str(tmp_path / "d.safetensors"), "--no_nmi")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import re
 from pathlib import Path
 
 import numpy as np
@@ -10,6 +11,7 @@ import torch
 from PIL import Image
 
 from reir.cli import demo
+from reir.retrieval.database import load_database
 from reir.cli.prepare import main as prepare_main
 from reir.cli.train import main as train_main
 from reir.data import glyphs
@@ -139,6 +141,15 @@ def test_demo_prints_learned_and_baseline_rows(glyphs_root, tmp_path, capsys, mo
     assert demo.main(["--data_path", str(glyphs_root), "--output_dir", str(tmp_path), "--num_epochs", "1"]) == 0
     out = capsys.readouterr().out
     assert "scratch recipe" in out
+    # outputs named after the glyphs they were trained on, not custom_uncropped_...
+    databases = [p.name for p in (tmp_path / "results").glob("*_data_base.safetensors")]
+    assert len(databases) == 1 and databases[0].startswith("glyphs_uncropped_fixed_"), databases
+    assert load_database(tmp_path / "results" / databases[0]).info["data_name"] == "glyphs"
+    # each stage says what it does and how long it takes before it starts
+    stages = [line for line in out.splitlines() if line.startswith("[")]
+    assert [line.split(":")[0] for line in stages] == ["[1/3] dataset", "[2/3] training", "[3/3] baselines"]
+    assert all(re.search(r"about \d+ s on an idle 2-core CPU", line) for line in stages)
+    assert out.index("[2/3] training") < out.index("Train 1/1") < out.index("[3/3] baselines")
     table = [line for line in out.splitlines() if line.startswith("| ") and "embedding" not in line]
     assert [line.split("|")[1].strip().split(" (")[0].split(",")[0] for line in table] == [
         "REIR", "raw pixels", "same network"]

@@ -200,3 +200,33 @@ def test_end_to_end_in_database_and_outside_image(trained, tmp_path):
         [r["score"] for r in inside["results"]], abs=1e-4)
     assert all(r["correct"] == (r["label"] == inside["query"]["label"]) for r in outside["results"])
     assert (trained / "results" / "my_digit" / "grid.png").is_file()
+
+
+def test_queries_of_one_file_name_keep_their_own_folders(tmp_path):
+    """Every glyph is <character>/DejaVuSans.png: a second character's query must not overwrite the first's."""
+    from reir.cli.search import query_folder
+
+    results = tmp_path / "results"
+    first = query_folder(results, "data/glyphs/images/U+0041/DejaVuSans.png")
+    assert first == results / "DejaVuSans"
+    first.mkdir(parents=True)
+    (first / "results.json").write_text(json.dumps({"query": {"path": "data/glyphs/images/U+0041/DejaVuSans.png"}}))
+    assert query_folder(results, "data/glyphs/images/U+0041/DejaVuSans.png") == first  # a rerun replaces its own
+    second = query_folder(results, "data/glyphs/images/U+0391/DejaVuSans.png")
+    assert second == results / "DejaVuSans_2"
+    second.mkdir()
+    (second / "results.json").write_text("not json")  # unreadable: never taken as this query's
+    assert query_folder(results, "data/glyphs/images/U+0410/DejaVuSans.png") == results / "DejaVuSans_3"
+
+
+def test_grid_captions_hold_the_whole_label_and_a_code_points_character():
+    font = grids.caption_font()
+    caption = grids.result_caption({"rank": 1, "score": 1.0, "label": "U+0391"})
+    assert caption == "1: 1.0000\nU+0391 Α"
+    long_label = "a class name longer than one line"
+    lines = grids.caption_lines(grids.result_caption({"rank": 2, "score": 0.5, "label": long_label}), font)
+    assert len(lines) == 3 and lines[0] == "2: 0.5000" and " ".join(lines[1:]) == long_label  # wrapped, not cut
+    assert all(font.getlength(line) <= grids.TILE for line in lines)
+    beyond = grids.caption_lines("1: 0.5\n" + long_label * 3, font)  # past the strip's lines: an ellipsis says so
+    assert len(beyond) == grids.CAPTION_LINES and beyond[-1].endswith("…")
+    assert grids.shown_label("U+D800") == "U+D800" and grids.shown_label("cat") == "cat"

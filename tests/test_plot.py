@@ -28,6 +28,18 @@ def test_figure_plots_every_column_per_epoch(tmp_path):
     assert math.isnan(nmi[0]) and nmi[1] == 0.3
 
 
+def test_the_recall_legend_covers_no_data(tmp_path):
+    """The legend sat inside the Recall@K panel, over the R@1 curve."""
+    path = tmp_path / "run_results.csv"
+    path.write_text(CSV)
+    figure = build_figure(read_statistics(path), "run")
+    figure.canvas.draw()
+    recall = figure.axes[2]
+    legend = recall.get_legend().get_window_extent()
+    assert not legend.overlaps(recall.get_window_extent())  # outside the plotting area, so over no curve
+    assert legend.y1 > 0 and legend.x0 >= 0 and legend.x1 <= figure.bbox.x1  # and still in the picture
+
+
 def test_reir_plot_writes_a_png_and_refuses_bad_input(tmp_path, capsys):
     good = tmp_path / "run_results.csv"
     good.write_text(CSV)

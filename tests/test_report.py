@@ -62,3 +62,33 @@ def test_report_of_an_unlabelled_collection_shows_queries_without_metrics(served
     assert result.returncode == 0, result.stderr
     text = (tmp_path / "plain_data_base.html").read_text()
     assert "not computed" in text and text.count('class="row"') == 2 and "Worst queries" not in text
+
+
+LONG_LABEL = "a class name far longer than one line of a caption"
+
+
+def test_every_caption_shows_its_whole_label_and_a_code_points_character(tmp_path):
+    """Latin A, Greek Alpha and Cyrillic A score alike: a caption cut to "U+0…" did not tell them apart."""
+    from selenium.webdriver.common.by import By
+
+    from handmade import make_database
+
+    labels = ["U+0041", "U+0391", "U+0410", LONG_LABEL, "U+0041", "U+0391", "U+0410", LONG_LABEL]
+    database = make_database(tmp_path, "look_alikes", {"test": ([0, 2, 4, 6, 90, 92, 94, 96], labels)})
+    output = tmp_path / "report.html"
+    result = run_reir("report", "--data_base", str(database), "--k", "6", "--queries", "2", "--output", str(output))
+    assert result.returncode == 0, result.stderr
+    driver = chromium(tmp_path / "profile")
+    try:
+        driver.get(output.as_uri())
+        captions = driver.find_elements(By.TAG_NAME, "figcaption")
+        texts = [" ".join(caption.text.split()) for caption in captions]
+        assert any("U+0391 Α" in text for text in texts) and any("U+0410 А" in text for text in texts)
+        assert any(LONG_LABEL in text for text in texts)
+        for caption in captions:  # nothing cut: the whole text fits the caption's box
+            assert driver.execute_script("const e = arguments[0]; "
+                                         "return e.scrollWidth <= e.clientWidth && e.scrollHeight <= e.clientHeight",
+                                         caption), caption.text
+        screenshot(driver, "report_captions")
+    finally:
+        driver.quit()

@@ -11,7 +11,7 @@ from reir.fileio import load_tensors
 from reir.retrieval.database import load_database
 from reir.training.config import TrainConfig
 from reir.devices import parse_device, training_devices
-from conftest import run_reir, run_script, tiny_args
+from conftest import REPO, run_reir, run_script, tiny_args
 
 ORIGINAL_DEFAULTS = {
     "data_name": "car", "crop_type": "uncropped", "label_type": "fixed", "recalls": [1, 2, 4, 8],
@@ -63,6 +63,16 @@ def test_absent_gpu_ids_do_not_crash_and_cuda_n_means_that_gpu(monkeypatch, caps
 def test_params_command_prints_the_table_cell():
     result = run_reir("params", "--model_type", "resnet50", "--meta_class_size", "512")
     assert result.returncode == 0 and result.stdout.splitlines()[0] == "1,168,150,592"
+
+
+def test_params_table_prints_readmes_whole_table():
+    result = run_reir("params", "--table")
+    assert result.returncode == 0, result.stderr
+    readme = (REPO / "README.md").read_text()
+    printed = [line.split(" | ")[1:] for line in result.stdout.splitlines() if line.startswith("| res")]
+    quoted = [line.split(" | ")[1:] for line in readme.splitlines() if line.startswith("| res")
+              and line.count(",") >= 8]
+    assert len(printed) == 4 and printed == quoted
 
 
 @pytest.mark.slow

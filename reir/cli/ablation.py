@@ -14,7 +14,7 @@ from reir.cli.common import ArgumentParser, reports_errors
 from reir.errors import ReirError
 from reir.fileio import write_json
 from reir.retrieval.ablation import (check_compatible, compare, correct_counts, format_ratio, percent, query_and_gallery,
-                                     run_stem, save_comparisons)
+                                     comparison_estimate, run_stem, save_comparisons)
 from reir.retrieval.database import load_database
 from reir.retrieval.original import find_or_convert_database
 
@@ -70,6 +70,9 @@ def main(argv: list[str] | None = None, prog: str = "ablation.py") -> int:
     print(f"better ratio: {format_ratio(figures)}")
     if args.save_results:
         folder = Path(args.output_dir) / "results" / f"ablation_{run_stem(paths[0])}_vs_{run_stem(paths[1])}_{args.data_type}"
+        count, size = comparison_estimate(counts, k_used)
+        print(f"Writing {count} comparison images (one per query the better database wins; at most "
+              f"{size / 2 ** 20:,.1f} MiB) to {folder}", flush=True)
         written = save_comparisons(folder, better, worse, splits, rankings, counts, names)
         write_json(folder / "ablation.json", {"better": names[0], "worse": names[1], "data_type": args.data_type,
                                               **figures, "images": written})

@@ -35,7 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     sizes = [len(database.features[s]) for s in database.eval_splits]
     protocol = (f"test against itself, {sizes[0]} images" if len(sizes) == 1
                 else f"{sizes[0]} queries against {sizes[1]} gallery images")
-    print(f"{database.info.get('data_name', 'database')} ({protocol}):")
+    print(f"{database.info.get('data_name') or 'database'} ({protocol}):")
     for key, value in metrics.items():
         if value is not None:
             print(f"  {key:<12} {100 * value:6.2f}%")

@@ -1,6 +1,6 @@
 """``reir prepare`` / ``python data_utils.py``: datasets as distributed -> split lists for training.
 
-    python data_utils.py                          # every benchmark found under data/
+    python data_utils.py                          # every benchmark found under data/, else the embedded ones
     python data_utils.py --data_name cub --resize 0
     reir prepare --data_name custom --data_path my_images.csv
 """
@@ -89,8 +89,13 @@ def main(argv: list[str] | None = None) -> int:
     names = [args.data_name] if args.data_name != "all" else \
         [n for n in BENCHMARKS if (Path(args.data_path) / n).is_dir()]
     if not names:
-        raise ReirError(f"no dataset found under {args.data_path}: unpack them as {args.data_path}/car, "
-                        f"{args.data_path}/cub, {args.data_path}/sop or {args.data_path}/isc (see docs/DATASETS.md)")
+        print(f"no benchmark under {args.data_path} (unpack car, cub, sop or isc there: docs/DATASETS.md); "
+              "the embedded datasets need no download:")
+        for name in EMBEDDED:
+            split_list = split_list_path(args.data_path, name, "uncropped")
+            print(f"  {name}: " + (f"ready in {split_list}" if split_list.is_file() else
+                                   f"not built yet: python data_utils.py --data_name {name}"))
+        return 0
     resize = DEFAULT_RESIZE if args.resize is None else args.resize
     for name in names:
         croppable = BENCHMARKS[name].croppable

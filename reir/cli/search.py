@@ -7,6 +7,7 @@ embedded with the model the database records. Results are ranked by
 
 from __future__ import annotations
 
+import itertools
 import json
 import sys
 from pathlib import Path
@@ -47,6 +48,22 @@ def get_args_parser(prog: str = "inference.py") -> ArgumentParser:
     return parser
 
 
+def query_folder(results: Path, query_path: str) -> Path:
+    """``results/<query stem>/`` as the original named it, unless another query of that stem (every glyph is
+    ``DejaVuSans.png``) wrote it: then the next ``<stem>_<n>/`` that is free or this query's own."""
+    stem = Path(query_path).stem
+    for number in itertools.count(1):
+        folder = results / (stem if number == 1 else f"{stem}_{number}")
+        if not folder.exists():
+            return folder
+        try:
+            recorded = json.loads((folder / "results.json").read_text())["query"]["path"]
+        except (OSError, ValueError, KeyError, TypeError):
+            recorded = None
+        if recorded == query_path:
+            return folder
+
+
 def retrieve(args) -> dict:
     """Rank, draw and describe; returns the JSON report."""
     db_path = find_or_convert_database(args.data_base, args.output_dir)
@@ -70,7 +87,7 @@ def retrieve(args) -> dict:
     results = [{"rank": n + 1, "path": db.paths(split)[i], "label": db.labels(split)[i], "score": s,
                 "correct": None if label is None else db.labels(split)[i] == label}
                for n, (i, s) in enumerate(found)]
-    folder = Path(args.output_dir) / "results" / Path(query_path).stem
+    folder = query_folder(Path(args.output_dir) / "results", query_path)
     report = {"query": {"path": query_path, "label": label, "in_database": location is not None,
                         "split": location[0] if location else None},
               "database": str(db_path), "data_type": args.data_type, "split": split,

@@ -3,20 +3,47 @@
 import ipaddress
 import socket
 import sys
+from pathlib import Path
 
 from reir.model.files import load_model
 from reir.argtypes import positive_int
 from reir.cli.common import ArgumentParser, reports_errors
 from reir.errors import ReirError, UsageError
 from reir.retrieval.backends import open_index
-from reir.retrieval.index import Index
+from reir.retrieval.index import Index, id_map_path
 from reir.devices import parse_device
 from reir.service.access import MIN_KEY_CHARACTERS
 from reir.service import (BATCH_SIZE, BATCH_WINDOW_MS, DEFAULT_K, MAX_BODY_BYTES, MAX_K, MAX_PIXELS, MAX_REQUESTS,
                           UPLOAD_SECONDS, Searcher, create_app)
 
 
+def is_database(path: str) -> bool:
+    """A sharded database's folder, or a safetensors file (8-byte header length, then its JSON header):
+    told from the content, as an index may be named anything."""
+    from reir.retrieval.database import MANIFEST
+
+    candidate = Path(path)
+    if (candidate / MANIFEST).is_file():
+        return True
+    try:
+        with open(candidate, "rb") as handle:
+            return handle.read(9)[8:] == b"{"
+    except OSError:
+        return False
+
+
+def check_source_kind(args) -> None:
+    """A database given as an index, or an index as a database, is refused with the flag it needs."""
+    if args.index and not id_map_path(args.index).is_file() and is_database(args.index):
+        raise UsageError(f"{args.index} is a database, not an index: serve it with --data_base {args.index} "
+                         "(or build an index over it with reir index)")
+    if args.data_base and id_map_path(args.data_base).is_file():
+        raise UsageError(f"{args.data_base} is an index written by reir index, not a database: "
+                         f"serve it with --index {args.data_base}")
+
+
 def load_searcher(args) -> Searcher:
+    check_source_kind(args)
     if args.uri or args.backend == "milvus":
         if args.backend != "milvus" or not args.uri:
             raise UsageError("a Milvus collection is served with --backend milvus --uri URI [--collection NAME]")

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import argparse
 import copy
+from dataclasses import replace
 
 import torch
 
 from reir.argtypes import positive_int
 from reir.cli.common import ArgumentParser, reports_errors
+from reir.data.registry import BENCHMARKS
 from reir.model.branches import resolve_batching
+from reir.model.network import MODEL_TYPES, ModelConfig, count_parameters
 from reir.training.config import MODEL_FLAGS, TrainConfig, add_flags
 from reir.training.memory import HOST_OVERHEAD, estimate, gib
 from reir.training.train import train
@@ -40,6 +43,17 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def parameter_table(model: ModelConfig) -> str:
+    """The original's table as Markdown: a row per backbone, a column per benchmark at the meta-class size
+    its runs used, so that every cell README quotes is printed by one command."""
+    columns = {name: info.original_meta_classes for name, info in BENCHMARKS.items() if info.original_meta_classes}
+    lines = ["| backbone | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
+    for backbone in MODEL_TYPES:
+        cells = (count_parameters(replace(model, model_type=backbone, meta_class_size=size)) for size in columns.values())
+        lines.append(f"| {backbone} | " + " | ".join(f"{count:,}" for count in cells) + " |")
+    return "\n".join(lines)
+
+
 @reports_errors
 def params_main(argv: list[str] | None = None) -> int:
     """``reir params``: the trainable parameter count of a configuration and the memory it needs to train,
@@ -49,8 +63,14 @@ def params_main(argv: list[str] | None = None) -> int:
     add_flags(parser, (*MODEL_FLAGS, "image_size", "batch_size", "recipe", "weights", "branch_batching"))
     parser.add_argument("--devices", type=positive_int, default=1,
                         help="devices the branches are split over (default 1)")
+    parser.add_argument("--table", action="store_true",
+                        help="print the original's whole parameter table (every backbone x benchmark at its meta "
+                             "class size, the other model flags as given) instead of one configuration")
     args = vars(parser.parse_args(argv))
     devices = args.pop("devices")
+    if args.pop("table"):
+        print(parameter_table(TrainConfig(**args).model))
+        return 0
     config = TrainConfig(**args)
     needs = estimate(config.model, config.image_size, config.batch_size, config.recipe, config.weights,
                      resolve_batching(config.branch_batching, torch.device("cpu")), devices)

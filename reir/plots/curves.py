@@ -59,8 +59,8 @@ def build_figure(columns: dict[str, list[float]], title: str):
         axis.set_xlabel("epoch")
         axis.grid(alpha=0.3)
         axis.xaxis.get_major_locator().set_params(integer=True)
-        if axis.lines and len(series) > 1:
-            axis.legend()
+        if axis.lines and len(series) > 1:  # below the panel, never over a curve
+            axis.legend(loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=len(series), frameon=False)
     figure.suptitle(title)
     return figure
 

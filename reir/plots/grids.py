@@ -7,7 +7,9 @@ Everything is drawn with PIL so the colours in a PNG are exactly these values.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
@@ -24,10 +26,58 @@ TEXT = (0, 0, 0)
 
 TILE = 128  # image side inside a grid cell
 BORDER = 6
-CAPTION = 18  # text strip under each cell
+CAPTION_LINES = 3  # rank and score, then the label wrapped to two lines
+LINE = 13
+CAPTION = CAPTION_LINES * LINE + 4  # text strip under each cell
 TITLE = 22  # optional strip above the grid
 GAP = 4
 FILE_SIZE = 224  # side of the per-image files, as in the original
+# The labels of the glyph datasets: a code point, told apart from a look-alike (Latin A, Greek Alpha,
+# Cyrillic A) only by the character itself, which captions add.
+CODE_POINT = re.compile(r"U\+([0-9A-F]{4,6})")
+
+
+def shown_label(label: str | None) -> str | None:
+    """A label as captions show it: a code point with its character (``U+0391 Α``), anything else as it is."""
+    found = CODE_POINT.fullmatch(label or "")
+    if found:
+        point = int(found.group(1), 16)
+        if point <= 0x10FFFF and not 0xD800 <= point <= 0xDFFF:
+            return f"{label} {chr(point)}"
+    return label
+
+
+@lru_cache(maxsize=1)
+def caption_font() -> ImageFont.ImageFont:
+    """DejaVu Sans (shipped with matplotlib, as the glyphs are): it draws Latin, Greek and Cyrillic, which
+    PIL's default font does not."""
+    from reir.data.glyphs import font_folder
+
+    try:
+        return ImageFont.truetype(str(font_folder() / "DejaVuSans.ttf"), 11)
+    except OSError:
+        return ImageFont.load_default()
+
+
+def caption_lines(text: str, font, width: int = TILE, lines: int = CAPTION_LINES) -> list[str]:
+    """``text`` (lines split at newlines) broken into at most ``lines`` lines no wider than ``width``
+    pixels, at spaces where possible; text beyond the last line ends in an ellipsis."""
+    out: list[str] = []
+    for paragraph in text.split("\n"):
+        current = ""
+        for character in paragraph:
+            if current and font.getlength(current + character) > width:
+                cut = current.rfind(" ")
+                head, current = (current[:cut], current[cut + 1:]) if cut > 0 else (current, "")
+                out.append(head)
+            current += character
+        out.append(current)
+    if len(out) > lines:
+        last = out[lines - 1]
+        while last and font.getlength(last + "…") > width:
+            last = last[:-1]
+        out = out[:lines - 1] + [last + "…"]
+    return out
 
 
 @dataclass
@@ -68,7 +118,7 @@ def grid(rows: list[list[Tile | None]], title: str | None = None) -> Image.Image
     columns = max((len(r) for r in rows), default=0)
     canvas = Image.new("RGB", grid_size(len(rows), columns, title is not None), BACKGROUND)
     draw = ImageDraw.Draw(canvas)
-    font = ImageFont.load_default()
+    font = caption_font()
     if title is not None:
         draw.text((GAP, GAP), title, fill=TEXT, font=font)
     for r, row in enumerate(rows):
@@ -77,7 +127,8 @@ def grid(rows: list[list[Tile | None]], title: str | None = None) -> Image.Image
                 continue
             x, y = cell_origin(r, c, title is not None)
             canvas.paste(bordered(read_image(tile.path), tile.colour), (x, y))
-            draw.text((x + BORDER, y + TILE + 2 * BORDER + 2), tile.caption, fill=TEXT, font=font)
+            for number, line in enumerate(caption_lines(tile.caption, font)):
+                draw.text((x + BORDER, y + TILE + 2 * BORDER + 2 + number * LINE), line, fill=TEXT, font=font)
     return canvas
 
 
@@ -92,11 +143,16 @@ def save_image(image: Image.Image, path: str | Path) -> Path:
     return atomic_write_with(path, lambda tmp: image.save(tmp, format=image_format))
 
 
+def result_caption(result: dict) -> str:
+    """Rank and score, then the whole label on the lines below."""
+    head = f"{result['rank']}: {result['score']:.4f}"
+    return head if result.get("label") is None else f"{head}\n{shown_label(result['label'])}"
+
+
 def save_search_pictures(folder: Path, query_path: str, label: str | None, results: list[dict], columns: int) -> None:
     """The grid, and the original's per-image files; older per-image files of this query are removed."""
-    query_tile = Tile(query_path, "query" if label is None else f"query ({label})", BLUE)
-    tiles = [query_tile] + [Tile(r["path"], f"{r['rank']}: {r['score']:.4f}", status_colour(r["correct"]))
-                            for r in results]
+    query_tile = Tile(query_path, "query" if label is None else f"query\n{shown_label(label)}", BLUE)
+    tiles = [query_tile] + [Tile(r["path"], result_caption(r), status_colour(r["correct"])) for r in results]
     save_image(grid(wrap(tiles, columns)), folder / "grid.png")
     save_image(bordered(read_image(query_path), BLUE, FILE_SIZE, 0), folder / "query_img.jpg")
     written = set()

@@ -18,6 +18,7 @@ import torch
 
 from reir.retrieval.evaluation import evaluate_database
 from reir.data.images import read_image
+from reir.plots.grids import shown_label
 from reir.errors import ReirError
 from reir.retrieval.collection_files import CollectionFiles, collection_files
 from reir.retrieval.database import Database
@@ -105,21 +106,22 @@ def query_rows(db: Database, files: CollectionFiles, query_split: str, gallery_s
                results: Results) -> str:
     thumbs: dict[str, str] = {}
 
-    def cell(path: str, caption: str, colour: str) -> str:
+    def cell(path: str, caption: str, label: str | None, colour: str) -> str:
         if path not in thumbs:
             thumbs[path] = thumbnail(files, path)
         picture = (f'<img src="{thumbs[path]}" alt="">' if thumbs[path] else '<div class="missing">missing</div>')
         return (f'<figure style="border-color:{colour}" title="{html.escape(path)}">{picture}'
-                f'<figcaption>{html.escape(caption)}</figcaption></figure>')
+                f'<figcaption>{html.escape(caption)}<span class="label">{html.escape(shown_label(label) or "?")}'
+                f'</span></figcaption></figure>')
 
     out = []
     labels, gallery_labels = db.labels(query_split), db.labels(gallery_split)
     for row in rows:
         label = labels[row]
-        cells = [cell(db.paths(query_split)[row], f"query · {label or '?'}", BLUE)]
+        cells = [cell(db.paths(query_split)[row], "query", label, BLUE)]
         for rank, (i, score) in enumerate(results.row(row), start=1):
             colour = GREY if UNLABELLED in (label, gallery_labels[i]) else GREEN if gallery_labels[i] == label else RED
-            cells.append(cell(db.paths(gallery_split)[i], f"{rank}. {score:.3f} · {gallery_labels[i] or '?'}", colour))
+            cells.append(cell(db.paths(gallery_split)[i], f"{rank}. {score:.3f}", gallery_labels[i], colour))
         out.append(f'<div class="row">{"".join(cells)}</div>')
     return "\n".join(out)
 
@@ -132,7 +134,8 @@ table { border-collapse: collapse; } td, th { padding: .2rem .7rem; border-botto
 figure { margin: 0; border: 4px solid; width: 84px; }
 figure img, .missing { width: 100%; aspect-ratio: 1; object-fit: cover; display: block; }
 .missing { background: #eee; font-size: .7rem; text-align: center; }
-figcaption { font-size: .68rem; padding: 1px 2px; white-space: nowrap; overflow: hidden; text-overflow: ellipsis; }
+figcaption { font-size: .68rem; padding: 1px 2px; overflow-wrap: anywhere; }
+figcaption .label { display: block; }
 .note { color: #666; font-size: .9rem; }
 img.curves { max-width: 100%; }
 """

@@ -29,8 +29,9 @@ def query_and_gallery(db: Database, data_type: str) -> tuple[str, str]:
 
 
 def check_compatible(better: Database, worse: Database, names: tuple[str, str], splits: tuple[str, str]) -> None:
-    """Only databases of the same images can be compared query by query."""
-    for key in ("data_name", "crop_type"):
+    """Only databases of the same images, cropped alike, can be compared query by query: the image lists
+    decide, not the names recorded (a folder embedded by a digits model and by a glyphs model is one dataset)."""
+    for key in ("crop_type",):
         a, b = better.info.get(key), worse.info.get(key)
         if a != b:
             raise ReirError(f"{names[0]} and {names[1]} differ in {key} ({a} vs {b}); "
@@ -86,6 +87,14 @@ def format_ratio(figures: dict) -> str:
 
 def percent(value: float | None) -> str:
     return "n/a (no query found a correct result)" if value is None else f"{100 * value:.2f}%"
+
+
+def comparison_estimate(counts: dict, k: int) -> tuple[int, int]:
+    """How many pictures :func:`save_comparisons` writes (the queries ``better`` wins) and their size in bytes
+    at most: each a title strip and two rows of ``k`` results, as uncompressed RGB (PNG writes less)."""
+    count = int((counts["better"] > counts["worse"]).sum())
+    width, height = grids.grid_size(2, k + 1, title=True)
+    return count, count * width * height * 3
 
 
 def save_comparisons(folder: Path, better: Database, worse: Database, splits: tuple[str, str],

@@ -29,6 +29,7 @@ class Collection:
     labels: list[str]
     source: str
     root: str  # the folder served images must lie under (reir.retrieval.collection_files)
+    data_name: str | None = None  # the prepared dataset it lists; None for a folder or CSV of images
 
     def shard_count(self, shard_size: int) -> int:
         return -(-len(self.paths) // shard_size)
@@ -63,6 +64,7 @@ class TarCollection:
     split: str
     source: str
     root: str
+    data_name: str | None = None
 
     def shard_count(self, shard_size: int) -> int:
         return len(self.shards)
@@ -158,7 +160,8 @@ def from_dataset(data_name: str, data_path: str, crop_type: str, image_size: int
         names += [split] * len(split_list.splits[split])
         paths += split_list.absolute(split)
         labels += split_list.splits[split].labels
-    return Collection(names, paths, labels, f"{data_name} ({crop_type}) in {data_path}", recorded_root(paths))
+    return Collection(names, paths, labels, f"{data_name} ({crop_type}) in {data_path}", recorded_root(paths),
+                      data_name)
 
 
 def from_shards(pattern: str, split: str) -> TarCollection:

@@ -130,11 +130,17 @@ def embed_shards(model: Model, collection, parts: Path, key: str, shard_size: in
     return len(todo), skipped
 
 
-def database_info(model: Model, collection, skipped: list[list]) -> dict:
+def database_info(model: Model, collection, skipped: list[list], counts: dict[str, int]) -> dict:
+    """What the database holds: the images embedded (their dataset, where they are, how many per split),
+    beside the data the model was trained on, which is often another (a glyph model embedding a folder)."""
     return {"model_file": str(Path(model.path).resolve()), "image_size": model.image_size,
             "mean": model.mean, "std": model.std, "source": collection.source,
             ROOT_KEY: collection.root,
-            "data_name": model.run_config.get("data_name"), "skipped": skipped}
+            "data_name": collection.data_name,
+            "images": {"data_name": collection.data_name, "root": collection.source, "count": dict(counts)},
+            "model_data": {"data_name": model.run_config.get("data_name"),
+                           "data_path": model.run_config.get("data_path")},
+            "skipped": skipped}
 
 
 def shard_summary(parts: Path, shard_count: int) -> tuple[dict[str, int], list[list]]:
@@ -149,7 +155,8 @@ def shard_summary(parts: Path, shard_count: int) -> tuple[dict[str, int], list[l
     return counts, skipped
 
 
-def merge(model: Model, collection, parts: Path, shard_count: int, skipped: list[list]) -> Database:
+def merge(model: Model, collection, parts: Path, shard_count: int, skipped: list[list],
+          counts: dict[str, int]) -> Database:
     """All shards, in order, into one in-memory database (for outputs under ``--max_file_gb``)."""
 
     def slices():
@@ -158,13 +165,14 @@ def merge(model: Model, collection, parts: Path, shard_count: int, skipped: list
             for split, tensor in features.items():
                 yield split, tensor, meta["splits"][split]["paths"], meta["splits"][split]["labels"]
 
-    return Database(*gather(slices()), model.run_config, database_info(model, collection, skipped))
+    return Database(*gather(slices()), model.run_config, database_info(model, collection, skipped, counts))
 
 
-def publish_sharded(model: Model, collection, parts: Path, output: Path, shard_count: int, skipped: list[list]) -> None:
+def publish_sharded(model: Model, collection, parts: Path, output: Path, shard_count: int, skipped: list[list],
+                    counts: dict[str, int]) -> None:
     """Manifest into the parts folder, then the folder into place; an earlier database there is replaced last."""
     write_manifest(parts, [shard_name(s) for s in range(shard_count)], model.run_config,
-                   database_info(model, collection, skipped))
+                   database_info(model, collection, skipped, counts))
     (parts / "job.json").unlink()
     previous = output.with_name(output.name + f".previous-{os.getpid()}")
     if output.exists():
@@ -202,11 +210,11 @@ def run(model: Model, collection, output: Path, context: distributed.Context, *,
     ensemble, meta = model.embedding_shape
     sharded = shard_output or sum(counts.values()) * ensemble * meta * 4 > max_file_gb * 2**30
     if sharded:
-        publish_sharded(model, collection, parts, output, shard_count, skipped)
+        publish_sharded(model, collection, parts, output, shard_count, skipped, counts)
     else:
         if output.is_dir():
             raise UsageError(f"--output {output} is a sharded database; pass --shard_output to replace it")
-        merge(model, collection, parts, shard_count, skipped).save(output)
+        merge(model, collection, parts, shard_count, skipped, counts).save(output)
     listing = output.with_name(output.name + ".skipped.txt")
     listing.unlink(missing_ok=True)
     if skipped:
