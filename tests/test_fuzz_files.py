@@ -11,6 +11,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import hashlib
+import copy
 import json
 import random
 import signal
@@ -80,6 +81,12 @@ def mutate_header(data: bytes, rng: random.Random) -> bytes:
 JUNK = [None, 0, -1, 1.5, "", "x", "\u00b2", [], {}, [1, 2], {"a": 1}, True, 10**30, float("inf")]
 
 
+def junk(rng: random.Random):
+    """A fresh copy of a junk value: one list or dict shared by two places would become a circular document
+    once a later rewrite puts something inside it."""
+    return copy.deepcopy(rng.choice(JUNK))
+
+
 def rewrite_json(value, rng: random.Random, depth: int = 0) -> None:
     """Replace, delete or add a few entries somewhere inside a JSON document (in place)."""
     for _ in range(rng.randint(1, 3)):
@@ -94,15 +101,15 @@ def rewrite_json(value, rng: random.Random, depth: int = 0) -> None:
             key = rng.choice(list(target))
             action = rng.choice(["replace", "replace", "delete", "add"])
             if action == "replace":
-                target[key] = rng.choice(JUNK)
+                target[key] = junk(rng)
             elif action == "delete":
                 del target[key]
             else:
-                target[odd_text(rng)] = rng.choice(JUNK)
+                target[odd_text(rng)] = junk(rng)
         elif isinstance(target, list) and target:
             position = rng.randrange(len(target))
-            rng.choice([lambda: target.__setitem__(position, rng.choice(JUNK)), lambda: target.pop(position),
-                        lambda: target.append(rng.choice(JUNK))])()
+            rng.choice([lambda: target.__setitem__(position, junk(rng)), lambda: target.pop(position),
+                        lambda: target.append(junk(rng))])()
 
 
 def mutate_json_text(text: bytes, rng: random.Random) -> bytes:
@@ -379,7 +386,7 @@ def test_crafted_databases_serve_only_collection_images(served_model, tmp_path, 
         database = home / f"db_{n}.safetensors"
         info = {"collection_root": root} if root is not None else {}
         Database({"test": torch.nn.functional.normalize(torch.randn(len(paths), ensemble, meta), dim=-1)},
-                 {"test": {"paths": paths, "labels": [""] * len(paths)}}, model.config, info).save(database)
+                 {"test": {"paths": paths, "labels": [""] * len(paths)}}, model.run_config, info).save(database)
         try:
             searcher = Searcher(model, Index.from_database(database), source=database)
         except ReirError as exc:

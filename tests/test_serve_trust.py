@@ -37,7 +37,7 @@ def crafted_database(model, folder, paths, root=None):
     info = {"collection_root": str(root)} if root is not None else {}
     path = folder / "db.safetensors"
     Database({"test": features}, {"test": {"paths": [str(p) for p in paths], "labels": [""] * len(paths)}},
-             model.config, info).save(path)
+             model.run_config, info).save(path)
     return path
 
 

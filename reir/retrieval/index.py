@@ -171,10 +171,11 @@ class Index:
             return
         for start in range(0, len(self), 65536):
             try:
+                # torch.as_tensor: faiss returns a tensor instead once faiss.contrib.torch_utils has been imported
                 rows = self.faiss_index.reconstruct_n(start, min(65536, len(self) - start))
             except RuntimeError:
                 return  # an index that cannot give its vectors back (IVF without a direct map) is checked when built
-            check_finite(torch.from_numpy(rows), f"index {path}", NON_FINITE_FIX)
+            check_finite(torch.as_tensor(rows), f"index {path}", NON_FINITE_FIX)
 
     def save(self, path: str | os.PathLike) -> tuple[Path, Path]:
         """FAISS's own file at ``path`` and the id map (paths, labels, factory) at ``<path>.ids.json``."""
