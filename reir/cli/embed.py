@@ -16,9 +16,10 @@ from reir.cli.common import ArgumentParser, reports_errors
 from reir.data.tarshards import is_shard_pattern
 from reir.devices import training_devices
 from reir.errors import UsageError
+from reir.fileio import claim_output
 from reir.model.files import Model, load_model
 from reir.retrieval.collections import from_csv, from_dataset, from_folder, from_shards
-from reir.retrieval.database import MANIFEST
+from reir.retrieval.database import FORMAT, MANIFEST, SHARDED_FORMAT
 from reir.retrieval.embedding_job import run
 
 
@@ -54,6 +55,8 @@ def get_args_parser() -> ArgumentParser:
                         help="images per resumable shard (a multiple of --batch_size is best; tar input: one tar each)")
     parser.add_argument("--num_workers", default=2, type=non_negative_int, help="image loading processes")
     parser.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace an existing --output that is not a REIR database")
     return parser
 
 
@@ -78,6 +81,8 @@ def main(argv: list[str] | None = None) -> int:
     args = get_args_parser().parse_args(argv)
     output = Path(args.output)
     check_output(output)
+    claim_output(output, (FORMAT, SHARDED_FORMAT), inputs=[args.model, args.data_path if args.data_name else args.images],
+                 overwrite=args.overwrite, setting="--overwrite")
     if args.max_file_gb <= 0:
         raise UsageError(f"--max_file_gb {args.max_file_gb} must be positive")
     context, device = distributed.setup(args.device)

@@ -14,7 +14,7 @@ from pathlib import Path
 from reir.argtypes import positive_int
 from reir.cli.common import ArgumentParser, reports_errors
 from reir.errors import ReirError
-from reir.fileio import write_json
+from reir.fileio import claim_output, write_json
 from reir.plots import grids
 from reir.retrieval.database import load_database
 from reir.retrieval.lookup import embed_image, locate_query, rank, search_split
@@ -40,12 +40,17 @@ def get_args_parser(prog: str = "inference.py") -> ArgumentParser:
     extra.add_argument("--query_label", default=None,
                        help="class of a query that is not in the database, to colour the results")
     extra.add_argument("--json", action="store_true", help="print the JSON report instead of writing it")
+    extra.add_argument("--overwrite", action="store_true",
+                       help="replace an existing results folder this command did not write")
     return parser
 
 
 def retrieve(args) -> dict:
     """Rank, draw and describe; returns the JSON report."""
     db_path = find_or_convert_database(args.data_base, args.output_dir)
+    folder = Path(args.output_dir) / "results" / Path(args.query_img_name).stem
+    claim_output(folder, (grids.SEARCH_FORMAT,), inputs=[db_path, args.query_img_name],
+                 record=folder / "grid.png", overwrite=args.overwrite, setting="--overwrite")
     db = load_database(db_path)
     split = search_split(db, args.data_type)
     if split not in db.features:
@@ -66,8 +71,7 @@ def retrieve(args) -> dict:
     results = [{"rank": n + 1, "path": db.paths(split)[i], "label": db.labels(split)[i], "score": s,
                 "correct": None if label is None else db.labels(split)[i] == label}
                for n, (i, s) in enumerate(found)]
-    folder = Path(args.output_dir) / "results" / Path(query_path).stem
-    report = {"query": {"path": query_path, "label": label, "in_database": location is not None,
+    report = {"format": grids.SEARCH_FORMAT, "query": {"path": query_path, "label": label, "in_database": location is not None,
                         "split": location[0] if location else None},
               "database": str(db_path), "data_type": args.data_type, "split": split,
               "retrieval_num": args.retrieval_num, "results": results,

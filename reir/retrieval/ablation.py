@@ -27,6 +27,8 @@ def query_and_gallery(db: Database, data_type: str) -> tuple[str, str]:
     splits = db.eval_splits
     return splits[0], splits[-1]
 
+ABLATION_FORMAT = "reir-ablation/1"  # recorded in ablation.json and in each comparison picture
+
 
 def check_compatible(better: Database, worse: Database, names: tuple[str, str], splits: tuple[str, str]) -> None:
     """Only databases of the same images can be compared query by query."""
@@ -107,7 +109,7 @@ def save_comparisons(folder: Path, better: Database, worse: Database, splits: tu
         title = (f"top: better {run_stem(Path(names[0]))} ({int(counts['better'][q])} correct)   "
                  f"bottom: worse {run_stem(Path(names[1]))} ({int(counts['worse'][q])} correct)")
         target = folder / f"{q:05d}_{Path(query_path).stem}.png"
-        grids.save_image(grids.grid(rows, title), target)
+        grids.save_image(grids.grid(rows, title), target, ABLATION_FORMAT)
         written.append(str(target))
     for stale in folder.glob("[0-9][0-9][0-9][0-9][0-9]_*.png"):  # from an earlier comparison
         if str(stale) not in written:
