@@ -187,7 +187,8 @@ class Index:
         try:
             atomic_write(ids_path, json.dumps(id_map, separators=(",", ":")))
         except BaseException:
-            pending.unlink(missing_ok=True)
+            if _recorded_digest(path) != id_map["index_sha256"]:  # not committed: the pending bytes are nobody's
+                pending.unlink(missing_ok=True)
             raise
         replace(pending, path)
         return path, ids_path
@@ -221,16 +222,19 @@ class Index:
         return loaded
 
 
-def _finish_committed_save(path: Path) -> None:
-    """Do the last rename of an earlier save that stopped after its commit, before a new save reuses its pending file."""
-    pending = pending_path(path)
-    if not pending.is_file() or not id_map_path(path).is_file():
-        return
+def _recorded_digest(path: Path) -> str | None:
+    """The index checksum the id map on disk records (``None`` when there is none to read)."""
     try:
         id_map = json.loads(id_map_path(path).read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, ValueError, RecursionError):
-        return
-    if isinstance(id_map, dict) and id_map.get("index_sha256") == file_sha256(pending):
+        return None
+    return id_map.get("index_sha256") if isinstance(id_map, dict) else None
+
+
+def _finish_committed_save(path: Path) -> None:
+    """Do the last rename of an earlier save that stopped after its commit, before a new save reuses its pending file."""
+    pending = pending_path(path)
+    if pending.is_file() and _recorded_digest(path) == file_sha256(pending):
         replace(pending, path)
 
 
