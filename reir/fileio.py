@@ -158,6 +158,8 @@ def file_sha256(path: str | os.PathLike) -> str:
 # larger is not one of them.
 RECORD_BYTES = 64 * 2**20
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+# The PNG text chunk in which REIR records the format of a picture it drew.
+FORMAT_CHUNK = "reir-format"
 # How a REIR HTML page records its format, in its first kilobytes.
 HTML_FORMAT = re.compile(rb'<meta name="reir-format" content="([^"]+)"')
 
@@ -198,10 +200,6 @@ def recorded_format(path: str | os.PathLike) -> str | None:
             record = json.loads(path.read_text(encoding="utf-8"))
             found = record.get("format") if isinstance(record, dict) else None
     return found if isinstance(found, str) else None
-
-
-# The PNG text chunk in which REIR records the format of a picture it drew.
-FORMAT_CHUNK = "reir-format"
 
 
 def claim_output(output: str | os.PathLike, formats: Iterable[str], *, inputs: Iterable[str | os.PathLike] = (),

@@ -13,8 +13,8 @@ from reir.argtypes import positive_int
 from reir.cli.common import ArgumentParser, reports_errors
 from reir.errors import ReirError
 from reir.fileio import claim_output, write_json
-from reir.retrieval.ablation import (ABLATION_FORMAT, check_compatible, compare, correct_counts, format_ratio, percent, query_and_gallery,
-                                     run_stem, save_comparisons)
+from reir.retrieval.ablation import (ABLATION_FORMAT, check_compatible, compare, correct_counts, format_ratio, percent,
+                                     query_and_gallery, run_stem, save_comparisons)
 from reir.retrieval.database import load_database
 from reir.retrieval.original import find_or_convert_database
 
@@ -48,7 +48,8 @@ def main(argv: list[str] | None = None, prog: str = "ablation.py") -> int:
     if paths[0].resolve() == paths[1].resolve():
         raise ReirError(f"--better_data_base and --worse_data_base are the same file {paths[0]}; "
                         "compare two different runs", 2)
-    folder = Path(args.output_dir) / "results" / f"ablation_{run_stem(paths[0])}_vs_{run_stem(paths[1])}_{args.data_type}"
+    folder = (Path(args.output_dir) / "results"
+              / f"ablation_{run_stem(paths[0])}_vs_{run_stem(paths[1])}_{args.data_type}")
     if args.save_results:
         claim_output(folder, (ABLATION_FORMAT,), inputs=paths, record=folder / "ablation.json",
                      overwrite=args.overwrite, setting="--overwrite")
@@ -76,8 +77,8 @@ def main(argv: list[str] | None = None, prog: str = "ablation.py") -> int:
     print(f"better ratio: {format_ratio(figures)}")
     if args.save_results:
         written = save_comparisons(folder, better, worse, splits, rankings, counts, names)
-        write_json(folder / "ablation.json", {"format": ABLATION_FORMAT, "better": names[0], "worse": names[1], "data_type": args.data_type,
-                                              **figures, "images": written})
+        write_json(folder / "ablation.json", {"format": ABLATION_FORMAT, "better": names[0], "worse": names[1],
+                                              "data_type": args.data_type, **figures, "images": written})
         print(f"Saved {len(written)} comparison images and ablation.json to {folder}")
     return 0
 

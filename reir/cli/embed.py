@@ -81,7 +81,8 @@ def main(argv: list[str] | None = None) -> int:
     args = get_args_parser().parse_args(argv)
     output = Path(args.output)
     check_output(output)
-    claim_output(output, (FORMAT, SHARDED_FORMAT), inputs=[args.model, args.data_path if args.data_name else args.images],
+    source = args.images or (args.data_path if args.data_name == "custom" else Path(args.data_path) / args.data_name)
+    claim_output(output, (FORMAT, SHARDED_FORMAT), inputs=[args.model, source],
                  overwrite=args.overwrite, setting="--overwrite")
     if args.max_file_gb <= 0:
         raise UsageError(f"--max_file_gb {args.max_file_gb} must be positive")

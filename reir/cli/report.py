@@ -30,7 +30,8 @@ def get_args_parser() -> ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = get_args_parser().parse_args(argv)
     db_path = resolve_database_path(args.data_base, args.output_dir)
-    output = Path(args.output) if args.output else db_path.with_name(db_path.name.removesuffix(".safetensors") + ".html")
+    output = (Path(args.output) if args.output
+              else db_path.with_name(db_path.name.removesuffix(".safetensors") + ".html"))
     claim_output(output, (REPORT_FORMAT,), inputs=[db_path], overwrite=args.overwrite, setting="--overwrite")
     db = load_database(db_path)
     if not db.features:

@@ -71,7 +71,8 @@ def retrieve(args) -> dict:
     results = [{"rank": n + 1, "path": db.paths(split)[i], "label": db.labels(split)[i], "score": s,
                 "correct": None if label is None else db.labels(split)[i] == label}
                for n, (i, s) in enumerate(found)]
-    report = {"format": grids.SEARCH_FORMAT, "query": {"path": query_path, "label": label, "in_database": location is not None,
+    report = {"format": grids.SEARCH_FORMAT,
+              "query": {"path": query_path, "label": label, "in_database": location is not None,
                         "split": location[0] if location else None},
               "database": str(db_path), "data_type": args.data_type, "split": split,
               "retrieval_num": args.retrieval_num, "results": results,

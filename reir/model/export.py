@@ -133,7 +133,8 @@ def run_torchscript(path: Path, images: torch.Tensor) -> torch.Tensor:
         return torch.jit.load(str(path), map_location="cpu")(images)
 
 
-def export(model: Model, export_format: str, output: Path, external_data: bool | None = None) -> tuple[float, list[Path]]:
+def export(model: Model, export_format: str, output: Path,
+           external_data: bool | None = None) -> tuple[float, list[Path]]:
     """Write ``output`` and its preprocessing JSON; returns the parity check's max absolute difference and
     the files of the exported network.
 

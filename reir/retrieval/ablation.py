@@ -20,14 +20,16 @@ from reir.plots import grids
 from reir.retrieval.database import Database
 from reir.retrieval.results import Results
 from reir.retrieval.similarity import knn
+
+ABLATION_FORMAT = "reir-ablation/1"  # recorded in ablation.json and in each comparison picture
+
+
 def query_and_gallery(db: Database, data_type: str) -> tuple[str, str]:
     """Train against train, test against test, or isc's query against its gallery."""
     if data_type == "train":
         return "train", "train"
     splits = db.eval_splits
     return splits[0], splits[-1]
-
-ABLATION_FORMAT = "reir-ablation/1"  # recorded in ablation.json and in each comparison picture
 
 
 def check_compatible(better: Database, worse: Database, names: tuple[str, str], splits: tuple[str, str]) -> None:

@@ -211,7 +211,9 @@ def claim_run_outputs(config: TrainConfig, overwrite: bool = False, setting: str
     ``setting`` is how the caller's user sets ``overwrite``, named in the error.
     """
     files = run_files(config)
-    inputs = [config.data_path, *([config.weights] if Path(config.weights).is_file() else [])]
+    # The dataset's own folder (a custom dataset's CSV or folder), not the folder holding every dataset.
+    dataset = config.data_path if config.data_name == "custom" else Path(config.data_path) / config.data_name
+    inputs = [dataset, *([config.weights] if Path(config.weights).is_file() else [])]
     for path in files.values():  # an input is never replaced, whatever overwrite says
         claim_output(path, (), inputs=inputs, overwrite=True)
     resuming = config.resume not in (None, "auto") or (
