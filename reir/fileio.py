@@ -238,15 +238,18 @@ class OutputLock:
     """An exclusive ``flock`` on ``path`` while a command writes one output; the kernel drops it if the process dies.
 
     A second writer is refused at once, with the process id the holder recorded in the lock file. The
-    file is removed on release; a writer that locked a file removed meanwhile locks the new one instead.
+    file is removed on release, and so are the folders taking it made if the run left them empty (a run
+    refused early leaves nothing behind); a writer that locked a file removed meanwhile locks the new one.
     """
 
     def __init__(self, path: str | os.PathLike, what: str):
         self.path = Path(path)
         self.what = what
         self._fd: int | None = None
+        self._made: list[Path] = []
 
     def __enter__(self) -> "OutputLock":
+        self._made = [folder for folder in [self.path.parent, *self.path.parent.parents] if not folder.exists()]
         ensure_dir(self.path.parent)
         while True:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, FILE_MODE)
@@ -257,6 +260,7 @@ class OutputLock:
                 os.close(fd)
                 if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
                     raise ReirError(f"cannot lock {self.path}: {exc.strerror}; choose a writable folder") from None
+                self._remove_made_folders()
                 raise ReirError(f"{self.what} is being written by another process (pid {holder}, holding "
                                 f"{self.path}); wait for it to finish or choose another output", 2) from None
             try:
@@ -276,6 +280,14 @@ class OutputLock:
             _remove_quietly(str(self.path))
             os.close(self._fd)
             self._fd = None
+            self._remove_made_folders()
+
+    def _remove_made_folders(self) -> None:
+        for folder in self._made:  # deepest first; one that holds anything stays, and so do those above it
+            try:
+                folder.rmdir()
+            except OSError:
+                return
 
 
 def write_json(path: str | os.PathLike, obj: Any) -> Path:

@@ -23,11 +23,14 @@ from reir.retrieval.database import FORMAT, MANIFEST, SHARDED_FORMAT
 from reir.retrieval.embedding_job import run
 
 
-def check_output(output: Path) -> None:
-    """An existing folder is replaced only when it is a sharded database; anything else is refused."""
+def check_output(output: Path, shard_output: bool) -> None:
+    """An existing folder is replaced only when it is a sharded database; anything else is refused, and a
+    sharded database is not written over a single-file one (no one rename could swap the two)."""
     if output.is_dir() and not (output / MANIFEST).is_file():
         raise UsageError(f"--output {output} is a folder that is not a REIR database; give a new name, "
                          f"such as {output}/collection_data_base")
+    if shard_output and output.is_file():
+        raise UsageError(f"--output {output} is a single-file database; remove it or write the sharded one elsewhere")
 
 
 def get_args_parser() -> ArgumentParser:
@@ -80,7 +83,7 @@ def open_collection(args, model: Model):
 def main(argv: list[str] | None = None) -> int:
     args = get_args_parser().parse_args(argv)
     output = Path(args.output)
-    check_output(output)
+    check_output(output, args.shard_output)
     source = args.images or (args.data_path if args.data_name == "custom" else Path(args.data_path) / args.data_name)
     claim_output(output, (FORMAT, SHARDED_FORMAT), inputs=[args.model, source],
                  overwrite=args.overwrite, setting="--overwrite")
