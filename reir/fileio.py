@@ -1,19 +1,29 @@
-"""Atomic, pickle-free file I/O.
+"""Atomic, pickle-free file I/O, and the rules every output obeys.
 
 Every file REIR writes goes through :func:`atomic_write`: a temporary file in the
 destination folder, fsync, then rename, so a crash never leaves a truncated file
 under the final name and a failed run never replaces an earlier good one.
+
+Before a command does any work it claims its outputs with :func:`claim_output`: an output that
+is one of its inputs, or an existing file the command did not write itself (its recorded format,
+:func:`recorded_format`, is not one the command writes), is refused unless the caller passes
+``overwrite``. A command that runs for long holds :class:`OutputLock` on its output, so a second
+run on the same output refuses at once instead of mixing its files with the first one's.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
+import hashlib
+import fcntl
 import json
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -95,12 +105,15 @@ def atomic_write_with(path: str | os.PathLike, writer: Callable[[str], None]) ->
 
 
 @contextlib.contextmanager
-def atomic_files(main: str | os.PathLike) -> Iterator[Path]:
-    """For a writer that puts companions beside ``main`` (ONNX with its external weights).
+def atomic_files(main: str | os.PathLike, record: str | None = None) -> Iterator[Path]:
+    """For a writer that puts companions beside ``main`` (ONNX with its external weights, its JSON record).
 
     It writes to the yielded path, in a hidden folder beside ``main``, and may add files that
-    name each other as siblings. On success each is fsynced and renamed into place, ``main`` last,
-    so ``main`` never names a companion that is not there yet; on failure nothing is replaced.
+    name each other as siblings. On success each is fsynced and renamed into place: the companions,
+    then ``main``, then the file named ``record`` (which describes the others), so ``main`` never
+    names a companion that is not there yet; on failure nothing is replaced. Companions must not reuse
+    the names of an earlier artifact's companions (name them by their content), or a crash between two
+    renames would pair the old ``main`` with new companions.
     """
     main = Path(main)
     folder = ensure_dir(main.parent)
@@ -110,7 +123,7 @@ def atomic_files(main: str | os.PathLike) -> Iterator[Path]:
         raise ReirError(f"cannot write in {folder}: {exc.strerror}; choose a writable folder") from None
     try:
         yield staging / main.name
-        files = sorted(staging.iterdir(), key=lambda f: f.name == main.name)
+        files = sorted(staging.iterdir(), key=lambda f: (f.name == record, f.name == main.name))
         for file in files:
             os.chmod(file, FILE_MODE)
             with open(file, "rb+") as handle:
@@ -122,6 +135,159 @@ def atomic_files(main: str | os.PathLike) -> Iterator[Path]:
         raise ReirError(f"cannot write {main}: {exc.strerror}; free space or choose another folder") from None
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def replace(source: str | os.PathLike, target: str | os.PathLike) -> None:
+    """Rename ``source`` (a finished file or folder) onto ``target`` in one step and make the rename durable."""
+    try:
+        os.replace(source, target)
+    except OSError as exc:
+        raise ReirError(f"cannot write {target}: {exc.strerror}; free space or choose another folder") from None
+    _fsync_dir(Path(target).parent)
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+# The largest JSON record read to learn a file's format; REIR's records are far smaller, anything
+# larger is not one of them.
+RECORD_BYTES = 64 * 2**20
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+# The PNG text chunk in which REIR records the format of a picture it drew.
+FORMAT_CHUNK = "reir-format"
+# How a REIR HTML page records its format, in its first kilobytes.
+HTML_FORMAT = re.compile(rb'<meta name="reir-format" content="([^"]+)"')
+
+
+def recorded_format(path: str | os.PathLike) -> str | None:
+    """The format REIR recorded in an existing output, or ``None`` when it recorded none.
+
+    Each container keeps it in its own place: a safetensors file in its REIR metadata, a JSON file
+    in its ``format`` key, a folder in its ``manifest.json``, a PNG in its ``reir-format`` text chunk,
+    an HTML page in its ``reir-format`` meta tag. Files of other formats (a FAISS index, an ONNX
+    graph) are described by a JSON record beside them, which their writer names to :func:`claim_output`.
+    """
+    path = Path(path)
+    if path.is_dir():
+        return recorded_format(path / "manifest.json") if (path / "manifest.json").is_file() else None
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(4096)
+            size = os.fstat(handle.fileno()).st_size
+    except OSError:
+        return None
+    found: Any = None
+    if head.startswith(PNG_SIGNATURE):
+        from PIL import Image, UnidentifiedImageError
+
+        with contextlib.suppress(OSError, UnidentifiedImageError, ValueError):
+            with Image.open(path) as image:
+                found = image.info.get(FORMAT_CHUNK)
+    elif (match := HTML_FORMAT.search(head)) is not None:
+        found = match.group(1).decode("ascii", "replace")
+    elif len(head) >= 9 and head[8:9] == b"{":  # a safetensors header
+        with contextlib.suppress(SafetensorError, OSError, ValueError):
+            with safe_open(str(path), framework="pt") as handle:
+                meta = json.loads((handle.metadata() or {}).get(METADATA_KEY, "null"))
+                found = meta.get("format") if isinstance(meta, dict) else None
+    elif head.lstrip()[:1] == b"{" and size <= RECORD_BYTES:
+        with contextlib.suppress(OSError, UnicodeDecodeError, ValueError, RecursionError):
+            record = json.loads(path.read_text(encoding="utf-8"))
+            found = record.get("format") if isinstance(record, dict) else None
+    return found if isinstance(found, str) else None
+
+
+def claim_output(output: str | os.PathLike, formats: Iterable[str], *, inputs: Iterable[str | os.PathLike] = (),
+                 overwrite: bool = False, record: str | os.PathLike | None = None,
+                 setting: str = "overwrite") -> Path:
+    """Refuse, before any work, an output that would destroy something the command did not make.
+
+    ``output`` may not be one of ``inputs`` (the same file, by inode, or the same folder) nor lie
+    inside an input folder, whatever ``overwrite`` says. An existing ``output`` is the command's own
+    when its recorded format (read from ``record``, by default the output itself) is one of
+    ``formats``; anything else (a file of another kind, a user's notes) is replaced only with
+    ``overwrite``. ``setting`` is how the caller's user sets ``overwrite``, named in the error.
+    """
+    output = Path(output)
+    target = Path(os.path.abspath(output))
+    for source in inputs:
+        source = Path(source)
+        if not source.exists():
+            continue
+        same = output.exists() and os.path.samefile(output, source)
+        inside = source.is_dir() and Path(os.path.realpath(target)).is_relative_to(os.path.realpath(source))
+        if same or inside:
+            where = "is" if same else "lies inside"
+            raise ReirError(f"output {output} {where} the input {source}; choose an output outside the inputs", 2)
+    record = Path(record) if record is not None else output
+    if (output.exists() or record.exists()) and not overwrite:
+        found = recorded_format(record) if record.exists() else None
+        if found not in set(formats):
+            kind = f"a {found} file" if found else "not a file this command wrote"
+            raise ReirError(f"{output} already exists and is {kind}; set {setting} to replace it "
+                            "or choose another output", 2)
+    return output
+
+
+class OutputLock:
+    """An exclusive ``flock`` on ``path`` while a command writes one output; the kernel drops it if the process dies.
+
+    A second writer is refused at once, with the process id the holder recorded in the lock file. The
+    file is removed on release, and so are the folders taking it made if the run left them empty (a run
+    refused early leaves nothing behind); a writer that locked a file removed meanwhile locks the new one.
+    """
+
+    def __init__(self, path: str | os.PathLike, what: str):
+        self.path = Path(path)
+        self.what = what
+        self._fd: int | None = None
+        self._made: list[Path] = []
+
+    def __enter__(self) -> "OutputLock":
+        self._made = [folder for folder in [self.path.parent, *self.path.parent.parents] if not folder.exists()]
+        ensure_dir(self.path.parent)
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, FILE_MODE)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as exc:
+                holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "unknown"
+                os.close(fd)
+                if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                    raise ReirError(f"cannot lock {self.path}: {exc.strerror}; choose a writable folder") from None
+                self._remove_made_folders()
+                raise ReirError(f"{self.what} is being written by another process (pid {holder}, holding "
+                                f"{self.path}); wait for it to finish or choose another output", 2) from None
+            try:
+                same = os.fstat(fd).st_ino == os.stat(self.path).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            os.close(fd)  # the holder released and removed it between our open and lock: lock the new one
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self._fd = fd
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        if self._fd is not None:
+            _remove_quietly(str(self.path))
+            os.close(self._fd)
+            self._fd = None
+            self._remove_made_folders()
+
+    def _remove_made_folders(self) -> None:
+        for folder in self._made:  # deepest first; one that holds anything stays, and so do those above it
+            try:
+                folder.rmdir()
+            except OSError:
+                return
 
 
 def write_json(path: str | os.PathLike, obj: Any) -> Path:

@@ -110,7 +110,9 @@ def test_load_ids_reuses_saved_assignment(small_digits_root, tmp_path, capsys):
     ids_file = out / "results" / "digits_uncropped_3_2_ids.json"
     before = ids_file.read_bytes()
     capsys.readouterr()
-    again = train_main(tiny_args(small_digits_root, out, "--label_type", "random", "--load_ids", "--seed", "5"))
+    # another seed is another run: it replaces the first one's files only when told to
+    again = train_main(tiny_args(small_digits_root, out, "--label_type", "random", "--load_ids", "--seed", "5",
+                                 "--overwrite"))
     again_out, again_err = capsys.readouterr()
     assert again == 0, again_err
     assert "Loaded random meta-class ids" in again_out and ids_file.read_bytes() == before

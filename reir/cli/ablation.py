@@ -12,9 +12,9 @@ import torch
 from reir.argtypes import positive_int
 from reir.cli.common import ArgumentParser, reports_errors
 from reir.errors import ReirError
-from reir.fileio import write_json
-from reir.retrieval.ablation import (check_compatible, compare, correct_counts, format_ratio, percent, query_and_gallery,
-                                     comparison_estimate, run_stem, save_comparisons)
+from reir.fileio import claim_output, write_json
+from reir.retrieval.ablation import (ABLATION_FORMAT, check_compatible, compare, comparison_estimate, correct_counts,
+                                     format_ratio, percent, query_and_gallery, run_stem, save_comparisons)
 from reir.retrieval.database import load_database
 from reir.retrieval.original import find_or_convert_database
 
@@ -36,6 +36,8 @@ def get_args_parser(prog: str = "ablation.py") -> ArgumentParser:
                           help="save query | better | worse images for every query better wins")
     extra = parser.add_argument_group("REIR extras")
     extra.add_argument("--output_dir", default=".", help="results/ is read and written here")
+    extra.add_argument("--overwrite", action="store_true",
+                       help="with --save_results: replace an existing results folder reir ablation did not write")
     return parser
 
 
@@ -46,6 +48,11 @@ def main(argv: list[str] | None = None, prog: str = "ablation.py") -> int:
     if paths[0].resolve() == paths[1].resolve():
         raise ReirError(f"--better_data_base and --worse_data_base are the same file {paths[0]}; "
                         "compare two different runs", 2)
+    folder = (Path(args.output_dir) / "results"
+              / f"ablation_{run_stem(paths[0])}_vs_{run_stem(paths[1])}_{args.data_type}")
+    if args.save_results:
+        claim_output(folder, (ABLATION_FORMAT,), inputs=paths, record=folder / "ablation.json",
+                     overwrite=args.overwrite, setting="--overwrite")
     better, worse = (load_database(p) for p in paths)
     names = (str(paths[0]), str(paths[1]))
     splits = query_and_gallery(better, args.data_type)
@@ -69,13 +76,12 @@ def main(argv: list[str] | None = None, prog: str = "ablation.py") -> int:
     print(f"GE rate: {percent(figures['ge_rate'])}")
     print(f"better ratio: {format_ratio(figures)}")
     if args.save_results:
-        folder = Path(args.output_dir) / "results" / f"ablation_{run_stem(paths[0])}_vs_{run_stem(paths[1])}_{args.data_type}"
         count, size = comparison_estimate(counts, k_used)
         print(f"Writing {count} comparison images (one per query the better database wins; at most "
               f"{size / 2 ** 20:,.1f} MiB) to {folder}", flush=True)
         written = save_comparisons(folder, better, worse, splits, rankings, counts, names)
-        write_json(folder / "ablation.json", {"better": names[0], "worse": names[1], "data_type": args.data_type,
-                                              **figures, "images": written})
+        write_json(folder / "ablation.json", {"format": ABLATION_FORMAT, "better": names[0], "worse": names[1],
+                                              "data_type": args.data_type, **figures, "images": written})
         print(f"Saved {len(written)} comparison images and ablation.json to {folder}")
     return 0
 

@@ -8,8 +8,11 @@ from reir.argtypes import positive_int
 from reir.cli.common import ArgumentParser, reports_errors
 from reir.data.registry import DATA_NAMES
 from reir.errors import ReirError
+from reir.fileio import claim_output
+from reir.model.files import MODEL_FORMAT
 from reir.model.network import MODEL_TYPES, SHARE_TYPES
 from reir.model.original import NORMALISATIONS, convert_model, converted_name, is_original_state_dict, load_original
+from reir.retrieval.database import FORMAT as DATABASE_FORMAT
 from reir.retrieval.original import convert_database, is_original_database
 
 NAMED_SETTINGS = ("data_name", "crop_type", "label_type", "model_type", "share_type", "ensemble_size",
@@ -23,7 +26,8 @@ def get_args_parser() -> ArgumentParser:
         "<data>_<crop>_<label>_<random|unrandom>_<share>_<model>_<E>_<C>; flags override it."))
     parser.add_argument("original", help="the original's .pth file")
     parser.add_argument("--output", default=None, help="where to write (default: beside it, .safetensors)")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace an existing output that is not a REIR model or database")
     parser.add_argument("--data_path", default=None,
                         help="folder the database's relative image paths start from (default: the folder "
                              "holding its results/, where the original ran)")
@@ -45,8 +49,8 @@ def main(argv: list[str] | None = None) -> int:
     args = get_args_parser().parse_args(argv)
     source = Path(args.original)
     output = Path(args.output) if args.output else converted_name(source)
-    if output.exists() and not args.overwrite:
-        raise ReirError(f"{output} already exists; pass --overwrite to replace it or choose another --output", 2)
+    claim_output(output, (MODEL_FORMAT, DATABASE_FORMAT), inputs=[source], overwrite=args.overwrite,
+                 setting="--overwrite")
     overrides = {key: getattr(args, key) for key in NAMED_SETTINGS}
     content = load_original(source)
     if is_original_state_dict(content):

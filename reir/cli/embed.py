@@ -16,17 +16,21 @@ from reir.cli.common import ArgumentParser, reports_errors
 from reir.data.tarshards import is_shard_pattern
 from reir.devices import training_devices
 from reir.errors import UsageError
+from reir.fileio import claim_output
 from reir.model.files import Model, load_model
 from reir.retrieval.collections import from_csv, from_dataset, from_folder, from_shards
-from reir.retrieval.database import MANIFEST
+from reir.retrieval.database import FORMAT, MANIFEST, SHARDED_FORMAT
 from reir.retrieval.embedding_job import run
 
 
-def check_output(output: Path) -> None:
-    """An existing folder is replaced only when it is a sharded database; anything else is refused."""
+def check_output(output: Path, shard_output: bool) -> None:
+    """An existing folder is replaced only when it is a sharded database; anything else is refused, and a
+    sharded database is not written over a single-file one (no one rename could swap the two)."""
     if output.is_dir() and not (output / MANIFEST).is_file():
         raise UsageError(f"--output {output} is a folder that is not a REIR database; give a new name, "
                          f"such as {output}/collection_data_base")
+    if shard_output and output.is_file():
+        raise UsageError(f"--output {output} is a single-file database; remove it or write the sharded one elsewhere")
 
 
 def get_args_parser() -> ArgumentParser:
@@ -54,6 +58,8 @@ def get_args_parser() -> ArgumentParser:
                         help="images per resumable shard (a multiple of --batch_size is best; tar input: one tar each)")
     parser.add_argument("--num_workers", default=2, type=non_negative_int, help="image loading processes")
     parser.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace an existing --output that is not a REIR database")
     return parser
 
 
@@ -77,7 +83,10 @@ def open_collection(args, model: Model):
 def main(argv: list[str] | None = None) -> int:
     args = get_args_parser().parse_args(argv)
     output = Path(args.output)
-    check_output(output)
+    check_output(output, args.shard_output)
+    source = args.images or (args.data_path if args.data_name == "custom" else Path(args.data_path) / args.data_name)
+    claim_output(output, (FORMAT, SHARDED_FORMAT), inputs=[args.model, source],
+                 overwrite=args.overwrite, setting="--overwrite")
     if args.max_file_gb <= 0:
         raise UsageError(f"--max_file_gb {args.max_file_gb} must be positive")
     context, device = distributed.setup(args.device)

@@ -14,8 +14,9 @@ from pathlib import Path
 from reir.argtypes import positive_int
 from reir.cli.common import ArgumentParser, reports_errors
 from reir.errors import ReirError
+from reir.fileio import claim_output
 from reir.retrieval.database import resolve_database_path
-from reir.retrieval.index import EXACT_FACTORY, Index
+from reir.retrieval.index import EXACT_FACTORY, INDEX_FORMAT, Index, id_map_path
 from reir.retrieval.index_quality import compare_with_exact, streamed_queries
 
 
@@ -63,6 +64,8 @@ def get_args_parser() -> ArgumentParser:
     parser.add_argument("--efSearch", default=None, type=positive_int, help="HNSW search breadth")
     parser.add_argument("--queries", default=1000, type=positive_int,
                         help="database vectors used as queries for Recall@10 and QPS")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace an existing --output that is not a REIR index")
     return parser
 
 
@@ -87,6 +90,13 @@ def main(argv: list[str] | None = None) -> int:
     requested = [s for s in args.splits.split(",") if s] if args.splits else None
     if args.backend == "faiss" and (args.uri or args.index_params or args.index_type != "FLAT"):
         raise ReirError("--uri, --index_type and --index_params are for --backend milvus", 2)
+    if args.backend == "faiss":
+        output = Path(args.output) if args.output else default_output(database_path, args.factory)
+        if output.is_dir():
+            raise ReirError(f"--output {output} is a folder; give a file name such as {output}/collection.faiss", 2)
+        for part, record in ((output, id_map_path(output)), (id_map_path(output), id_map_path(output))):
+            claim_output(part, (INDEX_FORMAT,), inputs=[database_path], record=record, overwrite=args.overwrite,
+                         setting="--overwrite")
     start = time.perf_counter()
     if args.backend == "milvus":
         index = build_milvus(args, database_path, requested)
@@ -106,9 +116,6 @@ def main(argv: list[str] | None = None) -> int:
               f"{f' {parameters}' if parameters else ''} in {build_seconds:.2f} s: collection {args.collection} "
               f"at {args.uri}")
     else:
-        output = Path(args.output) if args.output else default_output(database_path, args.factory)
-        if output.is_dir():
-            raise ReirError(f"--output {output} is a folder; give a file name such as {output}/collection.faiss", 2)
         index_file, ids_file = index.save(output)
         print(f"Indexed {len(index)} images ({', '.join(splits)}) of dimension {index.dim} with {args.factory} "
               f"in {build_seconds:.2f} s: {index_file} ({index_file.stat().st_size / 2**20:.1f} MiB), {ids_file}")

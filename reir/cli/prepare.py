@@ -24,7 +24,8 @@ CROP_CHOICES = ("both", "uncropped", "cropped")
 
 
 def prepare_benchmark(data_path: str | Path, name: str, crop_type: str, resize: int = DEFAULT_RESIZE,
-                      skip_bad: bool = False, workers: int | None = None) -> SplitList:
+                      skip_bad: bool = False, workers: int | None = None, overwrite: bool = False,
+                      setting: str = "overwrite") -> SplitList:
     """Read ``<data_path>/<name>``'s official files and write ``splits_<crop_type>.json`` beside them."""
     from reir.data.benchmarks import READERS
 
@@ -40,7 +41,7 @@ def prepare_benchmark(data_path: str | Path, name: str, crop_type: str, resize: 
     result = build_split_list(records, data_name=name, crop_type=crop_type,
                               target=split_list_path(data_path, name, crop_type), image_root=root, resize=resize,
                               skip_bad=skip_bad, workers=workers, mean=info.mean, std=info.std,
-                              info={"source": str(root.resolve())})
+                              info={"source": str(root.resolve())}, overwrite=overwrite, setting=setting)
     report(result, info.counts, f"{name} {crop_type}")
     return result.split_list
 
@@ -63,6 +64,8 @@ def get_args_parser() -> ArgumentParser:
                         help="custom: use ImageNet's mean/std instead of measuring the training split")
     parser.add_argument("--workers", default=None, type=non_negative_int,
                         help="image processes (default: up to 8 for large datasets)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace an existing splits_*.json that is not a REIR split list")
     return parser
 
 
@@ -84,7 +87,8 @@ def main(argv: list[str] | None = None) -> int:
             ["uncropped"] if args.crop_type == "both" else [args.crop_type]
         for crop in crops:
             prepare_custom(args.data_path, crop, resize=args.resize or 0, skip_bad=args.skip_bad,
-                           imagenet_norm=args.imagenet_norm, workers=args.workers, records=records)
+                           imagenet_norm=args.imagenet_norm, workers=args.workers, records=records,
+                           overwrite=args.overwrite, setting="--overwrite")
         return 0
     names = [args.data_name] if args.data_name != "all" else \
         [n for n in BENCHMARKS if (Path(args.data_path) / n).is_dir()]
@@ -104,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
         crops = [c for c in ("uncropped", "cropped") if args.crop_type in ("both", c)]
         for crop in crops if croppable else ["uncropped"]:
             prepare_benchmark(args.data_path, name, crop, resize=resize, skip_bad=args.skip_bad,
-                              workers=args.workers)
+                              workers=args.workers, overwrite=args.overwrite, setting="--overwrite")
     return 0
 
 

@@ -16,7 +16,7 @@ from reir.argtypes import positive_int
 from reir.cli.common import ArgumentParser, reports_errors
 from reir.data.images import MAX_PIXELS
 from reir.errors import ReirError
-from reir.fileio import write_json
+from reir.fileio import claim_output, write_json
 from reir.plots import grids
 from reir.retrieval.database import load_database
 from reir.retrieval.lookup import embed_image, locate_query, rank, search_split
@@ -45,6 +45,8 @@ def get_args_parser(prog: str = "inference.py") -> ArgumentParser:
     extra.add_argument("--max_pixels", default=MAX_PIXELS, type=positive_int,
                        help=f"largest query image, in pixels (default {MAX_PIXELS:,}, as reir serve); larger ones "
                             "are refused before decoding")
+    extra.add_argument("--overwrite", action="store_true",
+                       help="replace an existing results folder this command did not write")
     return parser
 
 
@@ -73,12 +75,17 @@ def retrieve(args) -> dict:
         raise ReirError(f"database {db_path} has no {split} split; use --data_type "
                         f"{'test' if split == 'train' else 'train'}")
     location = locate_query(db, args.query_img_name, args.data_type)
+    query_path = (str(Path(args.query_img_name).resolve()) if location is None
+                  else db.paths(location[0])[location[1]])
+    folder = query_folder(Path(args.output_dir) / "results", query_path)
+    claim_output(folder, (grids.SEARCH_FORMAT,), inputs=[db_path, args.query_img_name],
+                 record=folder / "grid.png", overwrite=args.overwrite, setting="--overwrite")
     if location is None:
-        query_path, label = str(Path(args.query_img_name).resolve()), args.query_label
+        label = args.query_label
         features, exclude = embed_image(db, db_path, query_path, args.max_pixels), None
     else:
         query_split, index = location
-        query_path, label = db.paths(query_split)[index], db.labels(query_split)[index]
+        label = db.labels(query_split)[index]
         features = db.features[query_split][index:index + 1]
         exclude = index if query_split == split else None
     found = rank(features, db.features[split], args.retrieval_num, exclude).row(0)
@@ -87,8 +94,8 @@ def retrieve(args) -> dict:
     results = [{"rank": n + 1, "path": db.paths(split)[i], "label": db.labels(split)[i], "score": s,
                 "correct": None if label is None else db.labels(split)[i] == label}
                for n, (i, s) in enumerate(found)]
-    folder = query_folder(Path(args.output_dir) / "results", query_path)
-    report = {"query": {"path": query_path, "label": label, "in_database": location is not None,
+    report = {"format": grids.SEARCH_FORMAT,
+              "query": {"path": query_path, "label": label, "in_database": location is not None,
                         "split": location[0] if location else None},
               "database": str(db_path), "data_type": args.data_type, "split": split,
               "retrieval_num": args.retrieval_num, "results": results,

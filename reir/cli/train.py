@@ -15,7 +15,7 @@ from reir.model.branches import resolve_batching
 from reir.model.network import MODEL_TYPES, ModelConfig, count_parameters
 from reir.training.config import MODEL_FLAGS, TrainConfig, add_flags
 from reir.training.memory import HOST_OVERHEAD, estimate, gib
-from reir.training.train import train
+from reir.training.train import claim_run_outputs, train
 
 
 def get_args_parser(add_help: bool = True) -> ArgumentParser:
@@ -38,8 +38,15 @@ def given_flags(parser: argparse.ArgumentParser, argv: list[str] | None) -> set[
 @reports_errors
 def main(argv: list[str] | None = None) -> int:
     parser = get_args_parser()
+    # A command-line setting, not one of the run's: TrainConfig (and a recorded configuration) never holds it.
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace the files an earlier run of this save name wrote with another seed")
     args = parser.parse_args(argv)
-    train(TrainConfig.from_args(args, given_flags(parser, argv)))
+    overwrite = args.overwrite
+    del args.overwrite
+    config = TrainConfig.from_args(args, given_flags(parser, argv) - {"overwrite"})
+    claim_run_outputs(config, overwrite, "--overwrite")
+    train(config)
     return 0
 
 

@@ -25,9 +25,9 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
-from reir.data.splits import Split, SplitList, load_split_list, save_split_list
+from reir.data.splits import FORMAT as SPLITS_FORMAT, Split, SplitList, load_split_list, save_split_list
 from reir.errors import ReirError
-from reir.fileio import atomic_write, ensure_dir
+from reir.fileio import atomic_write, claim_output, ensure_dir
 
 log = logging.getLogger(__name__)
 
@@ -118,12 +118,16 @@ def cache_name(source: Path, image_root: Path) -> str:
 
 def build_split_list(records: list[Record], *, data_name: str, crop_type: str, target: Path, image_root: Path,
                      resize: int, skip_bad: bool, workers: int | None, mean=None, std=None,
-                     absolute_paths: bool = False, info: dict | None = None) -> Result:
+                     absolute_paths: bool = False, info: dict | None = None, overwrite: bool = False,
+                     setting: str = "overwrite") -> Result:
     """Process ``records`` and atomically write the split list ``target``.
 
     ``mean``/``std`` ``None``: measured on the training split as stored. Crops and resized copies go
-    to a new generation folder beside ``target``; otherwise the list points at the originals.
+    to a new generation folder beside ``target``; otherwise the list points at the originals. An
+    existing ``target`` that is not a split list is replaced only with ``overwrite`` (which the
+    caller's user sets with ``setting``).
     """
+    claim_output(target, (SPLITS_FORMAT,), overwrite=overwrite, setting=setting)
     check_splits({r.split for r in records}, target)
     folder = ensure_dir(target.parent)
     crop = crop_type == "cropped"

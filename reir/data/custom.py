@@ -139,7 +139,8 @@ def fingerprint(records: list[Record]) -> str:
 
 def prepare_custom(source: str | Path, crop_type: str, resize: int = 0, skip_bad: bool = False,
                    imagenet_norm: bool = False, workers: int | None = None,
-                   records: list[Record] | None = None) -> SplitList:
+                   records: list[Record] | None = None, overwrite: bool = False,
+                   setting: str = "overwrite") -> SplitList:
     """Prepare ``source`` into a split list (see the module docstring for where) and log its counts."""
     source = Path(source)
     if records is None:
@@ -159,7 +160,7 @@ def prepare_custom(source: str | Path, crop_type: str, resize: int = 0, skip_bad
         records, data_name="custom", crop_type=crop_type, target=split_list_path(base, "custom", crop_type),
         image_root=source.parent if source.is_file() else source, resize=resize, skip_bad=skip_bad,
         workers=workers, mean=IMAGENET_MEAN if imagenet_norm else None, std=IMAGENET_STD if imagenet_norm else None,
-        absolute_paths=not beside, info=info)
+        absolute_paths=not beside, info=info, overwrite=overwrite, setting=setting)
     report(result, None, f"custom {crop_type}")
     train, evaluated = set(result.split_list.splits["train"].labels), set()
     for name in result.split_list.eval_splits:

@@ -13,6 +13,7 @@ must stay under ``--tolerance``.
 from __future__ import annotations
 
 import contextlib
+import glob
 import io
 import json
 import os
@@ -26,7 +27,7 @@ from torch import nn
 
 from reir.model.files import Model
 from reir.errors import ReirError
-from reir.fileio import atomic_files, atomic_write, atomic_write_with
+from reir.fileio import atomic_files, file_sha256
 from reir.model.network import embedding_from_logits
 
 FORMATS = ("onnx", "torchscript")
@@ -65,16 +66,41 @@ def quiet():
 
 
 def export_onnx(wrapper: EmbeddingNetwork, example: torch.Tensor, output: Path, external_data: bool) -> list[Path]:
-    """``output``, and with ``external_data`` its weights in ``<output>.data`` beside it; returns both."""
+    """``output``, and with ``external_data`` its weights beside it; returns the files written.
+
+    The weights file is named by its content (``<output>.<sha256 prefix>.data``) and the graph is
+    pointed at that name, so a new export never writes over the weights an earlier graph still uses.
+    """
     batch = torch.export.Dim("batch", min=1, max=65536)
-    companion = Path(f"{output}.data")
-    with quiet(), atomic_files(output) as staged:
-        torch.onnx.export(wrapper, (example,), str(staged), input_names=["images"], output_names=["embeddings"],
+    with quiet():
+        torch.onnx.export(wrapper, (example,), str(output), input_names=["images"], output_names=["embeddings"],
                           dynamic_shapes={"images": {0: batch}}, dynamo=True, external_data=external_data)
-        written = Path(f"{staged}.data").is_file()
-    if not written:
-        companion.unlink(missing_ok=True)  # an earlier export's weights, which this .onnx does not use
-    return [output, companion] if written else [output]
+    exported_weights = Path(f"{output}.data")
+    if not exported_weights.is_file():
+        return [output]
+    weights = output.with_name(f"{output.name}.{file_sha256(exported_weights)[:16]}.data")
+    exported_weights.rename(weights)
+    _point_graph_at(output, exported_weights.name, weights.name)
+    return [output, weights]
+
+
+def _point_graph_at(graph_file: Path, old_name: str, new_name: str) -> None:
+    """Rename the external data file the graph's initializers name (the weights themselves stay put)."""
+    import onnx
+
+    graph = onnx.load(str(graph_file), load_external_data=False)
+    for tensor in graph.graph.initializer:
+        for entry in tensor.external_data:
+            if entry.key == "location" and entry.value == old_name:
+                entry.value = new_name
+    onnx.save(graph, str(graph_file))
+
+
+def stale_weights(output: Path, kept: list[Path]) -> list[Path]:
+    """Weights files of earlier exports to ``output`` that the new graph does not use."""
+    names = {file.name for file in kept}
+    candidates = [Path(f"{output}.data"), *output.parent.glob(f"{glob.escape(output.name)}.*.data")]
+    return [file for file in candidates if file.is_file() and file.name not in names]
 
 
 def run_onnx(path: Path, images: torch.Tensor) -> torch.Tensor:
@@ -99,8 +125,7 @@ def run_moved_onnx(files: list[Path], images: torch.Tensor) -> torch.Tensor:
 
 def export_torchscript(wrapper: EmbeddingNetwork, example: torch.Tensor, output: Path) -> None:
     with quiet():
-        traced = torch.jit.trace(wrapper, example)
-        atomic_write_with(output, lambda path: torch.jit.save(traced, path))
+        torch.jit.save(torch.jit.trace(wrapper, example), str(output))
 
 
 def run_torchscript(path: Path, images: torch.Tensor) -> torch.Tensor:
@@ -108,41 +133,52 @@ def run_torchscript(path: Path, images: torch.Tensor) -> torch.Tensor:
         return torch.jit.load(str(path), map_location="cpu")(images)
 
 
-def export(model: Model, export_format: str, output: Path, external_data: bool | None = None) -> float:
-    """Write ``output`` and its preprocessing JSON; returns the parity check's max absolute difference.
+def export(model: Model, export_format: str, output: Path,
+           external_data: bool | None = None) -> tuple[float, list[Path]]:
+    """Write ``output`` and its preprocessing JSON; returns the parity check's max absolute difference and
+    the files of the exported network.
 
-    ONNX weights go to ``<output>.data`` when ``external_data`` is true, or by default when the
-    model is too large for one protobuf file.
+    ONNX weights go to a file beside ``output`` when ``external_data`` is true, or by default when the
+    model is too large for one protobuf file. Everything is written and checked in a hidden folder,
+    then published weights first, the network next and ``<output>.json`` last; the JSON names the
+    files and the SHA-256 of the network it describes, so a crash between the last two renames is
+    seen as a JSON that does not describe the network beside it.
     """
     if export_format not in FORMATS:
         raise ReirError(f"--format {export_format!r} is unknown; choose {' or '.join(FORMATS)}", 2)
     wrapper = EmbeddingNetwork(model.network.cpu()).eval()
     example, check = example_images(model, 2, 0), example_images(model, 5, 1)
-    with torch.no_grad():
+    record = Path(f"{output}.json")
+    with torch.no_grad(), atomic_files(output, record=record.name) as staged:
         try:
             if export_format == "onnx":
                 if external_data is None:
                     external_data = parameter_bytes(wrapper) > EXTERNAL_DATA_ABOVE
-                files = export_onnx(wrapper, example, output, external_data)
+                files = export_onnx(wrapper, example, staged, external_data)
                 exported = run_moved_onnx(files, check)
             else:
-                export_torchscript(wrapper, example, output)
-                files = [output]
-                exported = run_torchscript(output, check)
+                export_torchscript(wrapper, example, staged)
+                files = [staged]
+                exported = run_torchscript(staged, check)
         except ReirError:
             raise
         except Exception as exc:  # noqa: BLE001 - exporter failures are many kinds; name the first line
             raise ReirError(f"{export_format} export failed ({type(exc).__name__}: "
                             f"{str(exc).strip().splitlines()[0] if str(exc).strip() else ''})") from None
         reference = wrapper(check)
-    ensemble, meta = model.embedding_shape
-    atomic_write(Path(f"{output}.json"), json.dumps({
-        "format": export_format, "model_file": str(Path(model.path).resolve()),
-        "files": [file.name for file in files], "external_data": files[1].name if len(files) > 1 else None,
-        "input": "images",
-        "input_shape": ["batch", 3, model.image_size, model.image_size], "output": "embeddings",
-        "output_shape": ["batch", ensemble, meta], "image_size": model.image_size, "mean": model.mean,
-        "std": model.std, "preprocessing": "RGB, resize to image_size x image_size, scale to [0, 1], "
-                                           "subtract mean and divide by std per channel",
-        "similarity": "sum over branches of the dot products, divided by the ensemble size"}, indent=1) + "\n")
-    return (exported - reference).abs().max().item()
+        ensemble, meta = model.embedding_shape
+        staged.with_name(record.name).write_text(json.dumps({
+            "format": export_format, "model_file": str(Path(model.path).resolve()),
+            "files": [file.name for file in files], "external_data": files[1].name if len(files) > 1 else None,
+            "sha256": file_sha256(staged),
+            "input": "images",
+            "input_shape": ["batch", 3, model.image_size, model.image_size], "output": "embeddings",
+            "output_shape": ["batch", ensemble, meta], "image_size": model.image_size, "mean": model.mean,
+            "std": model.std, "preprocessing": "RGB, resize to image_size x image_size, scale to [0, 1], "
+                                               "subtract mean and divide by std per channel",
+            "similarity": "sum over branches of the dot products, divided by the ensemble size"}, indent=1) + "\n",
+            encoding="utf-8")
+    published = [output.with_name(file.name) for file in files]
+    for stale in stale_weights(output, published):
+        stale.unlink()
+    return (exported - reference).abs().max().item(), published

@@ -12,10 +12,10 @@ from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image, ImageDraw, ImageFont, PngImagePlugin
 
 from reir.data.images import read_image
-from reir.fileio import atomic_write_with
+from reir.fileio import FORMAT_CHUNK, atomic_write_with
 
 GREEN = (0, 170, 0)
 RED = (220, 0, 0)
@@ -32,6 +32,7 @@ CAPTION = CAPTION_LINES * LINE + 4  # text strip under each cell
 TITLE = 22  # optional strip above the grid
 GAP = 4
 FILE_SIZE = 224  # side of the per-image files, as in the original
+SEARCH_FORMAT = "reir-search/1"  # recorded in a search's grid.png and results.json
 # The labels of the glyph datasets: a code point, told apart from a look-alike (Latin A, Greek Alpha,
 # Cyrillic A) only by the character itself, which captions add.
 CODE_POINT = re.compile(r"U\+([0-9A-F]{4,6})")
@@ -136,11 +137,19 @@ def wrap(tiles: list[Tile], columns: int) -> list[list[Tile | None]]:
     return [tiles[i:i + columns] for i in range(0, len(tiles), columns)]
 
 
-def save_image(image: Image.Image, path: str | Path) -> Path:
-    """Atomically, in the format the suffix names (PNG stays lossless, so colours read back exactly)."""
+def save_image(image: Image.Image, path: str | Path, record: str | None = None) -> Path:
+    """Atomically, in the format the suffix names (PNG stays lossless, so colours read back exactly).
+
+    A PNG carries ``record``, the format of the output it belongs to, in a text chunk
+    (:data:`reir.fileio.FORMAT_CHUNK`), so a later run knows it may replace it.
+    """
     path = Path(path)
-    image_format = "PNG" if path.suffix.lower() == ".png" else "JPEG"
-    return atomic_write_with(path, lambda tmp: image.save(tmp, format=image_format))
+    if path.suffix.lower() != ".png":
+        return atomic_write_with(path, lambda tmp: image.save(tmp, format="JPEG"))
+    chunks = PngImagePlugin.PngInfo()
+    if record is not None:
+        chunks.add_text(FORMAT_CHUNK, record)
+    return atomic_write_with(path, lambda tmp: image.save(tmp, format="PNG", pnginfo=chunks))
 
 
 def result_caption(result: dict) -> str:
@@ -153,7 +162,7 @@ def save_search_pictures(folder: Path, query_path: str, label: str | None, resul
     """The grid, and the original's per-image files; older per-image files of this query are removed."""
     query_tile = Tile(query_path, "query" if label is None else f"query\n{shown_label(label)}", BLUE)
     tiles = [query_tile] + [Tile(r["path"], result_caption(r), status_colour(r["correct"])) for r in results]
-    save_image(grid(wrap(tiles, columns)), folder / "grid.png")
+    save_image(grid(wrap(tiles, columns)), folder / "grid.png", SEARCH_FORMAT)
     save_image(bordered(read_image(query_path), BLUE, FILE_SIZE, 0), folder / "query_img.jpg")
     written = set()
     for r in results:

@@ -28,6 +28,9 @@ from reir.retrieval.similarity import knn
 
 THUMBNAIL = 72
 THUMBNAIL_SOURCE_PIXELS = 40_000_000  # larger images are shown as missing rather than decoded
+# Recorded in the page's head (a meta tag, as reir.fileio.recorded_format reads it), so a later run
+# knows the page is its own to replace.
+REPORT_FORMAT = "reir-report/1"
 GREEN, RED, GREY, BLUE = "#00aa00", "#dc0000", "#969696", "#0a5adc"
 
 
@@ -182,6 +185,7 @@ def build_report(db: Database, db_path: Path, statistics: Path | None, k: int, c
         sections.append(f'<h2>Queries</h2><p class="note">{caption} (no labels: the first queries)</p><div id="best">'
                         + query_rows(db, files, query_split, gallery_split, best, results) + "</div>")
     return ('<!doctype html>\n<html lang="en"><head><meta charset="utf-8">'
+            f'<meta name="reir-format" content="{REPORT_FORMAT}">'
             f"<title>REIR report: {html.escape(title)}</title><style>{STYLE}</style></head>\n<body>\n"
             + "\n".join(sections) + "\n</body></html>\n")
 

@@ -20,6 +20,10 @@ from reir.plots import grids
 from reir.retrieval.database import Database
 from reir.retrieval.results import Results
 from reir.retrieval.similarity import knn
+
+ABLATION_FORMAT = "reir-ablation/1"  # recorded in ablation.json and in each comparison picture
+
+
 def query_and_gallery(db: Database, data_type: str) -> tuple[str, str]:
     """Train against train, test against test, or isc's query against its gallery."""
     if data_type == "train":
@@ -116,7 +120,7 @@ def save_comparisons(folder: Path, better: Database, worse: Database, splits: tu
         title = (f"top: better {run_stem(Path(names[0]))} ({int(counts['better'][q])} correct)   "
                  f"bottom: worse {run_stem(Path(names[1]))} ({int(counts['worse'][q])} correct)")
         target = folder / f"{q:05d}_{Path(query_path).stem}.png"
-        grids.save_image(grids.grid(rows, title), target)
+        grids.save_image(grids.grid(rows, title), target, ABLATION_FORMAT)
         written.append(str(target))
     for stale in folder.glob("[0-9][0-9][0-9][0-9][0-9]_*.png"):  # from an earlier comparison
         if str(stale) not in written:

@@ -14,7 +14,6 @@ one shard in memory to write it or to stream it (:func:`iter_database`);
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,7 +22,7 @@ from typing import Iterator
 import torch
 
 from reir.errors import ReirError
-from reir.fileio import METADATA_KEY, load_tensors, save_tensors, write_json
+from reir.fileio import METADATA_KEY, file_sha256, load_tensors, save_tensors, write_json
 from reir.validation import check_finite, check_text_list, file_structure
 
 FORMAT = "reir-database/1"
@@ -155,14 +154,6 @@ def read_shard_metadata(path: str | Path) -> dict | None:
     except (SafetensorError, OSError, ValueError):
         return None
     return meta if isinstance(meta, dict) and meta.get("format") == SHARD_FORMAT else None
-
-
-def file_sha256(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def write_manifest(folder: str | Path, shard_names: list[str], config: dict, info: dict) -> dict:

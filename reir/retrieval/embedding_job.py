@@ -15,9 +15,9 @@ be read are skipped, counted and listed, never fatal.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
-import os
 import shutil
 import sys
 from dataclasses import asdict, dataclass, field, fields
@@ -25,7 +25,7 @@ from pathlib import Path
 
 from reir import distributed
 from reir.errors import ReirError, UsageError
-from reir.fileio import atomic_write
+from reir.fileio import OutputLock, atomic_write, file_sha256, replace
 from reir.model.files import Model
 from reir.retrieval.collection_files import ROOT_KEY
 from reir.retrieval.database import (MANIFEST, Database, gather, read_shard, read_shard_metadata, save_shard,
@@ -170,23 +170,50 @@ def merge(model: Model, collection, parts: Path, shard_count: int, skipped: list
 
 def publish_sharded(model: Model, collection, parts: Path, output: Path, shard_count: int, skipped: list[list],
                     counts: dict[str, int]) -> None:
-    """Manifest into the parts folder, then the folder into place; an earlier database there is replaced last."""
-    write_manifest(parts, [shard_name(s) for s in range(shard_count)], model.run_config,
-                   database_info(model, collection, skipped, counts))
-    (parts / "job.json").unlink()
-    previous = output.with_name(output.name + f".previous-{os.getpid()}")
-    if output.exists():
-        output.rename(previous)
-    parts.rename(output)
-    if previous.is_dir():
-        shutil.rmtree(previous)
-    elif previous.exists():
-        previous.unlink()
+    """Make the finished shards the sharded database ``output``; its manifest is the one commit.
+
+    A new database: the manifest is written into the parts folder, which one rename then puts in
+    place. Over an earlier sharded database: the shards move into its folder under names its
+    manifest does not use (their checksum is in the name), then the new manifest replaces the old
+    one, and only then are the old shards removed. A crash or a full disk at any step leaves either
+    the old manifest, whose shards are all still there, or the new one, whose shards are all there.
+    """
+    info = database_info(model, collection, skipped, counts)
+    if not output.exists():
+        write_manifest(parts, [shard_name(s) for s in range(shard_count)], model.run_config, info)
+        (parts / "job.json").unlink()
+        replace(parts, output)
+        return
+    if not output.is_dir():
+        raise UsageError(f"--output {output} is a single-file database; remove it or write the sharded one elsewhere")
+    names = []
+    for shard in range(shard_count):
+        name = f"shard-{shard:06d}-{file_sha256(parts / shard_name(shard))[:16]}.safetensors"
+        replace(parts / shard_name(shard), output / name)
+        names.append(name)
+    write_manifest(output, names, model.run_config, info)
+    for stale in output.glob("shard-*.safetensors"):
+        if stale.name not in names:
+            stale.unlink()
 
 
-def run(model: Model, collection, output: Path, context: distributed.Context, *, shard_size: int, batch_size: int,
-        num_workers: int, shard_output: bool, max_file_gb: float) -> int:
-    """Embed ``collection`` into the database ``output`` (on every rank; rank 0 publishes it)."""
+def lock_path(output: Path) -> Path:
+    return output.with_name(output.name + ".lock")
+
+
+def run(model: Model, collection, output: Path, context: distributed.Context, **settings) -> int:
+    """Embed ``collection`` into the database ``output`` (on every rank; rank 0 publishes it).
+
+    Rank 0 holds :func:`lock_path` throughout, so a second job onto the same output is refused at
+    once instead of sharing its parts folder (see :func:`_run` for ``settings``).
+    """
+    lock = OutputLock(lock_path(output), f"database {output}") if context.is_main else contextlib.nullcontext()
+    with lock:
+        return _run(model, collection, output, context, **settings)
+
+
+def _run(model: Model, collection, output: Path, context: distributed.Context, *, shard_size: int, batch_size: int,
+         num_workers: int, shard_output: bool, max_file_gb: float) -> int:
     parts = parts_folder(output)
     arguments = JobArguments.of(model, collection, shard_size, batch_size)
     key = arguments.key

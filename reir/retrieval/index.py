@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import json
 import math
@@ -13,7 +14,7 @@ from typing import Sequence
 import torch
 
 from reir.errors import ReirError
-from reir.fileio import atomic_write, read_json
+from reir.fileio import atomic_write, file_sha256, read_json, replace
 from reir.retrieval.database import UNLABELLED
 from reir.retrieval.faiss_layout import check_faiss_layout
 from reir.retrieval.index_common import as_vectors, common_folder, database_chunks
@@ -178,15 +179,33 @@ class Index:
             check_finite(torch.as_tensor(rows), f"index {path}", NON_FINITE_FIX)
 
     def save(self, path: str | os.PathLike) -> tuple[Path, Path]:
-        """FAISS's own file at ``path`` and the id map (paths, labels, factory) at ``<path>.ids.json``."""
+        """FAISS's own file at ``path`` and the id map (paths, labels, factory) at ``<path>.ids.json``.
+
+        The two files are one artifact, and the id map is its commit record: it names the SHA-256 and
+        size of the index bytes it belongs to. The new index is first written whole to a hidden
+        sibling (:func:`pending_path`), then the id map replaces the old one (the commit), then the
+        index file replaces the old one. A crash or a full disk before the commit leaves the old pair;
+        after it, :meth:`load` finds the new bytes in the sibling until the last rename is done. So an
+        interrupted save leaves the old index or the new one, never new vectors beside old paths.
+        """
         faiss = _faiss()
         path = Path(path)
-        atomic_write(path, faiss.serialize_index(self.faiss_index).tobytes())
+        data = faiss.serialize_index(self.faiss_index).tobytes()
+        pending = pending_path(path)
+        _finish_committed_save(path)
+        atomic_write(pending, data)
         id_map = {"format": INDEX_FORMAT, "factory": self.factory, "dim": self.dim, "count": len(self),
+                  "index_sha256": hashlib.sha256(data).hexdigest(), "index_bytes": len(data),
                   "metric": "inner product of flattened scaled embeddings (mean per-branch cosine)",
                   "info": self.info, "paths": self.paths, "labels": self.labels}
         ids_path = id_map_path(path)
-        atomic_write(ids_path, json.dumps(id_map, separators=(",", ":")))
+        try:
+            atomic_write(ids_path, json.dumps(id_map, separators=(",", ":")))
+        except BaseException:
+            if _recorded_digest(path) != id_map["index_sha256"]:  # not committed: the pending bytes are nobody's
+                pending.unlink(missing_ok=True)
+            raise
+        replace(pending, path)
         return path, ids_path
 
     @classmethod
@@ -204,7 +223,7 @@ class Index:
                 raise TypeError("factory, info or its search_parameters is of the wrong kind")
         if not path.is_file():
             raise ReirError(f"index {path} does not exist; build it with reir index")
-        data = path.read_bytes()
+        data = _index_bytes(path, id_map)
         with file_structure(id_map_path(path), "index id map", "rebuild it with reir index"):
             check_faiss_layout(data, int(id_map["dim"]), len(id_map["paths"]), path)
         try:
@@ -221,6 +240,39 @@ class Index:
         return loaded
 
 
+def _recorded_digest(path: Path) -> str | None:
+    """The index checksum the id map on disk records (``None`` when there is none to read)."""
+    try:
+        id_map = json.loads(id_map_path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError):
+        return None
+    return id_map.get("index_sha256") if isinstance(id_map, dict) else None
+
+
+def _finish_committed_save(path: Path) -> None:
+    """Do the last rename of an earlier save that stopped after its commit, before a new save reuses its pending file."""
+    pending = pending_path(path)
+    if pending.is_file() and _recorded_digest(path) == file_sha256(pending):
+        replace(pending, path)
+
+
+def _index_bytes(path: Path, id_map: dict) -> bytes:
+    """The index bytes the id map belongs to: the index file's, or a save's pending ones after its commit.
+
+    An id map written before maps recorded their index's checksum is matched by count alone.
+    """
+    digest, size = id_map.get("index_sha256"), id_map.get("index_bytes")
+    if digest is None:
+        return path.read_bytes()
+    for candidate in (path, pending_path(path)):
+        if candidate.is_file() and candidate.stat().st_size == size:
+            data = candidate.read_bytes()
+            if hashlib.sha256(data).hexdigest() == digest:
+                return data
+    raise ReirError(f"index {path} is not the one its id map {id_map_path(path)} belongs to (another "
+                    "checksum); rebuild both with reir index")
+
+
 def _new_faiss_index(dim: int, factory: str):
     faiss = _faiss()
     try:
@@ -232,6 +284,12 @@ def _new_faiss_index(dim: int, factory: str):
 
 def id_map_path(index_path: str | os.PathLike) -> Path:
     return Path(f"{index_path}.ids.json")
+
+
+def pending_path(index_path: str | os.PathLike) -> Path:
+    """Where a save keeps the new index bytes until its last rename (see :meth:`Index.save`)."""
+    index_path = Path(index_path)
+    return index_path.with_name(f".{index_path.name}.pending")
 
 
 def _numpy_bytes(data: bytes):

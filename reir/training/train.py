@@ -6,8 +6,10 @@ are the fields of :class:`reir.training.config.TrainConfig`.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
+import json
 import logging
 import os
 import sys
@@ -28,7 +30,8 @@ from reir.data.images import ImageList, build_transform
 from reir.data.sampling import RankSampler, ReplayableSampler, SeededItems, class_sampler, make_loader
 from reir.data.sources import load_dataset
 from reir.data.splits import SplitList
-from reir.fileio import atomic_write, ensure_dir, write_json
+from reir.errors import ReirError
+from reir.fileio import OutputLock, atomic_write, claim_output, ensure_dir, write_json
 from reir.model.files import save_model
 from reir.model.embedding import embed
 from reir.model.meta_labels import assign_meta_labels, check_sizes, grouping_room, ids_path, load_ids, save_ids
@@ -200,17 +203,59 @@ def build_optimizer(config: TrainConfig, model: torch.nn.Module):
     return recipe_for(config.recipe, config.weights).optimizer(model.parameters(), config.num_epochs)
 
 
+def run_files(config: TrainConfig) -> dict[str, Path]:
+    """The files a run writes under its output folder, by what they hold."""
+    output, name = Path(config.output_dir), config.save_name
+    return {"record": output / "statistics" / f"{name}_config.json",
+            "statistics": output / "statistics" / f"{name}_results.csv",
+            "model": output / "epochs" / f"{name}_model.safetensors",
+            "database": output / "results" / f"{name}{DATABASE_SUFFIX}"}
+
+
+def claim_run_outputs(config: TrainConfig, overwrite: bool = False, setting: str = "overwrite") -> None:
+    """Refuse, before any work, a run whose files would replace its inputs or another run's files.
+
+    The files of a save name are this run's own when its record (``statistics/<name>_config.json``)
+    holds the same seed, or when the run resumes (the checkpoint then checks that it is the same
+    run); a run of another seed, or one drawing a new seed, replaces them only with ``overwrite``.
+    ``setting`` is how the caller's user sets ``overwrite``, named in the error.
+    """
+    files = run_files(config)
+    # The dataset's own folder (a custom dataset's CSV or folder), not the folder holding every dataset.
+    dataset = config.data_path if config.data_name == "custom" else Path(config.data_path) / config.data_name
+    inputs = [dataset, *([config.weights] if Path(config.weights).is_file() else [])]
+    for path in files.values():  # an input is never replaced, whatever overwrite says
+        claim_output(path, (), inputs=inputs, overwrite=True)
+    resuming = config.resume not in (None, "auto") or (
+        config.resume == "auto" and checkpoint_path(config.output_dir, config.save_name).is_file())
+    if overwrite or resuming or not any(path.exists() for path in files.values()):
+        return
+    try:
+        recorded = json.loads(files["record"].read_text(encoding="utf-8")).get("seed")
+    except (OSError, UnicodeDecodeError, ValueError, AttributeError, RecursionError):
+        recorded = None
+    if config.seed is None or recorded != config.seed:
+        this = f"seed {config.seed}" if config.seed is not None else "a new random seed"
+        earlier = f"seed {recorded}" if isinstance(recorded, int) else "no recorded seed"
+        raise ReirError(f"{config.output_dir} already holds the run {config.save_name} ({earlier}; this run has "
+                        f"{this}); resume it, set {setting} to replace it or choose another output folder", 2)
+
+
 def train(config: TrainConfig, callbacks: Sequence[Callback] = ()) -> TrainResult:
     """Train, evaluate after every epoch, keep the best epoch's model and database.
 
     Every problem the user can fix raises :class:`reir.errors.ReirError`. Under ``torchrun`` each
     process calls this with the same configuration. In the main thread SIGINT/SIGTERM stop the run
-    after the current step with a checkpoint; ``resume="auto"`` continues it.
+    after the current step with a checkpoint; ``resume="auto"`` continues it. The main process holds
+    a lock on the save name in the output folder, so a second run of it there is refused at once.
     """
     context, rank_device = distributed.setup(config.device)
     try:
         devices = [rank_device] if rank_device is not None else training_devices(config.device, config.gpu_ids)
-        with StopRequest().installed() as stop:
+        lock = (OutputLock(Path(config.output_dir) / f".{config.save_name}.lock",
+                           f"the run {config.save_name} in {config.output_dir}")
+                if context.is_main else contextlib.nullcontext())
+        with lock, StopRequest().installed() as stop:
             result = _run(config, stop, context, devices, list(callbacks))
         distributed.barrier(context)  # the other ranks wait for rank 0's last evaluation and saving
         return result
