@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import functools
+import hashlib
 import io
+import json
 import random
 import struct
 import zlib
@@ -116,3 +118,11 @@ def claim_length(data: bytes, rng: random.Random) -> bytes:
 
 def mutate_index(data: bytes, rng: random.Random) -> bytes:
     return rng.choice([flip_bits, truncate, overwrite, claim_length, claim_length])(data, rng)
+
+
+def crafted_pair(id_map: bytes, index_data: bytes) -> bytes:
+    """The id map re-bound to ``index_data`` (its checksum and size recomputed), as someone crafting both files
+    would write it: what is left to refuse the index is the check of its own layout."""
+    document = json.loads(id_map)
+    document["index_sha256"], document["index_bytes"] = hashlib.sha256(index_data).hexdigest(), len(index_data)
+    return json.dumps(document).encode()

@@ -121,9 +121,9 @@ def write_parts(parts: Path, seed: int, prefix: str) -> None:
 def stand_ins(folder: Path) -> tuple[SimpleNamespace, SimpleNamespace]:
     model_file = folder / "model.safetensors"
     model_file.write_bytes(b"stands for a model")
-    return (SimpleNamespace(path=model_file, config={"save_name": "toy"}, image_size=16, mean=[0.5] * 3,
+    return (SimpleNamespace(path=model_file, run_config={"save_name": "toy"}, image_size=16, mean=[0.5] * 3,
                             std=[0.25] * 3),
-            SimpleNamespace(source="toy images"))
+            SimpleNamespace(source="toy images", root=str(folder), data_name=None))
 
 
 def which_database(output: Path) -> str:
@@ -144,19 +144,19 @@ def test_a_sharded_database_is_replaced_as_one_at_every_write_point(tmp_path, fa
     def publish_old():
         shutil.rmtree(output, ignore_errors=True)
         write_parts(parts, 10, "old")
-        publish_sharded(model, collection, parts, output, SHARDS, [])
+        publish_sharded(model, collection, parts, output, SHARDS, [], {"test": SHARDS * 4})
         write_parts(parts, 20, "new")
 
     publish_old()
     with fault_at(None) as seen:
-        publish_sharded(model, collection, parts, output, SHARDS, [])
+        publish_sharded(model, collection, parts, output, SHARDS, [], {"test": SHARDS * 4})
     assert which_database(output) == "new" and len(seen) >= SHARDS + 2, seen
     outcomes = []
     for point in range(1, len(seen) + 1):
         publish_old()
         try:
             with fault_at(point, FAULTS[fault]):
-                publish_sharded(model, collection, parts, output, SHARDS, [])
+                publish_sharded(model, collection, parts, output, SHARDS, [], {"test": SHARDS * 4})
         except (ReirError, Killed):
             pass
         outcomes.append(which_database(output))
@@ -169,15 +169,15 @@ def test_a_sharded_database_killed_while_publishing_opens_as_the_old_one(tmp_pat
     model, collection = stand_ins(tmp_path)
     output, parts = tmp_path / "db", tmp_path / "db.parts"
     write_parts(parts, 10, "old")
-    publish_sharded(model, collection, parts, output, SHARDS, [])
+    publish_sharded(model, collection, parts, output, SHARDS, [], {"test": SHARDS * 4})
     write_parts(parts, 20, "new")
     script = f"""
 from pathlib import Path
 from types import SimpleNamespace
 from reir.retrieval.embedding_job import publish_sharded
-model = SimpleNamespace(path=Path({str(tmp_path / 'model.safetensors')!r}), config={{"save_name": "toy"}},
+model = SimpleNamespace(path=Path({str(tmp_path / 'model.safetensors')!r}), run_config={{"save_name": "toy"}},
                         image_size=16, mean=[0.5] * 3, std=[0.25] * 3)
-publish_sharded(model, SimpleNamespace(source="toy images"), Path({str(parts)!r}), Path({str(output)!r}), {SHARDS}, [])
+publish_sharded(model, SimpleNamespace(source="toy images", root={str(tmp_path)!r}, data_name=None), Path({str(parts)!r}), Path({str(output)!r}), {SHARDS}, [], {{"test": {SHARDS * 4}}})
 """
     # renames: the shards into the database folder, then its manifest: killed before the manifest's
     result = kill_child(script, SHARDS + 1, into=output)

@@ -22,6 +22,15 @@ def flat_index(tmp_path, factory="Flat", count=28, dim=8):
     return path, path.read_bytes()
 
 
+def write_index(path, data: bytes) -> None:
+    """``data`` at ``path`` with its id map re-bound to it (both files crafted): the layout check must refuse it."""
+    from fuzz_inputs import crafted_pair
+    from reir.retrieval.index import id_map_path
+
+    path.write_bytes(data)
+    id_map_path(path).write_bytes(crafted_pair(id_map_path(path).read_bytes(), data))
+
+
 def claims(data: bytes, offset: int, value: int) -> bytes:
     return data[:offset] + struct.pack("<Q", value) + data[offset + 8:]
 
@@ -32,16 +41,16 @@ def test_a_flat_index_claiming_a_huge_array_is_refused_unread(tmp_path):
 
     path, data = flat_index(tmp_path)
     assert len(data) == 941 and data[:4] == b"IxFI"
-    path.write_bytes(claims(data, 37, 2**28))
+    write_index(path, claims(data, 37, 2**28))
     with pytest.raises(ReirError, match="claims 268,435,456 elements, more than the 941-byte file holds"):
         Index.load(path)
-    path.write_bytes(data[:4] + struct.pack("<i", 9) + data[8:])
+    write_index(path, data[:4] + struct.pack("<i", 9) + data[8:])
     with pytest.raises(ReirError, match="dimension 9, where its id map says 8"):
         Index.load(path)
-    path.write_bytes(data[:8] + struct.pack("<q", 2**40) + data[16:])
+    write_index(path, data[:8] + struct.pack("<q", 2**40) + data[16:])
     with pytest.raises(ReirError, match="1,099,511,627,776 vectors, where its id map lists 28"):
         Index.load(path)
-    path.write_bytes(data[:500])
+    write_index(path, data[:500])
     with pytest.raises(ReirError, match="claims 224 elements|ends"):
         Index.load(path)
 
@@ -51,7 +60,7 @@ def test_an_hnsw_index_claiming_long_arrays_is_refused_unread(tmp_path):
 
     path, data = flat_index(tmp_path, "HNSW8")
     first_array = 37
-    path.write_bytes(claims(data, first_array, 2**27))
+    write_index(path, claims(data, first_array, 2**27))
     with pytest.raises(ReirError, match="level probabilities claims 134,217,728 elements"):
         Index.load(path)
     import torch
@@ -121,6 +130,6 @@ def test_an_hnsw_graph_linking_outside_its_vectors_is_refused(tmp_path):
         cursor.array(element)
     start, length = cursor.last
     assert length > 0
-    path.write_bytes(data[:start] + struct.pack("<i", 10**6) + data[start + 4:])
+    write_index(path, data[:start] + struct.pack("<i", 10**6) + data[start + 4:])
     with pytest.raises(ReirError, match="links to vectors outside 0..27"):
         Index.load(path)

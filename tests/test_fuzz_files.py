@@ -300,7 +300,7 @@ def test_mutated_faiss_files_are_refused_or_searched_correctly(served_model, tmp
     import faiss
     import torch
 
-    from fuzz_inputs import mutate_index
+    from fuzz_inputs import crafted_pair, mutate_index
     from reir.retrieval.index import Index, id_map_path
 
     faiss.omp_set_num_threads(1)  # a forked child must not wait on the parent's OpenMP threads
@@ -311,11 +311,12 @@ def test_mutated_faiss_files_are_refused_or_searched_correctly(served_model, tmp
         index = Index.from_database(served_model.database, factory=factory)
         index.save(good)
         data, id_map = good.read_bytes(), id_map_path(good).read_bytes()
-        queries = index.vectors()[:4] if index.exact else torch.from_numpy(index.faiss_index.reconstruct_n(0, 4))
+        queries = index.vectors()[:4] if index.exact else torch.as_tensor(index.faiss_index.reconstruct_n(0, 4))
         for n in range(45):
             case = tmp_path / f"case_{factory}_{n}.faiss"
-            case.write_bytes(mutate_index(data, rng))
-            id_map_path(case).write_bytes(id_map)
+            mutated = mutate_index(data, rng)
+            case.write_bytes(mutated)
+            id_map_path(case).write_bytes(crafted_pair(id_map, mutated))
 
             def open_and_search(case=case):
                 opened = Index.load(case)
