@@ -109,17 +109,19 @@ def test_reir_index_milvus_prints_recall_and_speed(served_model, milvus_uri):
 
 
 def test_the_recall_reir_index_prints_is_the_served_collections(milvus_uri, tmp_path):
-    """What ``reir index`` measures is the index the collection then serves: built, flushed, loaded, with the
-    recorded ``ef`` applied when reopened. A sparse HNSW searched narrowly finds well under every neighbour;
-    searched broadly, more. (On a server, a collection searched before its flush was searched exhaustively.)"""
-    from reir.cli.index import recall_against_exact, streamed_queries
+    """What ``reir index`` measures is the index the collection then serves: built, flushed, indexed and
+    loaded, with the recorded ``ef`` applied when reopened. On a server a collection searched before its
+    flush was searched exhaustively (100 % printed, ~25 % served by this sparse HNSW); Milvus Lite served
+    97 % after reopening what it had measured at 99.97 %. The server's HNSW search itself varies by about a
+    point from one search to the next, hence the tolerance."""
+    from reir.retrieval.index_quality import recall_against_exact, streamed_queries
 
     features, count, queries = reir_like(5000, 3), 5000, 300
     database = tmp_path / "random_data_base.safetensors"
     Database({"test": features}, {"test": {"paths": [f"/r/{i}.png" for i in range(count)], "labels": ["x"] * count}},
              {}, {}).save(database)
     result = run_reir("index", "--data_base", str(database), "--backend", "milvus", "--uri", milvus_uri,
-                      "--collection", "random", "--index_type", "HNSW", "--index_params", "M=4,efConstruction=8",
+                      "--collection", "random", "--index_type", "HNSW", "--index_params", "M=8,efConstruction=16",
                       "--efSearch", "10", "--queries", str(queries))
     assert result.returncode == 0, result.stderr
     printed = recall_printed(result.stdout)
@@ -127,12 +129,12 @@ def test_the_recall_reir_index_prints_is_the_served_collections(milvus_uri, tmp_
     _, exact = Index.build(features).search(sample, 10)
     opened = open_index("milvus", uri=milvus_uri, collection="random")
     try:
-        assert opened.search_parameters == {"ef": 10} and opened.info["index_parameters"] == {"M": 4,
-                                                                                               "efConstruction": 8}
+        assert opened.search_parameters == {"ef": 10}
+        assert opened.info["index_parameters"] == {"M": 8, "efConstruction": 16}
         served = 100 * recall_against_exact(opened.search(sample, 10).gallery_ids, exact)
-        assert served == pytest.approx(printed, abs=0.006) and served < 95, (printed, served)
+        assert served == pytest.approx(printed, abs=2) and served < 99, (printed, served)
         opened.tune(efSearch=400)
-        assert 100 * recall_against_exact(opened.search(sample, 10).gallery_ids, exact) > served + 3
+        assert 100 * recall_against_exact(opened.search(sample, 10).gallery_ids, exact) > served + 2
     finally:
         opened.close()
 
