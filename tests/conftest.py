@@ -41,8 +41,7 @@ def pytest_unconfigure(config):
 
 
 def uses_milvus_server(item) -> bool:
-    return "milvus_server" in getattr(item, "fixturenames", ()) or \
-        getattr(getattr(item, "callspec", None), "params", {}).get("milvus_uri") == "server"
+    return "milvus_server" in getattr(item, "fixturenames", ()) or item.get_closest_marker("milvus_server") is not None
 
 
 def pytest_collection_modifyitems(items):
@@ -226,18 +225,14 @@ def milvus_server() -> str:
     return uri
 
 
-@pytest.fixture(params=["lite", "server"])
-def milvus_uri(request, tmp_path):
-    """Each Milvus test against Milvus Lite (a file of its own) and the Milvus server (a database of its own
-    on the session's server, dropped after, so tests never see each other's collections)."""
-    if request.param == "lite":
-        yield str(tmp_path / "reir.milvus.db")
-        return
+@contextlib.contextmanager
+def milvus_database(server: str):
+    """A database of its own on the session's Milvus server (so tests never see each other's collections),
+    dropped with its collections after: its URI."""
     import uuid
 
     from pymilvus import MilvusClient
 
-    server = request.getfixturevalue("milvus_server")
     database = f"test_{uuid.uuid4().hex[:12]}"
     client = MilvusClient(uri=server, timeout=30)
     client.create_database(database)
@@ -251,6 +246,19 @@ def milvus_uri(request, tmp_path):
         inside.close()
         client.drop_database(database)
         client.close()
+
+
+MILVUS_TARGETS = ["lite", pytest.param("server", marks=pytest.mark.milvus_server)]
+
+
+@pytest.fixture(params=MILVUS_TARGETS)
+def milvus_uri(request, tmp_path):
+    """Each Milvus test against Milvus Lite (a file of its own) and the Milvus server (a database of its own)."""
+    if request.param == "lite":
+        yield str(tmp_path / "reir.milvus.db")
+        return
+    with milvus_database(request.getfixturevalue("milvus_server")) as uri:
+        yield uri
 
 
 def pytest_terminal_summary(terminalreporter):

@@ -11,7 +11,7 @@ import torch
 
 from conftest import REPO, run_reir, run_script
 
-from reir.retrieval.backends import build_index, index_from_database, open_index
+from reir.retrieval.backends import build_index, open_index
 from reir.retrieval.database import Database
 from reir.retrieval.index import Index
 
@@ -71,41 +71,11 @@ def test_flat_collection_gives_faiss_flat_ids_and_scores(milvus_uri):
         milvus.close()
 
 
-def test_collection_survives_reopening_with_its_info_and_search_parameters(milvus_uri):
-    features = reir_like(500, 2)
-    db = Database({"test": features}, {"test": {"paths": [f"p{i}" for i in range(500)], "labels": ["x"] * 500}},
-                  {}, {"model_file": "/models/m.safetensors"})
-    built = index_from_database(db, factory="HNSW", backend="milvus", uri=milvus_uri, collection="photos",
-                                parameters={"M": 8, "efConstruction": 40})
-    built.tune(efSearch=64)
-    built.save_info()
-    built.close()
-    opened = open_index("milvus", uri=milvus_uri, collection="photos")
-    try:
-        assert len(opened) == 500 and opened.dim == ENSEMBLE * META and not opened.exact
-        assert opened.info["model_file"] == "/models/m.safetensors" and opened.info["index_parameters"]["M"] == 8
-        assert opened.search_parameters == {"ef": 64}
-        scores, ids = opened.search(features[2:22], 5)
-        assert ids[:, 0].tolist() == list(range(2, 22))  # each vector finds itself first (0 and 1 are twins)
-        assert list(opened.paths)[:3] == ["p0", "p1", "p2"]
-    finally:
-        opened.close()
-
-
 def recall_printed(stdout: str) -> float:
     found = re.search(r"Recall@10 against exact search: ([\d.]+)% on (\d+) queries; ([\d,]+) queries/s "
                       r"\(milvus HNSW\) vs ([\d,]+) \(exact\)", stdout)
     assert found, stdout
     return float(found.group(1))
-
-
-def test_reir_index_milvus_prints_recall_and_speed(served_model, milvus_uri):
-    result = run_reir("index", "--data_base", str(served_model.database), "--backend", "milvus",
-                      "--uri", milvus_uri, "--collection", "digits", "--index_type", "HNSW", "--index_params",
-                      "M=8,efConstruction=32", "--efSearch", "16")
-    assert result.returncode == 0, result.stderr
-    assert re.search(r"Indexed \d+ images \(test\) of dimension 12 with milvus HNSW", result.stdout)
-    assert 50 <= recall_printed(result.stdout) <= 100
 
 
 def test_the_recall_reir_index_prints_is_the_served_collections(milvus_uri, tmp_path):
@@ -124,6 +94,7 @@ def test_the_recall_reir_index_prints_is_the_served_collections(milvus_uri, tmp_
                       "--collection", "random", "--index_type", "HNSW", "--index_params", "M=8,efConstruction=16",
                       "--efSearch", "10", "--queries", str(queries))
     assert result.returncode == 0, result.stderr
+    assert re.search(rf"Indexed {count} images \(test\) of dimension 192 with milvus HNSW", result.stdout)
     printed = recall_printed(result.stdout)
     sample = streamed_queries(database, ["test"], count, queries)
     _, exact = Index.build(features).search(sample, 10)
@@ -151,7 +122,17 @@ def test_bad_milvus_options_are_one_line(served_model, tmp_path, args, message):
     assert not (tmp_path / "x.db").exists()
 
 
-def test_a_collection_by_uri_indexes_and_answers_like_faiss_flat(served_model, milvus_uri, tmp_path):
+def test_an_unreachable_server_is_one_line(served_model):
+    unreachable = run_reir("index", "--data_base", str(served_model.database), "--backend", "milvus",
+                           "--uri", "http://127.0.0.1:1", "--collection", "digits")
+    assert unreachable.returncode != 0 and unreachable.stderr.count("\n") == 1, unreachable.stderr
+    assert "cannot reach Milvus at http://127.0.0.1:1" in unreachable.stderr
+
+
+def test_a_collection_by_uri_answers_like_faiss_flat_and_reir_serve_serves_every_image(served_model, milvus_uri,
+                                                                                       tmp_path):
+    """``reir index`` writes only at the URI; the collection answers like FAISS Flat; ``reir serve`` serves the
+    collection's rows (a server's statistics count none until a flush) and a search for all finds each one."""
     from reir.retrieval.database import load_database
 
     here = tmp_path / "here"
@@ -161,35 +142,17 @@ def test_a_collection_by_uri_indexes_and_answers_like_faiss_flat(served_model, m
     assert indexed.returncode == 0, indexed.stderr
     assert f"collection digits at {milvus_uri}" in indexed.stdout and not list(here.iterdir())  # all at the URI
     database = load_database(served_model.database)
-    queries = database.features["test"][:7]
+    count = len(database.paths("test"))
     flat = Index.from_database(database, factory="Flat")
-    served = open_index("milvus", uri=milvus_uri, collection="digits")
+    opened = open_index("milvus", uri=milvus_uri, collection="digits")
     try:
-        scores, ids = served.search(queries, 5)
-        exact_scores, exact_ids = flat.search(queries, 5)
+        scores, ids = opened.search(database.features["test"][:7], 5)
+        exact_scores, exact_ids = flat.search(database.features["test"][:7], 5)
         torch.testing.assert_close(scores, exact_scores, atol=1e-5, rtol=0)
         assert torch.equal(ids[:, 0], exact_ids[:, 0])
-        assert served.root == flat.root == str(served_model.images) and len(served) == len(flat)
+        assert opened.root == flat.root == str(served_model.images) and len(opened) == len(flat) == count
     finally:
-        served.close()
-
-
-def test_an_unreachable_server_is_one_line(served_model):
-    unreachable = run_reir("index", "--data_base", str(served_model.database), "--backend", "milvus",
-                           "--uri", "http://127.0.0.1:1", "--collection", "digits")
-    assert unreachable.returncode != 0 and unreachable.stderr.count("\n") == 1, unreachable.stderr
-    assert "cannot reach Milvus at http://127.0.0.1:1" in unreachable.stderr
-
-
-def test_reir_serve_serves_every_image_of_a_collection(served_model, milvus_uri):
-    """The count served is the collection's rows (a server reports 0 rows until a flush in its statistics),
-    and a search for all of them finds each one."""
-    from reir.retrieval.database import load_database
-
-    count = len(load_database(served_model.database).paths("test"))
-    indexed = run_reir("index", "--data_base", str(served_model.database), "--backend", "milvus",
-                       "--uri", milvus_uri, "--collection", "digits")
-    assert indexed.returncode == 0, indexed.stderr
+        opened.close()
     server = subprocess.Popen([sys.executable, "-m", "reir", "serve", "--backend", "milvus", "--uri", milvus_uri,
                                "--collection", "digits", "--port", "0"], cwd=REPO,
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
