@@ -208,21 +208,25 @@ def missing(message: str):
 
 
 @pytest.fixture(scope="session")
-def milvus_server() -> str:
+def milvus_server():
     """The session's Milvus standalone server (tests/milvus_server.py), answering a real pymilvus call:
     its URI on the host's loopback, shared by every test and worker of the session."""
     from pymilvus import MilvusClient
+
+    from reir.retrieval.milvus import TOKEN_VARIABLE
 
     try:
         uri = milvus_standalone.address(milvus_standalone.session_folder())
     except milvus_standalone.ServerUnavailable as exc:
         missing(str(exc))
-    client = MilvusClient(uri=uri, timeout=30)
+    client = MilvusClient(uri=uri, token=milvus_standalone.ROOT_TOKEN, timeout=30)
     try:
         assert "default" in client.list_databases(timeout=30)
     finally:
         client.close()
-    return uri
+    with pytest.MonkeyPatch.context() as patch:  # REIR's credentials for the server, for the rest of the session
+        patch.setenv(TOKEN_VARIABLE, milvus_standalone.ROOT_TOKEN)
+        yield uri
 
 
 @contextlib.contextmanager
@@ -234,13 +238,13 @@ def milvus_database(server: str):
     from pymilvus import MilvusClient
 
     database = f"test_{uuid.uuid4().hex[:12]}"
-    client = MilvusClient(uri=server, timeout=30)
+    client = MilvusClient(uri=server, token=milvus_standalone.ROOT_TOKEN, timeout=30)
     client.create_database(database)
     uri = f"{server}/{database}"
     try:
         yield uri
     finally:
-        inside = MilvusClient(uri=uri, timeout=30)
+        inside = MilvusClient(uri=uri, token=milvus_standalone.ROOT_TOKEN, timeout=30)
         for collection in inside.list_collections():
             inside.drop_collection(collection)
         inside.close()

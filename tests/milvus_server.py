@@ -19,6 +19,7 @@ Why a relay:
   starts the relay under a file lock in a folder the pytest controller names in the environment; the
   others read its address there. The controller stops it at the end, by the relay's PID, and the
   relay stops the server by itself when the controller is gone (killed), so none outlives a run.
+* Authorization on, as on a deployment: clients present the default root user's token (:data:`ROOT_TOKEN`).
 * A fresh data folder each start (a reused one failed to start), removed at the stop. The binaries
   unpacked at install time are linked into it, which spares ~5 s of decompressing at every start.
 """
@@ -48,6 +49,7 @@ SERVER = VENV / "bin" / "milvus-server"
 UNPACKED = VENV / "unpacked"  # the package's own unpacking of its binaries: UNPACKED/bin
 STATE_VARIABLE = "REIR_MILVUS_TEST_SERVER"  # the session's folder, named by the pytest controller
 PROXY_PORT = 19530  # inside the private namespace, where nothing else listens
+ROOT_TOKEN = "root:Milvus"  # the server requires credentials, as a deployment would: its default root user
 START_TIMEOUT_S = 180
 READY_BANNER = "Ctrl+C to exit"  # milvus-server prints its banner once its health check answers
 CLONE_NEWUSER, CLONE_NEWNET = 0x10000000, 0x40000000
@@ -80,13 +82,13 @@ _relay: subprocess.Popen | None = None  # the relay, when this process started i
 def start(folder: Path) -> None:
     """Start the session's relay unless a process of this session already did; returns without waiting."""
     global _relay
-    if not SERVER.is_file():
-        raise ServerUnavailable(f"no Milvus server at {SERVER.relative_to(REPO)}; install it with "
-                                "`make milvus-server` (milvus==2.3.5 in its own virtual environment)")
     with open(folder / "lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if (folder / "relay.pid").exists():
             return
+        if not SERVER.is_file():
+            raise ServerUnavailable(f"no Milvus server at {SERVER.relative_to(REPO)}; install it with "
+                                    "`make milvus-server` (milvus==2.3.5 in its own virtual environment)")
         command = [sys.executable, __file__, "--folder", str(folder),
                    "--owner", (folder / "owner").read_text().strip()]
         log = open(folder / "relay.log", "wb")
@@ -177,7 +179,8 @@ class Server:
             (data / "bin").symlink_to(UNPACKED / "bin", target_is_directory=True)
         self.log = data / "milvus-server.log"
         with open(self.log, "wb") as log:
-            self.process = subprocess.Popen([str(SERVER), "--data", str(data), "--proxy-port", str(PROXY_PORT)],
+            self.process = subprocess.Popen([str(SERVER), "--data", str(data), "--proxy-port", str(PROXY_PORT),
+                                             "--authorization-enabled", "true"],
                                             stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                                             env={**os.environ, "PYTHONUNBUFFERED": "1"}, start_new_session=True)
         self.milvus_pid: int | None = None
@@ -266,6 +269,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         private_network()
     except OSError as exc:
+        listener.close()
         write_state(args.folder, unavailable=f"cannot make a private network namespace for the Milvus server "
                     f"({exc}); run the tests as root or where unprivileged user namespaces are allowed "
                     "(unshare -rn true)")

@@ -129,6 +129,22 @@ def test_an_unreachable_server_is_one_line(served_model):
     assert "cannot reach Milvus at http://127.0.0.1:1" in unreachable.stderr
 
 
+def test_a_server_refuses_missing_or_wrong_credentials_in_one_line(served_model, milvus_server, monkeypatch):
+    """The session's server requires credentials, as a deployment would; REIR sends MILVUS_TOKEN's."""
+    from reir.retrieval.milvus import TOKEN_VARIABLE
+
+    for token, reason in ((None, "missing authorization"), ("root:wrong", "auth check failure")):
+        if token is None:
+            monkeypatch.delenv(TOKEN_VARIABLE)
+        else:
+            monkeypatch.setenv(TOKEN_VARIABLE, token)
+        refused = run_reir("index", "--data_base", str(served_model.database), "--backend", "milvus",
+                           "--uri", milvus_server, "--collection", "digits")
+        assert refused.returncode != 0 and refused.stderr.count("\n") == 1, refused.stderr
+        assert f"Milvus at {milvus_server} refused the credentials ({reason}" in refused.stderr, refused.stderr
+        assert f"set {TOKEN_VARIABLE} to user:password" in refused.stderr
+
+
 def test_a_collection_by_uri_answers_like_faiss_flat_and_reir_serve_serves_every_image(served_model, milvus_uri,
                                                                                        tmp_path):
     """``reir index`` writes only at the URI; the collection answers like FAISS Flat; ``reir serve`` serves the

@@ -43,6 +43,7 @@ INSERT_BATCH = 4096  # rows per insert: ~9.4 MB of 576-dimensional vectors, far 
 MAX_PATH = 4096
 MAX_LABEL = 1024
 SEARCH_PARAMETERS = {"efSearch": "ef", "nprobe": "nprobe"}  # FAISS's names -> Milvus's
+SERVER_SCHEMES = ("http://", "https://", "tcp://", "unix:")  # any other URI is a Milvus Lite file
 CACHED_ROWS = 10_000
 INDEX_WAIT_S = 3600  # the longest a write waits for a server to index its rows
 TOKEN_VARIABLE = "MILVUS_TOKEN"  # "user:password" or an API key, for a deployment that requires one
@@ -66,7 +67,7 @@ def connect(uri: str):
     pymilvus = _pymilvus()
     # pymilvus logs every failed call with its traceback; ours become one-line ReirErrors instead
     logging.getLogger("pymilvus").setLevel(logging.CRITICAL)
-    is_local = not uri.startswith(("http://", "https://", "tcp://", "unix:"))
+    is_local = not uri.startswith(SERVER_SCHEMES)
     if is_local and not uri.endswith(".db"):
         raise ReirError(f"URI {uri} is neither a Milvus Lite file (name it *.db) nor a server "
                         "(http://HOST:19530)", 2)
@@ -78,16 +79,27 @@ def connect(uri: str):
     try:
         return pymilvus.MilvusClient(uri=uri, token=os.environ.get(TOKEN_VARIABLE, ""))
     except Exception as exc:  # noqa: BLE001 - pymilvus raises many kinds for an unreachable server
-        text = _message(exc)
-        if "auth" in text.lower() or "credential" in text.lower():
-            raise ReirError(f"Milvus at {uri} refused the credentials ({text}); set {TOKEN_VARIABLE} to "
+        refusal = _unauthenticated(exc)
+        if refusal:
+            raise ReirError(f"Milvus at {uri} refused the credentials ({refusal}); set {TOKEN_VARIABLE} to "
                             "user:password or an API key") from None
-        raise ReirError(f"cannot reach Milvus at {uri} ({text}); start the server or check the URI") from None
+        raise ReirError(f"cannot reach Milvus at {uri} ({_message(exc)}); start the server or check the URI") from None
+
+
+def _unauthenticated(exc: Exception) -> str | None:
+    """The server's reason when it refused the credentials: pymilvus reports any failed connection as the same
+    "illegal connection params or server unavailable", with gRPC's own status underneath."""
+    cause = exc.__cause__ or exc.__context__
+    code = getattr(cause, "code", None)
+    if callable(code) and getattr(code(), "name", "") == "UNAUTHENTICATED":
+        return str(cause.details())
+    return None
 
 
 def release(uri: str) -> None:
-    """Stop the in-process Milvus Lite server of a local file (a no-op for remote servers)."""
-    if uri.startswith(("http://", "https://", "tcp://", "unix:")):
+    """Stop the in-process Milvus Lite server of a local file, for every client of it in this process (a no-op
+    for remote servers); it finishes its background work first."""
+    if uri.startswith(SERVER_SCHEMES):
         return
     try:
         from milvus_lite.server_manager import server_manager_instance
@@ -252,16 +264,26 @@ class MilvusIndex:
 
     def publish(self) -> None:
         """Make what is searched the collection as built: flush the inserted rows into sealed segments, wait
-        until the server has indexed them all, and load the collection again to serve that index."""
+        until the server has indexed them all, and load the collection again to serve that index.
+
+        Milvus Lite indexes flushed rows in a background thread and has no call that waits for it (its
+        index state always reads finished); a load that meets that thread reads a half-written index file.
+        Stopping its embedded server waits for the thread, so a Lite file is reopened instead.
+        """
         try:
             self.client.flush(self.collection)
-            deadline = time.monotonic() + INDEX_WAIT_S
-            while not self._indexed():
-                if time.monotonic() > deadline:
-                    raise ReirError(f"Milvus did not finish indexing {self.collection} in {INDEX_WAIT_S} s; "
-                                    "look at the server's index nodes, then build again")
-                time.sleep(0.2)
-            self.client.release_collection(self.collection)
+            if self.uri.startswith(SERVER_SCHEMES):
+                deadline = time.monotonic() + INDEX_WAIT_S
+                while not self._indexed():
+                    if time.monotonic() > deadline:
+                        raise ReirError(f"Milvus did not finish indexing {self.collection} in {INDEX_WAIT_S} s; "
+                                        "look at the server's index nodes, then build again")
+                    time.sleep(0.2)
+                self.client.release_collection(self.collection)
+            else:
+                self.client.close()
+                release(self.uri)
+                self.client = connect(self.uri)
             self.client.load_collection(self.collection)
         except ReirError:
             raise
