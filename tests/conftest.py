@@ -95,7 +95,8 @@ def run_script(script: str, *args: str, cwd: Path | None = None, timeout: float 
     return subprocess.run(command, cwd=cwd or REPO, env=env, capture_output=True, text=True, timeout=timeout)
 
 
-def torchrun_two_nodes(*script: str, folders: tuple[Path, Path], timeout: float = 300) -> list[subprocess.CompletedProcess]:
+def torchrun_two_nodes(*script: str, folders: tuple[Path, Path],
+                      timeout: float = 300) -> list[subprocess.CompletedProcess]:
     """``torchrun --nnodes 2 --nproc_per_node 1 SCRIPT...`` as two nodes would run it: two separate launchers,
     node ``n`` in its own working folder ``folders[n]``, meeting at a c10d rendezvous on 127.0.0.1.
 

@@ -1,8 +1,9 @@
 """A real Milvus server for the test session: the standalone server of PyPI's ``milvus`` package, loopback only.
 
-``make milvus-server`` installs it into ``.venv-milvus/`` (it pins an old pymilvus, so it keeps out of
-the project's environment) and unpacks its binaries once. This module is both the test side (start the
-session's server once, find it, stop it) and, run as a script, the relay process that owns the server.
+``make milvus-server`` installs it into ``.venv-milvus/`` (its client extra pins a pymilvus older than the
+project's, so it keeps out of the project's environment) and unpacks its binaries once. This module is
+both the test side (start the session's server once, find it, stop it) and, run as a script, the relay
+process that owns the server.
 
 Why a relay:
 
@@ -15,7 +16,8 @@ Why a relay:
   reach the same server at ``http://127.0.0.1:PORT`` however pytest was started. In the private
   namespace the server has its ports to itself: its default ports are always free, so it never
   slides to the next port without saying so.
-* One server a session, for its start (10-20 s) and memory (~300 MB): the first process that needs it
+* One server a session, for its start (4 s here with its binaries unpacked, 8-20 s without) and memory
+  (170-330 MB): the first process that needs it
   starts the relay under a file lock in a folder the pytest controller names in the environment; the
   others read its address there. The controller stops it at the end, by the relay's PID, and the
   relay stops the server by itself when the controller is gone (killed), so none outlives a run.

@@ -13,7 +13,6 @@ import torch
 from conftest import milvus_database
 from reir.errors import ReirError
 from reir.retrieval.backends import build_index, open_index
-from reir.retrieval.index import Index
 from reir.retrieval.index_common import SearchIndex
 from reir.retrieval.index_quality import recall_against_exact
 from reir.retrieval.similarity import flatten, knn

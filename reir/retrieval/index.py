@@ -139,7 +139,7 @@ class Index:
         self.faiss_index.add(vectors.numpy())
         self.paths += [str(p) for p in paths]
         self.labels += [str(l) for l in labels]
-        self.info["labelled"] = self.info["labelled"] or any(str(l) != UNLABELLED for l in labels)
+        self.info["labelled"] = self.info["labelled"] or any(str(label) != UNLABELLED for label in labels)
         self._exact_vectors = None
 
     def tune(self, **parameters) -> None:
