@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-import milvus_server as milvus_standalone
+import milvus_server as milvus_standalone  # another name: the fixture below is milvus_server
 
 REPO = Path(__file__).resolve().parents[1]
 # One thread per process: pytest-xdist runs a test per core, and tests start their own processes. Two
@@ -26,8 +26,8 @@ def pytest_configure(config):
 
 
 def pytest_collection_finish(session):
-    """The Milvus server starts in the background as soon as a selected test will need it (its 10-20 s start
-    overlaps other tests); the fixture waits for it."""
+    """The Milvus server starts in the background as soon as a selected test will need it (its start, 4 s on
+    an idle machine, overlaps other tests); the fixture waits for it."""
     if any(uses_milvus_server(item) for item in session.items):
         with contextlib.suppress(milvus_standalone.ServerUnavailable):
             milvus_standalone.start(milvus_standalone.session_folder())
@@ -41,7 +41,9 @@ def pytest_unconfigure(config):
 
 
 def uses_milvus_server(item) -> bool:
-    return "milvus_server" in getattr(item, "fixturenames", ()) or item.get_closest_marker("milvus_server") is not None
+    """Whether a test asks for the server itself or runs a parameter marked ``milvus_server``."""
+    return "milvus_server" in getattr(item, "fixturenames", ()) or \
+        item.get_closest_marker("milvus_server") is not None
 
 
 def pytest_collection_modifyitems(items):
