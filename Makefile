@@ -4,7 +4,10 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test install browser clean
+MILVUS_VENV := .venv-milvus
+MILVUS_STAMP := $(MILVUS_VENV)/.installed
+
+.PHONY: demo test install browser milvus-server clean
 
 $(STAMP): requirements.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -30,12 +33,23 @@ browser:
 	elif [ "$$CI" = true ]; then echo "make browser: no apt-get or no root to install chromium and chromedriver" >&2; exit 1; \
 	else echo "make browser: no apt-get or no root; the browser tests will be skipped (install chromium and chromedriver to run them)"; fi
 
+# The Milvus standalone server the Milvus tests also run against (tests/milvus_server.py starts it, loopback
+# only), from PyPI's milvus package, in a virtual environment of its own: its client extra pins a pymilvus
+# older than the project's. Its binaries are unpacked here once, by the package's own routine, not at every start.
+$(MILVUS_STAMP): requirements-milvus-server.txt
+	$(PYTHON) -m venv $(MILVUS_VENV)
+	$(MILVUS_VENV)/bin/python -m pip install --quiet -r requirements-milvus-server.txt
+	$(MILVUS_VENV)/bin/python -c "import milvus; milvus._initialize_data_files('$(MILVUS_VENV)/unpacked')"
+	touch $(MILVUS_STAMP)
+
+milvus-server: $(MILVUS_STAMP)
+
 # One test per core (pytest-xdist; an idle worker takes queued tests from a busy one); the slowest
 # tests are listed so the suite's time stays visible. BROWSER=0 installs no browser and skips the
 # browser tests (outside CI, where they always run).
 BROWSER ?= 1
-test: $(STAMP) $(if $(filter 0,$(BROWSER)),,browser)
+test: $(STAMP) $(if $(filter 0,$(BROWSER)),,browser) milvus-server
 	REIR_BROWSER=$(BROWSER) $(PY) -m pytest -q -n auto --dist worksteal --durations=15
 
 clean:
-	rm -rf $(VENV) demo_output
+	rm -rf $(VENV) $(MILVUS_VENV) demo_output

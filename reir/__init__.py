@@ -28,7 +28,7 @@ _API = {"train": "reir.training.train", "TrainConfig": "reir.training.config",
         "load_database": "reir.retrieval.database", "Database": "reir.retrieval.database",
         "Results": "reir.retrieval.results", "Index": "reir.retrieval.index",
         "build_index": "reir.retrieval.backends", "index_from_database": "reir.retrieval.backends",
-        "open_index": "reir.retrieval.backends"}
+        "open_index": "reir.retrieval.backends", "SearchIndex": "reir.retrieval.index_common"}
 __all__ = list(_API)
 
 

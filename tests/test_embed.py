@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import REPO, run_reir
+from conftest import REPO, run_reir, torchrun_two_nodes
 from reir.retrieval.database import load_database
 
 IMAGES = 240
@@ -202,3 +202,22 @@ def test_torchrun_ranks_share_the_work_and_rank_zero_merges(uninterrupted, colle
     ddp, single = load_database(output), load_database(uninterrupted[0])
     assert ddp.splits == single.splits and ddp.info["skipped"] == single.info["skipped"]
     assert torch.allclose(ddp.features["test"], single.features["test"], atol=1e-5)
+
+
+def test_two_torchrun_nodes_embed_the_database_of_one_process(uninterrupted, collection, served_model, tmp_path):
+    """Two launchers as two nodes (tests/conftest.py), each in its own working folder: both read the images
+    and write their shards where every node sees them (a shared folder: the output is named absolutely),
+    rank 0 merges, and the database is the one a single process writes."""
+    nodes, shared = (tmp_path / "node0", tmp_path / "node1"), tmp_path / "shared"
+    for folder in (*nodes, shared):
+        folder.mkdir()
+    output = shared / "two_nodes_data_base.safetensors"
+    ran = torchrun_two_nodes("-m", "reir", "embed", "--model", str(served_model.model), "--images", str(collection),
+                             "--output", str(output), "--labels_from_folders", "--shard_size", "20",
+                             "--batch_size", "10", "--num_workers", "0", "--device", "cpu", folders=nodes)
+    assert [r.returncode for r in ran] == [0, 0], ran[0].stderr[-2000:] + ran[1].stderr[-2000:]
+    assert "2 ranks" in ran[0].stdout and "2 ranks" not in ran[1].stdout
+    assert_same_database(output, uninterrupted[0])
+    # the shards merged and gone; the two unreadable images listed beside the database
+    assert sorted(p.name for p in shared.iterdir()) == [output.name, f"{output.name}.skipped.txt"]
+    assert [list(folder.iterdir()) for folder in nodes] == [[], []]

@@ -1,17 +1,18 @@
-"""The Milvus backend (Milvus Lite, in-process, from a file under tmp_path) against FAISS and exact search."""
+"""The Milvus backend against FAISS and exact search, each test on Milvus Lite (in-process, a file under
+tmp_path) and on the Milvus standalone server (tests/milvus_server.py, a database of its own)."""
 
 import re
-import socket
 import subprocess
 import sys
 
+import httpx
 import pytest
 import torch
 
-from conftest import run_reir
+from conftest import REPO, run_reir, run_script
 
+from reir.retrieval.backends import build_index, open_index
 from reir.retrieval.database import Database
-from reir.retrieval.backends import build_index, index_from_database, open_index
 from reir.retrieval.index import Index
 
 COUNT, ENSEMBLE, META = 10_000, 16, 12
@@ -35,12 +36,12 @@ def reir_like(count, seed):
     return features
 
 
-def test_flat_collection_gives_faiss_flat_ids_and_scores(tmp_path):
+def test_flat_collection_gives_faiss_flat_ids_and_scores(milvus_uri):
     features = reir_like(COUNT, 0)
     queries = torch.cat([features[:3], reir_like(97, 1)])
     paths = [f"/images/{i:05d}.jpg" for i in range(COUNT)]
     labels = [str(i % 7) for i in range(COUNT)]
-    milvus = build_index(features, paths, labels, backend="milvus", uri=str(tmp_path / "r.milvus.db"), collection="c")
+    milvus = build_index(features, paths, labels, backend="milvus", uri=milvus_uri, collection="c")
     try:
         faiss_flat = Index.build(features, paths, labels, "Flat")
         k = 10
@@ -70,38 +71,43 @@ def test_flat_collection_gives_faiss_flat_ids_and_scores(tmp_path):
         milvus.close()
 
 
-def test_collection_survives_reopening_with_its_info_and_search_parameters(tmp_path):
-    uri = str(tmp_path / "h.milvus.db")
-    features = reir_like(500, 2)
-    db = Database({"test": features}, {"test": {"paths": [f"p{i}" for i in range(500)], "labels": ["x"] * 500}},
-                  {}, {"model_file": "/models/m.safetensors"})
-    built = index_from_database(db, factory="HNSW", backend="milvus", uri=uri, collection="photos",
-                                parameters={"M": 8, "efConstruction": 40})
-    built.tune(efSearch=64)
-    built.save_info()
-    built.close()
-    opened = open_index("milvus", uri=uri, collection="photos")
+def recall_printed(stdout: str) -> float:
+    found = re.search(r"Recall@10 against exact search: ([\d.]+)% on (\d+) queries; ([\d,]+) queries/s "
+                      r"\(milvus HNSW\) vs ([\d,]+) \(exact\)", stdout)
+    assert found, stdout
+    return float(found.group(1))
+
+
+def test_the_recall_reir_index_prints_is_the_served_collections(milvus_uri, tmp_path):
+    """What ``reir index`` measures is the index the collection then serves: built, flushed, indexed and
+    loaded, with the recorded ``ef`` applied when reopened. On a server a collection searched before its
+    flush was searched exhaustively (100 % printed, ~25 % served by this sparse HNSW); Milvus Lite served
+    97 % after reopening what it had measured at 99.97 %. The server's HNSW search itself varies by about a
+    point from one search to the next, hence the tolerance."""
+    from reir.retrieval.index_quality import recall_against_exact, streamed_queries
+
+    features, count, queries = reir_like(5000, 3), 5000, 300
+    database = tmp_path / "random_data_base.safetensors"
+    Database({"test": features}, {"test": {"paths": [f"/r/{i}.png" for i in range(count)], "labels": ["x"] * count}},
+             {}, {}).save(database)
+    result = run_reir("index", "--data_base", str(database), "--backend", "milvus", "--uri", milvus_uri,
+                      "--collection", "random", "--index_type", "HNSW", "--index_params", "M=8,efConstruction=16",
+                      "--efSearch", "10", "--queries", str(queries))
+    assert result.returncode == 0, result.stderr
+    assert re.search(rf"Indexed {count} images \(test\) of dimension 192 with milvus HNSW", result.stdout)
+    printed = recall_printed(result.stdout)
+    sample = streamed_queries(database, ["test"], count, queries)
+    _, exact = Index.build(features).search(sample, 10)
+    opened = open_index("milvus", uri=milvus_uri, collection="random")
     try:
-        assert len(opened) == 500 and opened.dim == ENSEMBLE * META and not opened.exact
-        assert opened.info["model_file"] == "/models/m.safetensors" and opened.info["index_parameters"]["M"] == 8
-        assert opened.search_parameters == {"ef": 64}
-        scores, ids = opened.search(features[2:22], 5)
-        assert ids[:, 0].tolist() == list(range(2, 22))  # each vector finds itself first (0 and 1 are twins)
-        assert list(opened.paths)[:3] == ["p0", "p1", "p2"]
+        assert opened.search_parameters == {"ef": 10}
+        assert opened.info["index_parameters"] == {"M": 8, "efConstruction": 16}
+        served = 100 * recall_against_exact(opened.search(sample, 10).gallery_ids, exact)
+        assert served == pytest.approx(printed, abs=2) and served < 99, (printed, served)
+        opened.tune(efSearch=400)
+        assert 100 * recall_against_exact(opened.search(sample, 10).gallery_ids, exact) > served + 2
     finally:
         opened.close()
-
-
-def test_reir_index_milvus_prints_recall_and_speed(served_model, tmp_path):
-    uri = str(tmp_path / "reir.milvus.db")
-    result = run_reir("index", "--data_base", str(served_model.database), "--backend", "milvus",
-                        "--uri", uri, "--collection", "digits", "--index_type", "HNSW", "--index_params",
-                        "M=8,efConstruction=32", "--efSearch", "16")
-    assert result.returncode == 0, result.stderr
-    assert re.search(r"Indexed \d+ images \(test\) of dimension 12 with milvus HNSW", result.stdout)
-    found = re.search(r"Recall@10 against exact search: ([\d.]+)% .* ([\d,]+) queries/s \(milvus HNSW\) vs ([\d,]+) "
-                      r"\(exact\)", result.stdout)
-    assert found and 50 <= float(found.group(1)) <= 100, result.stdout
 
 
 @pytest.mark.parametrize("args, message", [
@@ -116,46 +122,77 @@ def test_bad_milvus_options_are_one_line(served_model, tmp_path, args, message):
     assert not (tmp_path / "x.db").exists()
 
 
-@pytest.fixture
-def milvus_server(tmp_path):
-    """A Milvus gRPC server in a process of its own (Milvus Lite's), reached by URI like a standalone Milvus."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    server = subprocess.Popen([sys.executable, "-m", "milvus_lite", "server", "--data-dir", str(tmp_path / "server"),
-                               "--host", "127.0.0.1", "--port", str(port)],
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        line = server.stdout.readline()
-        assert "listening on 127.0.0.1:" in line, line + server.stdout.read()
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
+def test_an_unreachable_server_is_one_line(served_model):
+    unreachable = run_reir("index", "--data_base", str(served_model.database), "--backend", "milvus",
+                           "--uri", "http://127.0.0.1:1", "--collection", "digits")
+    assert unreachable.returncode != 0 and unreachable.stderr.count("\n") == 1, unreachable.stderr
+    assert "cannot reach Milvus at http://127.0.0.1:1" in unreachable.stderr
 
 
-def test_a_milvus_server_by_uri_indexes_and_answers_like_faiss_flat(served_model, milvus_server, tmp_path):
+def test_a_server_refuses_missing_or_wrong_credentials_in_one_line(served_model, milvus_server, monkeypatch):
+    """The session's server requires credentials, as a deployment would; REIR sends MILVUS_TOKEN's."""
+    from reir.retrieval.milvus import TOKEN_VARIABLE
+
+    for token, reason in ((None, "missing authorization"), ("root:wrong", "auth check failure")):
+        if token is None:
+            monkeypatch.delenv(TOKEN_VARIABLE)
+        else:
+            monkeypatch.setenv(TOKEN_VARIABLE, token)
+        refused = run_reir("index", "--data_base", str(served_model.database), "--backend", "milvus",
+                           "--uri", milvus_server, "--collection", "digits")
+        assert refused.returncode != 0 and refused.stderr.count("\n") == 1, refused.stderr
+        assert f"Milvus at {milvus_server} refused the credentials ({reason}" in refused.stderr, refused.stderr
+        assert f"set {TOKEN_VARIABLE} to user:password" in refused.stderr
+
+
+def test_a_collection_by_uri_answers_like_faiss_flat_and_reir_serve_serves_every_image(served_model, milvus_uri,
+                                                                                       tmp_path):
+    """``reir index`` writes only at the URI; the collection answers like FAISS Flat; ``reir serve`` serves the
+    collection's rows (a server's statistics count none until a flush) and a search for all finds each one."""
     from reir.retrieval.database import load_database
 
     here = tmp_path / "here"
     here.mkdir()
     indexed = run_reir("index", "--data_base", str(served_model.database), "--backend", "milvus",
-                         "--uri", milvus_server, "--collection", "digits", cwd=here)
+                       "--uri", milvus_uri, "--collection", "digits", cwd=here)
     assert indexed.returncode == 0, indexed.stderr
-    assert f"collection digits at {milvus_server}" in indexed.stdout and not list(here.iterdir())  # all on the server
+    assert f"collection digits at {milvus_uri}" in indexed.stdout and not list(here.iterdir())  # all at the URI
     database = load_database(served_model.database)
-    queries = database.features["test"][:7]
+    count = len(database.paths("test"))
     flat = Index.from_database(database, factory="Flat")
-    served = open_index("milvus", uri=milvus_server, collection="digits")
+    opened = open_index("milvus", uri=milvus_uri, collection="digits")
     try:
-        scores, ids = served.search(queries, 5)
-        exact_scores, exact_ids = flat.search(queries, 5)
+        scores, ids = opened.search(database.features["test"][:7], 5)
+        exact_scores, exact_ids = flat.search(database.features["test"][:7], 5)
         torch.testing.assert_close(scores, exact_scores, atol=1e-5, rtol=0)
         assert torch.equal(ids[:, 0], exact_ids[:, 0])
-        assert served.root == flat.root == str(served_model.images) and len(served) == len(flat)
+        assert opened.root == flat.root == str(served_model.images) and len(opened) == len(flat) == count
     finally:
-        served.close()
-    unreachable = run_reir("index", "--data_base", str(served_model.database), "--backend", "milvus",
-                             "--uri", milvus_server.rsplit(":", 1)[0] + ":1", "--collection", "digits")
-    assert unreachable.returncode != 0 and unreachable.stderr.count("\n") == 1, unreachable.stderr
-    assert "cannot reach Milvus at http://127.0.0.1:1" in unreachable.stderr
+        opened.close()
+    server = subprocess.Popen([sys.executable, "-m", "reir", "serve", "--backend", "milvus", "--uri", milvus_uri,
+                               "--collection", "digits", "--port", "0"], cwd=REPO,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        line = server.stdout.readline()
+        found = re.search(r"Serving (\d+) images \(milvus FLAT\) at (http://127\.0\.0\.1:\d+)/", line)
+        assert found and int(found.group(1)) == count, line + (server.stdout.read() if server.poll() else "")
+        info = httpx.get(f"{found.group(2)}/info", timeout=60).json()
+        assert info["images"] == count and info["labelled"] is True
+        with open(served_model.images / sorted(p.name for p in served_model.images.iterdir())[0], "rb") as image:
+            response = httpx.post(f"{found.group(2)}/search", files={"image": ("q.png", image, "image/png")},
+                                  data={"k": str(count)}, timeout=60)
+        assert response.status_code == 200, response.text
+        assert sorted(r["id"] for r in response.json()["results"]) == list(range(count))
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+def test_reir_serve_refuses_an_empty_collection(served_model, milvus_uri):
+    from reir.retrieval.milvus import MilvusIndex
+
+    MilvusIndex.create(milvus_uri, "empty", 12, info={"model_file": str(served_model.model)}).close()
+    result = run_script("reir", "serve", "--backend", "milvus", "--uri", milvus_uri, "--collection", "empty",
+                        "--port", "0", timeout=60)
+    assert result.returncode != 0 and result.stderr.count("\n") == 1, result.stdout + result.stderr
+    assert f"collection empty at {milvus_uri} holds no images" in result.stderr and "Serving" not in result.stdout

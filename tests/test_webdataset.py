@@ -1,5 +1,6 @@
 """WebDataset tar shards as input, and the whole scale-out path: tar shards -> torchrun embed into a sharded
-database (killed once, resumed) -> a Milvus Lite collection -> reir serve, answering like FAISS Flat."""
+database (killed once, resumed) -> a Milvus collection (Milvus Lite and the Milvus server) -> reir serve,
+answering like FAISS Flat."""
 
 import contextlib
 import io
@@ -130,10 +131,13 @@ def test_a_sample_in_a_tar_reads_like_its_file_and_a_missing_one_is_named(images
     assert broken.value.kind == "unreadable"
 
 
-def test_tar_shards_to_torchrun_sharded_database_to_milvus_to_serve(served_model, images, tmp_path):
+@pytest.fixture(scope="module")
+def resumed_database(served_model, images, tmp_path_factory):
+    """tar shards -> torchrun embed into a sharded database, killed once three shards are done, then run
+    again: the database, the shards done before the kill and the resumed run."""
     _, shards, _ = images
-    output, uri = tmp_path / "web_data_base", str(tmp_path / "reir.milvus.db")
-    parts = tmp_path / "web_data_base.parts"
+    output = tmp_path_factory.mktemp("resumed") / "web_data_base"
+    parts = output.with_name("web_data_base.parts")
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
                "-m", "reir", "embed", "--model", str(served_model.model), "--images", f"{shards}/*.tar",
                "--output", str(output), "--shard_output", "--batch_size", "5", "--num_workers", "0", "--device", "cpu"]
@@ -148,28 +152,42 @@ def test_tar_shards_to_torchrun_sharded_database_to_milvus_to_serve(served_model
             os.kill(pid, signal.SIGKILL)
     process.wait()
     done = len(list(parts.glob("shard-*.safetensors")))
-    assert 3 <= done < TARS and not output.exists()
+    killed_early = output.exists()
     again = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    return output, done, killed_early, again
+
+
+def test_a_killed_torchrun_embed_of_tar_shards_resumes_into_a_sharded_database(resumed_database, images):
+    output, done, killed_early, again = resumed_database
+    _, shards, names = images
+    assert 3 <= done < TARS and not killed_early
     assert again.returncode == 0, again.stderr[-2000:]
     assert "2 ranks" in again.stdout, again.stdout
     assert f"Resuming: {done} finished shard(s) of {TARS} kept" in again.stdout, again.stdout
-    assert (output / "manifest.json").is_file() and not parts.exists()
+    assert (output / "manifest.json").is_file() and not output.with_name("web_data_base.parts").exists()
     database = load_database(output)
-    _, _, names = images
     assert database.paths("test") == [f"{shards / f'{i // PER_TAR:06d}.tar'}::{i // PER_TAR:06d}_{i % PER_TAR:03d}"
                                       for i in range(PER_TAR * TARS)]
     assert database.labels("test") == [name.split("/")[0] for name in names]
 
-    indexed = run_script("reir", "index", "--data_base", str(output), "--backend", "milvus", "--uri", uri,
+
+def test_a_sharded_database_of_tar_samples_to_milvus_to_serve(resumed_database, served_model, images, milvus_uri):
+    """The resumed sharded database -> a Milvus collection (Milvus Lite and the server) -> reir serve,
+    answering like FAISS Flat and serving tar samples as images."""
+    output, _, _, again = resumed_database
+    assert again.returncode == 0, again.stderr[-2000:]
+    database = load_database(output)
+    indexed = run_script("reir", "index", "--data_base", str(output), "--backend", "milvus", "--uri", milvus_uri,
                          "--collection", "web")
     assert indexed.returncode == 0, indexed.stderr
-    server = subprocess.Popen([sys.executable, "-m", "reir", "serve", "--backend", "milvus", "--uri", uri,
-                               "--collection", "web", "--port", "0", "--expose_paths"], cwd=REPO, env={**env, "OMP_NUM_THREADS": "2"},
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "2"}
+    server = subprocess.Popen([sys.executable, "-m", "reir", "serve", "--backend", "milvus", "--uri", milvus_uri,
+                               "--collection", "web", "--port", "0", "--expose_paths"], cwd=REPO, env=env,
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         line = server.stdout.readline()
         found = re.search(r"Serving (\d+) images \(milvus FLAT\) at (http://127\.0\.0\.1:\d+)/", line)
-        assert found, line + server.stdout.read()
+        assert found and int(found.group(1)) == PER_TAR * TARS, line + (server.stdout.read() if server.poll() else "")
         query = png(np.random.default_rng(9).integers(0, 256, (16, 16, 3), dtype=np.uint8))
         response = httpx.post(f"{found.group(2)}/search", files={"image": ("q.png", query, "image/png")},
                               data={"k": "8"}, timeout=120)

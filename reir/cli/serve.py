@@ -55,6 +55,9 @@ def load_searcher(args) -> Searcher:
 
         source = resolve_database_path(args.data_base, ".")
         index = Index.from_database(source)
+    if not len(index):
+        where = f"collection {args.collection} at {args.uri}" if args.uri else f"index {args.index or args.data_base}"
+        raise ReirError(f"{where} holds no images; build it with reir index from a database that holds some")
     model_file = args.model or index.info.get("model_file")
     if not model_file:
         raise UsageError("the index records no model file; pass --model epochs/<name>_model.safetensors")

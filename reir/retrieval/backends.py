@@ -14,6 +14,7 @@ import torch
 
 from reir.errors import ReirError
 from reir.retrieval.index import EXACT_FACTORY, Index
+from reir.retrieval.index_common import SearchIndex
 from reir.retrieval.milvus import MilvusIndex
 
 BACKENDS = ("faiss", "milvus")
@@ -33,7 +34,7 @@ def milvus_type(factory: str) -> str:
 def build_index(features: torch.Tensor, paths: Sequence[str] | None = None, labels: Sequence[str] | None = None,
                 factory: str = EXACT_FACTORY, info: dict | None = None, train_size: int | None = None, *,
                 backend: str = "faiss", uri: str | None = None, collection: str = "reir",
-                parameters: dict | None = None) -> Index | MilvusIndex:
+                parameters: dict | None = None) -> SearchIndex:
     """An index over ``features``; with ``backend="milvus"`` a collection at ``uri``, ``factory`` then being a
     Milvus index type (``FLAT``, ``HNSW``, ``IVF_FLAT``, ``IVF_PQ``)."""
     if check_backend(backend) == "milvus":
@@ -44,7 +45,7 @@ def build_index(features: torch.Tensor, paths: Sequence[str] | None = None, labe
 
 def index_from_database(database, splits: Sequence[str] | None = None, factory: str = EXACT_FACTORY,
                         train_size: int | None = None, *, backend: str = "faiss", uri: str | None = None,
-                        collection: str = "reir", parameters: dict | None = None) -> Index | MilvusIndex:
+                        collection: str = "reir", parameters: dict | None = None) -> SearchIndex:
     """An index over a database's splits (default: every split but train, else train), of either backend."""
     if check_backend(backend) == "milvus":
         return MilvusIndex.from_database(database, splits, milvus_type(factory), uri=uri, collection=collection,
@@ -53,7 +54,7 @@ def index_from_database(database, splits: Sequence[str] | None = None, factory: 
 
 
 def open_index(backend: str = "faiss", path: str | os.PathLike | None = None, *, uri: str | None = None,
-               collection: str = "reir") -> Index | MilvusIndex:
+               collection: str = "reir") -> SearchIndex:
     """A saved index: a FAISS file (``path``) or a Milvus collection (``uri``, ``collection``)."""
     if check_backend(backend) == "milvus":
         if not uri:

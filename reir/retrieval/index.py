@@ -43,7 +43,8 @@ class Index:
     :func:`reir.retrieval.similarity.knn` (the ranking evaluation uses, ties to the lower id); any other
     FAISS factory string (``HNSW32``, ``IVF1024,Flat``, ``IVF4096,PQ48`` ...) is an
     approximate inner-product index, trained on the vectors it is built from.
-    Ids are positions ``0 .. len-1``; ``paths`` and ``labels`` describe them.
+    Ids are positions ``0 .. len-1``; ``paths`` and ``labels`` describe them. A
+    :class:`reir.retrieval.index_common.SearchIndex`.
     """
 
     def __init__(self, faiss_index, factory: str, paths: list[str], labels: list[str], info: dict | None = None):
@@ -51,7 +52,9 @@ class Index:
         self.factory = factory
         self.paths = paths
         self.labels = labels
-        self.info = info or {}
+        self.info = dict(info or {})  # its own: the flags recorded below are this index's
+        if "labelled" not in self.info:  # given rows (an id map written before the flag was kept)
+            self.info["labelled"] = any(label != UNLABELLED for label in labels)
         self._exact_vectors: torch.Tensor | None = None
 
     @property
@@ -69,6 +72,14 @@ class Index:
     def root(self) -> str:
         """The deepest folder holding every indexed image ("" when the paths share none)."""
         return common_folder(self.paths)
+
+    @property
+    def labelled(self) -> bool:
+        """Whether any image has a label, recorded in ``info`` as images are added and saved with it."""
+        return self.info["labelled"]
+
+    def close(self) -> None:
+        """Nothing to release: a FAISS index lives in this process's memory."""
 
     @classmethod
     def build(cls, features: torch.Tensor, paths: Sequence[str] | None = None, labels: Sequence[str] | None = None,
@@ -128,6 +139,7 @@ class Index:
         self.faiss_index.add(vectors.numpy())
         self.paths += [str(p) for p in paths]
         self.labels += [str(l) for l in labels]
+        self.info["labelled"] = self.info["labelled"] or any(str(label) != UNLABELLED for label in labels)
         self._exact_vectors = None
 
     def tune(self, **parameters) -> None:
@@ -219,8 +231,9 @@ class Index:
             check_text_list(id_map["labels"], "labels", len(check_text_list(id_map["paths"], "paths")))
             info = id_map.get("info", {})
             if not isinstance(id_map["factory"], str) or not isinstance(info, dict) \
-                    or not isinstance(info.get("search_parameters", {}), dict):
-                raise TypeError("factory, info or its search_parameters is of the wrong kind")
+                    or not isinstance(info.get("search_parameters", {}), dict) \
+                    or not isinstance(info.get("labelled", False), bool):
+                raise TypeError("factory, info, its search_parameters or labelled is of the wrong kind")
         if not path.is_file():
             raise ReirError(f"index {path} does not exist; build it with reir index")
         data = _index_bytes(path, id_map)

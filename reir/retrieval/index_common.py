@@ -1,21 +1,76 @@
-"""What every index backend shares: vectors from embeddings, a database read chunk by chunk, the splits
-that form the searchable collection and the folder that holds its images."""
+"""What every index backend shares: the surface it offers (:class:`SearchIndex`), vectors from embeddings,
+a database read chunk by chunk, the splits that form the searchable collection and the folder that holds
+its images."""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Iterable, Protocol, Sequence, runtime_checkable
 
 import torch
 
 from reir.errors import ReirError
 from reir.retrieval.database import Database, iter_database, load_database, read_manifest
+from reir.retrieval.results import Results
 from reir.retrieval.similarity import flatten
 
 # The key under which a database's (and an index's) info records the folder its images came from
 # (reir.retrieval.collection_files decides what may be served with it).
 ROOT_KEY = "collection_root"
+
+
+@runtime_checkable
+class SearchIndex(Protocol):
+    """What the service, the command line and the API use of an index, whichever engine holds it.
+
+    FAISS (:class:`reir.retrieval.index.Index`) and Milvus (:class:`reir.retrieval.milvus.MilvusIndex`)
+    both implement it, and one test suite (tests/test_index_contract.py) holds every backend to it:
+    ids are positions ``0 .. len - 1`` in the order images were added; an exact index ranks like
+    :func:`reir.retrieval.similarity.knn`; ``info`` is what the index records besides its rows (model
+    file, splits, search parameters, whether any image is labelled), kept with it when it is saved.
+    """
+
+    info: dict
+
+    def add(self, features, paths: Sequence[str] | None = None, labels: Sequence[str] | None = None) -> None:
+        """Images ``len .. len + N - 1``: their embeddings (``[N, ensemble, meta]`` or ``[N, D]``), paths and
+        labels (default ``""``: unknown)."""
+
+    def search(self, queries, k: int = 10) -> Results:
+        """The top ``min(k, len)`` images per query, best first; ids ``-1`` pad what was not found."""
+
+    def tune(self, **parameters) -> None:
+        """Search-time parameters of an approximate index (``efSearch``, ``nprobe``)."""
+
+    def close(self) -> None:
+        """Release what the index holds outside this object (a connection, an embedded server)."""
+
+    def __len__(self) -> int: ...
+
+    @property
+    def paths(self) -> Sequence[str]: ...
+
+    @property
+    def labels(self) -> Sequence[str]: ...
+
+    @property
+    def dim(self) -> int: ...
+
+    @property
+    def factory(self) -> str:
+        """The engine and index type, for people: ``Flat``, ``HNSW32``, ``milvus HNSW`` ..."""
+
+    @property
+    def exact(self) -> bool: ...
+
+    @property
+    def root(self) -> str:
+        """The deepest folder holding every image ("" when they share none)."""
+
+    @property
+    def labelled(self) -> bool:
+        """Whether any image has a label: recorded as images are added, never found by reading them all."""
 
 
 def database_chunks(database, splits: Sequence[str] | None = None):

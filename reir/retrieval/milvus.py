@@ -6,8 +6,16 @@ same :class:`pymilvus.MilvusClient` calls reach all three, so the index built an
 laptop is built and searched the same way on a cluster. A collection holds one row per image:
 ``id`` (its position, as in a FAISS index), ``vector`` (the flattened scaled embedding, so the
 inner product is REIR's similarity), ``path`` and ``label``. The id map lives in the collection,
-not in memory; what else :class:`reir.Index` records (model file, splits, search parameters) is a
-collection property.
+not in memory; what else :class:`reir.Index` records (model file, splits, index and search
+parameters, whether any image is labelled) is a collection property.
+
+A server differs from Milvus Lite in when rows become what is searched: it keeps inserted rows in
+growing segments, searched exhaustively (or through a temporary index) and left out of its row
+statistics until a flush seals them; it builds the collection's index on sealed segments in the
+background; and a loaded collection keeps serving segments as they were when it was loaded. So
+every write ends with a flush, a wait for the index and a new load (:meth:`MilvusIndex.publish`),
+rows are counted by a ``count(*)`` query, and collections are created with ``Strong`` consistency
+(a search sees every row inserted before it). Milvus Lite does all of this too, in well under a second.
 """
 
 from __future__ import annotations
@@ -15,6 +23,8 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
+import time
 from collections import OrderedDict
 from pathlib import Path
 from typing import Sequence
@@ -23,9 +33,9 @@ import torch
 
 from reir.errors import ReirError
 from reir.retrieval.database import UNLABELLED
-from reir.validation import check_finite
 from reir.retrieval.index_common import as_vectors, common_folder, database_chunks
 from reir.retrieval.results import Results
+from reir.validation import check_finite, check_k
 
 INDEX_TYPES = ("FLAT", "HNSW", "IVF_FLAT", "IVF_PQ")
 INFO_PROPERTY = "reir_info"
@@ -33,7 +43,10 @@ INSERT_BATCH = 4096  # rows per insert: ~9.4 MB of 576-dimensional vectors, far 
 MAX_PATH = 4096
 MAX_LABEL = 1024
 SEARCH_PARAMETERS = {"efSearch": "ef", "nprobe": "nprobe"}  # FAISS's names -> Milvus's
+SERVER_SCHEMES = ("http://", "https://", "tcp://", "unix:")  # any other URI is a Milvus Lite file
 CACHED_ROWS = 10_000
+INDEX_WAIT_S = 3600  # the longest a write waits for a server to index its rows
+TOKEN_VARIABLE = "MILVUS_TOKEN"  # "user:password" or an API key, for a deployment that requires one
 
 
 def _pymilvus():
@@ -46,15 +59,17 @@ def _pymilvus():
 
 
 def connect(uri: str):
-    """A client for Milvus Lite (a local path ending in .db) or a Milvus server / cluster (http://HOST:19530)."""
+    """A client for Milvus Lite (a local path ending in .db) or a Milvus server / cluster (http://HOST:19530,
+    ``http://HOST:19530/DATABASE`` for a database other than ``default``), authenticated by the token in
+    the environment variable :data:`TOKEN_VARIABLE` when it is set."""
     if not uri:
         raise ReirError("the milvus backend needs a URI: a Milvus Lite *.db file or http://HOST:19530", 2)
     pymilvus = _pymilvus()
     # pymilvus logs every failed call with its traceback; ours become one-line ReirErrors instead
     logging.getLogger("pymilvus").setLevel(logging.CRITICAL)
-    is_local = not uri.startswith(("http://", "https://", "tcp://", "unix:"))
+    is_local = not uri.startswith(SERVER_SCHEMES)
     if is_local and not uri.endswith(".db"):
-        raise ReirError(f"--uri {uri} is neither a Milvus Lite file (name it *.db) nor a server "
+        raise ReirError(f"URI {uri} is neither a Milvus Lite file (name it *.db) nor a server "
                         "(http://HOST:19530)", 2)
     if is_local:
         Path(uri).parent.mkdir(parents=True, exist_ok=True)
@@ -62,14 +77,29 @@ def connect(uri: str):
         # (pymilvus asks for timestamps it can do without); nothing fails, so keep it quiet
         logging.getLogger("grpc._server").setLevel(logging.CRITICAL)
     try:
-        return pymilvus.MilvusClient(uri=uri)
+        return pymilvus.MilvusClient(uri=uri, token=os.environ.get(TOKEN_VARIABLE, ""))
     except Exception as exc:  # noqa: BLE001 - pymilvus raises many kinds for an unreachable server
-        raise ReirError(f"cannot reach Milvus at {uri} ({_message(exc)}); start the server or check --uri") from None
+        refusal = _unauthenticated(exc)
+        if refusal:
+            raise ReirError(f"Milvus at {uri} refused the credentials ({refusal}); set {TOKEN_VARIABLE} to "
+                            "user:password or an API key") from None
+        raise ReirError(f"cannot reach Milvus at {uri} ({_message(exc)}); start the server or check the URI") from None
+
+
+def _unauthenticated(exc: Exception) -> str | None:
+    """The server's reason when it refused the credentials: pymilvus reports any failed connection as the same
+    "illegal connection params or server unavailable", with gRPC's own status underneath."""
+    cause = exc.__cause__ or exc.__context__
+    code = getattr(cause, "code", None)
+    if callable(code) and getattr(code(), "name", "") == "UNAUTHENTICATED":
+        return str(cause.details())
+    return None
 
 
 def release(uri: str) -> None:
-    """Stop the in-process Milvus Lite server of a local file (a no-op for remote servers)."""
-    if uri.startswith(("http://", "https://", "tcp://", "unix:")):
+    """Stop the in-process Milvus Lite server of a local file, for every client of it in this process (a no-op
+    for remote servers); it finishes its background work first."""
+    if uri.startswith(SERVER_SCHEMES):
         return
     try:
         from milvus_lite.server_manager import server_manager_instance
@@ -81,7 +111,7 @@ def release(uri: str) -> None:
 def index_parameters(index_type: str, parameters: dict | None) -> dict:
     index_type = index_type.upper()
     if index_type not in INDEX_TYPES:
-        raise ReirError(f"--index_type {index_type} is not one of {', '.join(INDEX_TYPES)}", 2)
+        raise ReirError(f"index type {index_type} is not one of {', '.join(INDEX_TYPES)}", 2)
     defaults = {"HNSW": {"M": 32, "efConstruction": 200}, "IVF_FLAT": {"nlist": 1024},
                 "IVF_PQ": {"nlist": 1024, "m": 96, "nbits": 8}}.get(index_type, {})
     return {**defaults, **(parameters or {})}
@@ -90,9 +120,9 @@ def index_parameters(index_type: str, parameters: dict | None) -> dict:
 class MilvusIndex:
     """Database images in a Milvus collection, searchable by REIR's similarity (inner product).
 
-    The same surface as :class:`reir.retrieval.index.Index`: ``search``, ``add``, ``tune``,
-    ``len``, ``dim``, ``paths`` and ``labels`` (read from the collection on demand), ``info``.
-    ``FLAT`` is exact; ``HNSW``, ``IVF_FLAT`` and ``IVF_PQ`` are approximate.
+    A :class:`reir.retrieval.index_common.SearchIndex`, like :class:`reir.retrieval.index.Index`;
+    ``paths`` and ``labels`` are read from the collection on demand. ``FLAT`` is exact; ``HNSW``,
+    ``IVF_FLAT`` and ``IVF_PQ`` are approximate.
     """
 
     backend = "milvus"
@@ -103,7 +133,7 @@ class MilvusIndex:
         self.collection = collection
         self.index_type = index_type
         self._dim = dim
-        self.info = info or {}
+        self.info = dict(info or {})
         self.search_parameters: dict = {}
         self._count: int | None = None
         self._rows: OrderedDict[int, tuple[str, str]] = OrderedDict()
@@ -129,9 +159,19 @@ class MilvusIndex:
             self.info["root"] = common_folder(self.paths)
         return self.info["root"]
 
+    @property
+    def labelled(self) -> bool:
+        """Whether any image has a label, kept in the collection's info as rows are added."""
+        return self.info["labelled"]
+
     def __len__(self) -> int:
+        """Rows counted by the server (its statistics leave out rows not yet flushed)."""
         if self._count is None:
-            self._count = int(self.client.get_collection_stats(self.collection)["row_count"])
+            try:
+                counted = self.client.query(self.collection, filter="", output_fields=["count(*)"])
+            except Exception as exc:  # noqa: BLE001 - the server's refusal
+                raise ReirError(f"Milvus cannot count {self.collection} ({_message(exc)})") from None
+            self._count = int(counted[0]["count(*)"])
         return self._count
 
     @classmethod
@@ -157,7 +197,8 @@ class MilvusIndex:
         except Exception as exc:  # noqa: BLE001 - the server's refusal, e.g. an invalid index parameter
             raise ReirError(f"Milvus refused {index_type} {parameters} ({_message(exc)}); "
                             "check the index parameters", 2) from None
-        info = {**(info or {}), "index_type": index_type, "index_parameters": parameters, "dim": dim}
+        info = {**(info or {}), "index_type": index_type, "index_parameters": parameters, "dim": dim,
+                "labelled": False}
         created = cls(client, uri, collection, index_type, dim, info)
         created.save_info()
         return created
@@ -182,13 +223,20 @@ class MilvusIndex:
         for _, features, paths, labels in chunks:
             if index is None:
                 index = cls.create(uri, collection, math.prod(features.shape[1:]), index_type, parameters, info)
-            index.add(features, paths, labels)
+            index.insert(features, paths, labels)
         if index is None:
             raise ReirError(f"the splits {', '.join(chosen)} hold no images; embed some first")
+        index.publish()
         return index
 
     def add(self, features, paths: Sequence[str] | None = None, labels: Sequence[str] | None = None) -> None:
-        """Rows ``len .. len + N - 1``, in batches of :data:`INSERT_BATCH`."""
+        """Rows ``len .. len + N - 1``, then searched through the collection's index (:meth:`publish`)."""
+        self.insert(features, paths, labels)
+        self.publish()
+
+    def insert(self, features, paths: Sequence[str] | None = None, labels: Sequence[str] | None = None) -> None:
+        """Rows ``len .. len + N - 1``, in batches of :data:`INSERT_BATCH`; searchable at once, through the
+        collection's index only once published (several inserts, one :meth:`publish`)."""
         vectors = check_finite(as_vectors(features), "the embeddings to index", "re-embed the images (reir embed)")
         if vectors.shape[1] != self.dim:
             raise ReirError(f"vectors of dimension {vectors.shape[1]} cannot join an index of dimension {self.dim}; "
@@ -211,7 +259,40 @@ class MilvusIndex:
                 raise ReirError(f"Milvus refused an insert into {self.collection} ({_message(exc)})") from None
         self._count = start + len(vectors)
         self.info["root"] = common_folder(paths, self.info.get("root"))
+        self.info["labelled"] = self.info["labelled"] or any(label != UNLABELLED for label in labels)
         self.save_info()
+
+    def publish(self) -> None:
+        """Make what is searched the collection as built: flush the inserted rows into sealed segments, wait
+        until the server has indexed them all, and load the collection again to serve that index.
+
+        Milvus Lite indexes flushed rows in a background thread and has no call that waits for it (its
+        index state always reads finished); a load that meets that thread reads a half-written index file.
+        Stopping its embedded server waits for the thread, so a Lite file is reopened instead.
+        """
+        try:
+            self.client.flush(self.collection)
+            if self.uri.startswith(SERVER_SCHEMES):
+                deadline = time.monotonic() + INDEX_WAIT_S
+                while not self._indexed():
+                    if time.monotonic() > deadline:
+                        raise ReirError(f"Milvus did not finish indexing {self.collection} in {INDEX_WAIT_S} s; "
+                                        "look at the server's index nodes, then build again")
+                    time.sleep(0.2)
+                self.client.release_collection(self.collection)
+            else:
+                self.client.close()
+                release(self.uri)
+                self.client = connect(self.uri)
+            self.client.load_collection(self.collection)
+        except ReirError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - the server's refusal
+            raise ReirError(f"Milvus could not flush and load {self.collection} ({_message(exc)})") from None
+
+    def _indexed(self) -> bool:
+        described = self.client.describe_index(self.collection, "vector")
+        return described["pending_index_rows"] == 0 and described["indexed_rows"] >= described["total_rows"]
 
     def tune(self, **parameters) -> None:
         """Search-time parameters, by FAISS's names (``efSearch``, ``nprobe``) or Milvus's (``ef``)."""
@@ -227,7 +308,7 @@ class MilvusIndex:
         if queries.shape[1] != self.dim:
             raise ReirError(f"queries have dimension {queries.shape[1]} but the index {self.dim}; "
                             "embed with the model the index was built for")
-        k = min(k, len(self))
+        k = min(check_k(k), len(self))
         scores = torch.full((len(queries), k), float("-inf"))
         ids = torch.full((len(queries), k), -1, dtype=torch.long)
         if k == 0 or not len(queries):
@@ -273,7 +354,8 @@ class MilvusIndex:
             yield from ((r["path"], r["label"]) for r in sorted(found, key=lambda r: r["id"]))
 
     def save_info(self) -> None:
-        """What serving needs besides the rows (model file, splits, search parameters), as a collection property."""
+        """What serving needs besides the rows (model file, splits, index and search parameters, whether any
+        image is labelled), as a collection property."""
         self.info["search_parameters"] = dict(self.search_parameters)
         self.client.alter_collection_properties(self.collection, properties={INFO_PROPERTY: json.dumps(self.info)})
 
@@ -284,11 +366,19 @@ class MilvusIndex:
             raise ReirError(f"Milvus at {uri} has no collection {collection}; build it with "
                             f"reir index --backend milvus --uri {uri} --collection {collection}")
         described = client.describe_collection(collection)
-        info = json.loads((described.get("properties") or {}).get(INFO_PROPERTY, "null") or "null")
-        if not isinstance(info, dict) or "index_type" not in info:
+        try:
+            info = json.loads((described.get("properties") or {}).get(INFO_PROPERTY, "null") or "null")
+        except ValueError:
+            info = None
+        if not isinstance(info, dict) or "index_type" not in info or not isinstance(info.get("dim"), int) \
+                or not isinstance(info.get("search_parameters", {}), dict) \
+                or not isinstance(info.get("labelled", False), bool):
             raise ReirError(f"collection {collection} at {uri} was not written by reir index; rebuild it")
         client.load_collection(collection)  # a reopened collection starts released: searchable only once loaded
-        loaded = cls(client, uri, collection, info["index_type"], int(info["dim"]), info)
+        if "labelled" not in info:  # written before the flag was kept: one labelled row, found by the server
+            info["labelled"] = bool(client.query(collection, filter=f'label != "{UNLABELLED}"',
+                                                 output_fields=["id"], limit=1))
+        loaded = cls(client, uri, collection, info["index_type"], info["dim"], info)
         loaded.tune(**info.get("search_parameters", {}))
         return loaded
 

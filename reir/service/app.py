@@ -5,7 +5,6 @@ import time
 from importlib import resources
 from pathlib import Path
 
-from reir.retrieval.database import UNLABELLED
 from reir.service.access import KeyRequired
 from reir.service.batcher import QueryBatcher
 from reir.service.limits import MAX_BODY_BYTES, MAX_REQUESTS, RETRY_AFTER_SECONDS, UPLOAD_SECONDS, BodyLimit
@@ -69,7 +68,7 @@ def create_app(searcher: Searcher, max_body_bytes: int = MAX_BODY_BYTES, default
     async def info():
         index = searcher.index
         return {"images": len(index), "factory": index.factory, "dim": index.dim,
-                "labelled": any(l != UNLABELLED for l in index.labels), "model": model_name,
+                "labelled": index.labelled, "model": model_name,
                 "default_k": default_k, "max_k": MAX_K, "max_body_bytes": max_body_bytes,
                 "max_pixels": searcher.max_pixels, "max_requests": max_requests, "upload_seconds": upload_seconds}
 

@@ -14,7 +14,7 @@ from reir.data.images import MAX_PIXELS, ImageError, read_image
 from reir.errors import ReirError
 from reir.retrieval.collection_files import collection_files
 from reir.retrieval.database import UNLABELLED
-from reir.retrieval.index import Index
+from reir.retrieval.index_common import SearchIndex
 
 # Pixels decoded at once by all requests together: an image holds about 7 bytes a pixel while it is
 # decoded, converted to RGB and resized (up to 4 decoded, 3 RGB), so one budget of 40 MP keeps a
@@ -113,7 +113,7 @@ def _malloc_trim():
 class Searcher:
     """The model and the index: an image (or a database id) -> ranked database images."""
 
-    def __init__(self, model: Model, index: Index, max_pixels: int = MAX_PIXELS, expose_paths: bool = False,
+    def __init__(self, model: Model, index: SearchIndex, max_pixels: int = MAX_PIXELS, expose_paths: bool = False,
                  source: str | os.PathLike | None = None):
         """``source`` is the index file or database the index was read from: relative stored paths are
         resolved against its folder (without one they are not served)."""
