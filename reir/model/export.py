@@ -25,9 +25,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from reir.model.files import Model
 from reir.errors import ReirError
 from reir.fileio import atomic_files, file_sha256
+from reir.model.files import Model
 from reir.model.network import embedding_from_logits
 
 FORMATS = ("onnx", "torchscript")
