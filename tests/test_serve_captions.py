@@ -1,13 +1,13 @@
 """The search page's captions show the whole label, and a code point's character, in a real browser."""
 
 from browser import chromium, screenshot
-from test_serve import index_file, server  # noqa: F401 (fixtures: one served index for the module)
+from test_serve import index_file, server  # noqa: F401 - fixtures: one served index for the module
 
 LONG_LABEL = "a class name far longer than one line of a result's caption"
 LABELS = ["U+0041", "U+0391", "U+0410", LONG_LABEL]
 
 
-def test_captions_show_whole_labels_and_code_point_characters(server, tmp_path):  # noqa: F811
+def test_captions_show_whole_labels_and_code_point_characters(server, tmp_path):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 

@@ -97,8 +97,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"no benchmark under {args.data_path} (unpack car, cub, sop or isc there: docs/DATASETS.md); "
               "the embedded datasets need no download:")
         for name in EMBEDDED:
-            split_list = split_list_path(args.data_path, name, "uncropped")
-            print(f"  {name}: " + (f"ready in {split_list}" if split_list.is_file() else
+            list_file = split_list_path(args.data_path, name, "uncropped")
+            print(f"  {name}: " + (f"ready in {list_file}" if list_file.is_file() else
                                    f"not built yet: python data_utils.py --data_name {name}"))
         return 0
     resize = DEFAULT_RESIZE if args.resize is None else args.resize

@@ -226,7 +226,7 @@ def _imagenet_backbone(model_type: str) -> tuple[nn.Module, dict]:
     published = torch.hub.HASH_REGEX.search(target.name)
     origin = {"weights": "imagenet", "torchvision": f"{type(enum).__name__}.{enum.name}", "url": enum.url,
               "file": str(target.resolve()), "sha256": digest,
-              "published_file": bool(published) and digest.startswith(published.group(1))}
+              "published_file": published is not None and digest.startswith(published.group(1))}
     if not origin["published_file"]:
         log.warning("ImageNet weights at %s are not torchvision's published file (SHA-256 %s..., the URL names "
                     "%s): training starts from whatever weights it holds", target, digest[:8],

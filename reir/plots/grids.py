@@ -51,7 +51,7 @@ def shown_label(label: str | None) -> str | None:
 
 
 @lru_cache(maxsize=1)
-def caption_font() -> ImageFont.ImageFont:
+def caption_font() -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
     """DejaVu Sans (shipped with matplotlib, as the glyphs are): it draws Latin, Greek and Cyrillic, which
     PIL's default font does not."""
     from reir.data.glyphs import font_folder

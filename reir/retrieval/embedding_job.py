@@ -60,9 +60,9 @@ class JobArguments:
 
     @classmethod
     def of(cls, model: Model, collection, shard_size: int, batch_size: int) -> JobArguments:
-        stat = Path(model.path).stat()
+        stat = model.file().stat()
         described = collection.job_arguments()
-        return cls(model=str(Path(model.path).resolve()), model_file=(stat.st_size, stat.st_mtime_ns),
+        return cls(model=str(model.file().resolve()), model_file=(stat.st_size, stat.st_mtime_ns),
                    image_size=model.image_size, inputs=described["inputs"], splits=tuple(described["splits"]),
                    labelled=described["labelled"], images=described["images"], shard_size=shard_size,
                    batch_size=batch_size)
@@ -140,7 +140,7 @@ def embed_shards(model: Model, collection, parts: Path, key: str, shard_size: in
 def database_info(model: Model, collection, skipped: list[list], counts: dict[str, int]) -> dict:
     """What the database holds: the images embedded (their dataset, where they are, how many per split),
     beside the data the model was trained on, which is often another (a glyph model embedding a folder)."""
-    return {"model_file": str(Path(model.path).resolve()), "image_size": model.image_size,
+    return {"model_file": str(model.file().resolve()), "image_size": model.image_size,
             "mean": model.mean, "std": model.std, "source": collection.source,
             ROOT_KEY: collection.root,
             "data_name": collection.data_name,

@@ -97,9 +97,9 @@ def _unauthenticated(exc: Exception) -> str | None:
     """The server's reason when it refused the credentials: pymilvus reports any failed connection as the same
     "illegal connection params or server unavailable", with gRPC's own status underneath."""
     cause = exc.__cause__ or exc.__context__
-    code = getattr(cause, "code", None)
-    if callable(code) and getattr(code(), "name", "") == "UNAUTHENTICATED":
-        return str(cause.details())
+    code, details = getattr(cause, "code", None), getattr(cause, "details", None)
+    if callable(code) and callable(details) and getattr(code(), "name", "") == "UNAUTHENTICATED":
+        return str(details())
     return None
 
 
@@ -229,7 +229,8 @@ class MilvusIndex:
         index = None
         for _, features, paths, labels in chunks:
             if index is None:
-                index = cls.create(uri, collection, math.prod(features.shape[1:]), index_type, parameters, info)
+                index = cls.create(required_uri(uri), collection, math.prod(features.shape[1:]), index_type,
+                                   parameters, info)
             index.insert(features, paths, labels)
         if index is None:
             raise ReirError(f"the splits {', '.join(chosen)} hold no images; embed some first")

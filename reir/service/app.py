@@ -90,7 +90,7 @@ def create_app(searcher: Searcher, max_body_bytes: int = MAX_BODY_BYTES, default
         query_label: str | None = None
         query_text: str | None = None  # a database image's id as the client wrote it
         query_id: int | None = None
-        data: BinaryIO | Path | tuple[bytes, str] | None = None
+        data: BinaryIO | bytes | None = None
         k_text = request.query_params.get("k")
         if content_type.startswith(("multipart/form-data", "application/x-www-form-urlencoded")):
             try:

@@ -160,9 +160,9 @@ class Searcher:
             raise BadRequest(404, f"no database image has id {str(text)[:20]!r}; ids are 0 to {len(self.index) - 1}")
         return image_id
 
-    def database_image(self, image_id: str) -> tuple[bytes, str]:
+    def database_image(self, text: str) -> tuple[bytes, str]:
         """``(bytes, content type)`` of a database image: only an image file under the collection root."""
-        image_id = self.database_id(image_id)
+        image_id = self.database_id(text)
         found = self.files.image(self.index.paths[image_id])
         if found is None:
             raise BadRequest(404, f"database image {image_id} cannot be served: it is not an image file "

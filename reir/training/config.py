@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import Field, dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -169,8 +169,8 @@ def add_flags(parser: argparse.ArgumentParser, names: tuple[str, ...] | None = N
         if isinstance(default, bool):
             groups[meta["group"]].add_argument(flag_name(f.name), action="store_true", help=meta["help"])
             continue
-        parse = LIST_PARSERS.get(f.name) or (float if isinstance(default, float) else
-                                             None if meta["minimum"] is None else at_least(meta["minimum"]))
+        parse: Callable[[str], Any] = LIST_PARSERS.get(f.name) or (
+            float if isinstance(default, float) else str if meta["minimum"] is None else at_least(meta["minimum"]))
         groups[meta["group"]].add_argument(flag_name(f.name), default=default, type=parse, choices=meta["choices"],
                                            metavar=meta["metavar"], help=meta["help"])
     return parser
