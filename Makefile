@@ -1,4 +1,4 @@
-# Two entry points for a fresh machine: `make demo` and `make test`.
+# Entry points for a fresh machine: `make demo`, `make test` and `make lint`.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 MILVUS_VENV := .venv-milvus
 MILVUS_STAMP := $(MILVUS_VENV)/.installed
 
-.PHONY: demo test install browser milvus-server clean
+.PHONY: demo test lint install browser milvus-server clean
 
 $(STAMP): requirements.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -50,6 +50,11 @@ milvus-server: $(MILVUS_STAMP)
 BROWSER ?= 1
 test: $(STAMP) $(if $(filter 0,$(BROWSER)),,browser) milvus-server
 	REIR_BROWSER=$(BROWSER) $(PY) -m pytest -q -n auto --dist worksteal --durations=15
+
+# Ruff (pyproject.toml's rule set, import order included) on the package, tests and benchmarks; mypy on reir/.
+lint: $(STAMP)
+	$(VENV)/bin/ruff check reir tests benchmarks
+	$(VENV)/bin/mypy
 
 clean:
 	rm -rf $(VENV) $(MILVUS_VENV) demo_output

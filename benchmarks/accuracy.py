@@ -49,7 +49,6 @@ import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
-
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -226,7 +225,7 @@ def train_embedder(split_list, method: str, args) -> dict:
     groups = [{"params": model.parameters()}]
     miner, sampler = None, None
     if method == "softmax":
-        loss_fn = lambda logits, targets, _: F.cross_entropy(logits, targets)  # noqa: E731
+        loss_fn = lambda logits, targets, _: F.cross_entropy(logits, targets)  # noqa: E731 - one arm of the loss choice
     elif method == "normalized softmax":
         loss_fn = NormalizedSoftmaxLoss(classes, EMBEDDING_SIZE)
         groups.append({"params": loss_fn.parameters()})

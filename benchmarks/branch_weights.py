@@ -22,7 +22,6 @@ import tempfile
 import time
 from pathlib import Path
 
-
 import torch
 
 from reir.data.glyphs import write_subset_csv

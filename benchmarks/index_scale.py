@@ -39,9 +39,9 @@ from pathlib import Path
 
 import torch
 
-from reir.retrieval.index_quality import recall_against_exact
 from reir.fileio import load_tensors, save_tensors
 from reir.retrieval.index import Index
+from reir.retrieval.index_quality import recall_against_exact
 from reir.retrieval.similarity import knn
 
 REPO = Path(__file__).resolve().parents[1]

@@ -56,19 +56,28 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-import fontTools.unicodedata  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-import torchvision  # noqa: E402
-from PIL import ImageFont  # noqa: E402
+import fontTools.unicodedata
+import numpy as np
+import torch
+import torch.nn.functional as F
+import torchvision
+from PIL import ImageFont
 
-from reir.data.fonts import TEST_CHARACTERS, TRAIN_FONTS, shared_characters  # noqa: E402
-from reir.data.glyphs import (DRAWN_CATEGORIES, FONT_SIZE, FONTS as TARGET_FONTS, IMAGE_SIZE,  # noqa: E402
-                              candidate_characters, class_name, font_characters, font_folder, render)
-from reir.errors import ReirError  # noqa: E402
-from reir.fileio import atomic_files, load_tensors, save_tensors  # noqa: E402
-from reir.training.recipe import SCRATCH  # noqa: E402
+from reir.data.fonts import TEST_CHARACTERS, TRAIN_FONTS, shared_characters
+from reir.data.glyphs import (
+    DRAWN_CATEGORIES,
+    FONT_SIZE,
+    IMAGE_SIZE,
+    candidate_characters,
+    class_name,
+    font_characters,
+    font_folder,
+    render,
+)
+from reir.data.glyphs import FONTS as TARGET_FONTS
+from reir.errors import ReirError
+from reir.fileio import atomic_files, load_tensors, save_tensors
+from reir.training.recipe import SCRATCH
 
 NOTO = Path("/usr/share/fonts/truetype/noto")
 FORMAT = "reir-pretrain/1"

@@ -111,7 +111,7 @@ def serve_one_query(index: Path, cwd: Path, query: Path) -> tuple[int, int, floa
     else:
         ok = False
     server.terminate()
-    _, status, usage = os.wait4(server.pid, 0)
+    _, _status, usage = os.wait4(server.pid, 0)
     return (0 if ok else 1), usage.ru_maxrss * 1024, time.perf_counter() - start, answer
 
 

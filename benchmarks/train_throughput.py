@@ -242,9 +242,10 @@ def profile_step(bench: Bench, loader_batches=None) -> None:
 
 def training_loader(args, batch: int):
     """train.py's training DataLoader (dataset, transform, workers) for ``args.loader``."""
+    from torch.utils.data import DataLoader
+
     from reir.data.images import ImageList, build_transform
     from reir.data.sources import load_dataset
-    from torch.utils.data import DataLoader
 
     split_list = load_dataset(args.loader, args.data_path, "uncropped", args.image_size)
     dataset = ImageList(split_list, "train", build_transform(args.image_size, split_list.mean, split_list.std, True))
@@ -331,7 +332,7 @@ def main(argv=None) -> int:
         raise SystemExit("error: no variant could run")
     print(f"medians of {args.rounds} rounds ({args.steps} steps each)"
           + (", one variant at a time" if args.sequential else ", variants interleaved") + ":")
-    for dtype, matmul in matmuls.items():
+    for dtype, _matmul in matmuls.items():
         rates = [rate for v in variants if v.dtype == dtype for _, rate in results["variants"].get(v.name, (0, []))[1]]
         if rates:
             print(f"  dense {str(dtype)[6:]} {n}x{n} matmul: {statistics.median(rates) / 1e12:.3f} TFLOP/s")

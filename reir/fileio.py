@@ -15,15 +15,16 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import hashlib
 import fcntl
+import hashlib
 import json
 import os
 import re
 import shutil
 import tempfile
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -78,12 +79,13 @@ def _temporary_sibling(path: Path, prefix: str, suffix: str) -> Iterator[tuple[i
 def atomic_open(path: str | os.PathLike, mode: str = "wb") -> Iterator[Any]:
     """Open a temporary sibling of ``path``; on success fsync and rename it into place."""
     path = Path(path)
-    with _temporary_sibling(path, f".{path.name}.", ".tmp") as (fd, _):
-        with os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": "utf-8", "newline": ""})) as handle:
-            os.fchmod(handle.fileno(), FILE_MODE)
-            yield handle
-            handle.flush()
-            os.fsync(handle.fileno())
+    with (_temporary_sibling(path, f".{path.name}.", ".tmp") as (fd, _),
+          os.fdopen(fd, mode, encoding=None if "b" in mode else "utf-8",
+                    newline=None if "b" in mode else "") as handle):
+        os.fchmod(handle.fileno(), FILE_MODE)
+        yield handle
+        handle.flush()
+        os.fsync(handle.fileno())
 
 
 def atomic_write(path: str | os.PathLike, data: bytes | str) -> Path:
@@ -185,16 +187,14 @@ def recorded_format(path: str | os.PathLike) -> str | None:
     if head.startswith(PNG_SIGNATURE):
         from PIL import Image, UnidentifiedImageError
 
-        with contextlib.suppress(OSError, UnidentifiedImageError, ValueError):
-            with Image.open(path) as image:
-                found = image.info.get(FORMAT_CHUNK)
+        with contextlib.suppress(OSError, UnidentifiedImageError, ValueError), Image.open(path) as image:
+            found = image.info.get(FORMAT_CHUNK)
     elif (match := HTML_FORMAT.search(head)) is not None:
         found = match.group(1).decode("ascii", "replace")
     elif len(head) >= 9 and head[8:9] == b"{":  # a safetensors header
-        with contextlib.suppress(SafetensorError, OSError, ValueError):
-            with safe_open(str(path), framework="pt") as handle:
-                meta = json.loads((handle.metadata() or {}).get(METADATA_KEY, "null"))
-                found = meta.get("format") if isinstance(meta, dict) else None
+        with contextlib.suppress(SafetensorError, OSError, ValueError), safe_open(str(path), framework="pt") as handle:
+            meta = json.loads((handle.metadata() or {}).get(METADATA_KEY, "null"))
+            found = meta.get("format") if isinstance(meta, dict) else None
     elif head.lstrip()[:1] == b"{" and size <= RECORD_BYTES:
         with contextlib.suppress(OSError, UnicodeDecodeError, ValueError, RecursionError):
             record = json.loads(path.read_text(encoding="utf-8"))
@@ -248,7 +248,7 @@ class OutputLock:
         self._fd: int | None = None
         self._made: list[Path] = []
 
-    def __enter__(self) -> "OutputLock":
+    def __enter__(self) -> OutputLock:
         self._made = [folder for folder in [self.path.parent, *self.path.parent.parents] if not folder.exists()]
         ensure_dir(self.path.parent)
         while True:
@@ -319,7 +319,8 @@ def save_tensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor], meta
         if tensor.dtype not in DTYPES:
             raise TypeError(f"cannot store {tensor.dtype} tensor {key!r} in a safetensors file")
         size = tensor.numel() * tensor.element_size()
-        header[key] = {"dtype": DTYPES[tensor.dtype], "shape": list(tensor.shape), "data_offsets": [offset, offset + size]}
+        header[key] = {"dtype": DTYPES[tensor.dtype], "shape": list(tensor.shape),
+                       "data_offsets": [offset, offset + size]}
         offset += size
     encoded = json.dumps(header, separators=(",", ":")).encode("utf-8")
     encoded += b" " * (-len(encoded) % 8)  # tensor data starts 8-byte aligned
@@ -333,7 +334,7 @@ def save_tensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor], meta
 
 def _raw_bytes(tensor: torch.Tensor) -> memoryview:
     """The bytes of a contiguous CPU tensor, without copying them."""
-    return memoryview(tensor.reshape(-1).view(torch.uint8).numpy())
+    return tensor.reshape(-1).view(torch.uint8).numpy().data
 
 
 def load_tensors(path: str | os.PathLike, what: str = "file") -> tuple[dict[str, torch.Tensor], Any]:

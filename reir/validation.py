@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 import numbers
+from collections.abc import Sequence
 from contextlib import contextmanager
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -58,8 +58,8 @@ def check_labels(labels, count: int, name: str, of: str) -> list | torch.Tensor:
                         f"not {type(labels).__name__}")
     else:
         labels = list(labels)
-        unknown = [l for l in labels if not _known_label(l)][:1]
-        names = sum(isinstance(l, str) for l in labels)
+        unknown = [label for label in labels if not _known_label(label)][:1]
+        names = sum(isinstance(label, str) for label in labels)
         if unknown or 0 < names < len(labels):
             shown = f"{type(unknown[0]).__name__} {unknown[0]!r:.40}" if unknown else "a mix of names and numbers"
             raise ReirError(f"{name} holds {shown}; labels are class names (str) or integers, one kind throughout")

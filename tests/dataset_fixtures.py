@@ -25,7 +25,8 @@ def write_image(path: Path, seed: int, size=(WIDTH, HEIGHT), mode: str = "RGB", 
     if mode != "RGB":
         image = image.convert(mode)
     path.parent.mkdir(parents=True, exist_ok=True)
-    image.save(path, format=fmt, **({"quality": 95} if (fmt or path.suffix.lower()) in (".jpg", ".jpeg", "JPEG") else {}))
+    jpeg = (fmt or path.suffix.lower()) in (".jpg", ".jpeg", "JPEG")
+    image.save(path, format=fmt, **({"quality": 95} if jpeg else {}))
     return path
 
 

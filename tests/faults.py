@@ -12,8 +12,8 @@ import errno
 import os
 import subprocess
 import sys
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Callable, Iterator
 
 REPO = Path(__file__).resolve().parents[1]
 POINTS = ("replace", "rename", "fsync")

@@ -93,7 +93,7 @@ def start(folder: Path) -> None:
                                     "`make milvus-server` (milvus==2.3.5 in its own virtual environment)")
         command = [sys.executable, __file__, "--folder", str(folder),
                    "--owner", (folder / "owner").read_text().strip()]
-        log = open(folder / "relay.log", "wb")
+        log = open(folder / "relay.log", "wb")  # noqa: SIM115 - handed to the relay, closed once it has started
         _relay = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                                   start_new_session=True)  # not stopped by a Ctrl+C meant for pytest
         log.close()
@@ -209,10 +209,8 @@ class Server:
         the pid file the server leaves behind when it names this server, and the data folder."""
         if self.process.poll() is None:
             self.process.send_signal(signal.SIGINT)
-            try:
+            with contextlib.suppress(subprocess.TimeoutExpired):
                 self.process.wait(15)
-            except subprocess.TimeoutExpired:
-                pass
         with contextlib.suppress(ProcessLookupError):
             os.killpg(self.process.pid, signal.SIGKILL)
         self.process.wait()

@@ -7,11 +7,11 @@ import pytest
 import torch
 from PIL import Image
 
-from reir.cli.ablation import main
-from reir.retrieval.ablation import compare
-from reir.plots import grids
 from conftest import run_script
 from handmade import BETTER_ANGLES, TEST_LABELS, WORSE_ANGLES, make_database
+from reir.cli.ablation import main
+from reir.plots import grids
+from reir.retrieval.ablation import compare
 
 
 def invoke(argv, capsys):
@@ -43,7 +43,7 @@ def test_compare_on_counts_worked_by_hand():
 
 
 def test_figures_and_comparison_images_on_known_databases(pair):
-    root, better, worse = pair
+    root, _better, worse = pair
     result = run_script("ablation.py", "--better_data_base", "better_data_base.pth", "--worse_data_base",
                         str(worse), "--retrieval_num", "2", "--save_results", "--output_dir", str(root))
     assert result.returncode == 0, result.stderr
@@ -112,7 +112,7 @@ def test_mismatched_databases_are_refused(pair, tmp_path_factory, capsys):
              ([worse, *no_train], "has no train split")]
     before = sorted(root.rglob("*"))
     for (db, *extra), message in cases:
-        code, out, err = invoke(["--better_data_base", str(better), "--worse_data_base", str(db), "--save_results",
+        code, _out, err = invoke(["--better_data_base", str(better), "--worse_data_base", str(db), "--save_results",
                                  "--output_dir", str(root), *extra], capsys)
         assert code == 1 and len(err.strip().splitlines()) == 1 and message in err, err
     assert sorted(root.rglob("*")) == before
@@ -122,12 +122,12 @@ def test_mismatched_databases_are_refused(pair, tmp_path_factory, capsys):
     assert code == 0 and "GE rate: 100.00%" in out, err
     code, out, err = invoke(["--better_data_base", str(better), "--retrieval_num", "-1"], capsys)
     assert code == 2 and len(err.strip().splitlines()) == 1
-    code, out, err = invoke(["--output_dir", str(root)], capsys)  # the original's defaults, not trained here
+    code, _out, err = invoke(["--output_dir", str(root)], capsys)  # the original's defaults, not trained here
     assert code == 1 and "car_uncropped_fixed_unrandom_layer1_resnet18_48_12_data_base.pth not found" in err
 
 
 def test_same_images_under_another_data_root_compare_equal(pair, tmp_path_factory, capsys):
-    root, better, _ = pair
+    _root, better, _ = pair
     moved = tmp_path_factory.mktemp("moved")
     copy = make_database(moved, "copy", {"test": (WORSE_ANGLES, TEST_LABELS)}, image_folder=moved / "elsewhere")
     code, out, err = invoke(["--better_data_base", str(better), "--worse_data_base", str(copy),

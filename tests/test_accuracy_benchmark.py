@@ -50,7 +50,7 @@ def test_every_method_yields_a_complete_row(accuracy, glyphs_root, tmp_path):
         for method in methods:
             cells = rows[method]
             assert len(cells) == 6 and 0 <= float(cells[0]) <= 100 and 0 <= float(cells[1]) <= 100
-        trained = [m for m in accuracy.METHODS if m not in accuracy.BASELINES + (accuracy.BEST_BRANCH,)]
+        trained = [m for m in accuracy.METHODS if m not in (*accuracy.BASELINES, accuracy.BEST_BRANCH)]
         assert all(rows[method][2] and rows[method][3] == "1" for method in trained)
         assert [name for name in rows if name.startswith("first")] == ["first 1", "first 2", "first 3"]
         assert "each branch alone (min / mean / max)" in rows

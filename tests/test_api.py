@@ -10,11 +10,10 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 import reir
+from conftest import REPO
 from reir.errors import ReirError
 from reir.retrieval.database import load_database
 from reir.retrieval.similarity import knn
-
-from conftest import REPO
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +55,7 @@ def test_every_input_kind_gives_the_same_embeddings(model, db, served_model):
 def test_embed_names_an_unreadable_image(model, tmp_path):
     bad = tmp_path / "broken.png"
     bad.write_bytes(b"not an image")
-    with pytest.raises(ReirError, match="broken.png cannot be read"):
+    with pytest.raises(ReirError, match=r"broken\.png cannot be read"):
         reir.embed(model, [bad])
 
 
@@ -139,7 +138,7 @@ def test_the_public_api_is_every_name_a_user_reaches_for():
     assert (reir.train, reir.TrainConfig, reir.Results, reir.load_database, reir.Model) == (
         train, TrainConfig, Results, library_load_database, Model)
     with pytest.raises(AttributeError, match="no_such_name"):
-        reir.no_such_name
+        reir.no_such_name  # noqa: B018 - the attribute access is what must raise
 
 
 def test_a_model_keeps_its_run_settings_apart_from_its_network_configuration(model, db):

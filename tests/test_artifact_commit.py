@@ -3,6 +3,7 @@ artifact or the new one, each opening and giving its own answers, never new part
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 from pathlib import Path
@@ -121,8 +122,8 @@ def write_parts(parts: Path, seed: int, prefix: str) -> None:
 def stand_ins(folder: Path) -> tuple[SimpleNamespace, SimpleNamespace]:
     model_file = folder / "model.safetensors"
     model_file.write_bytes(b"stands for a model")
-    return (SimpleNamespace(path=model_file, run_config={"save_name": "toy"}, image_size=16, mean=[0.5] * 3,
-                            std=[0.25] * 3),
+    return (SimpleNamespace(path=model_file, file=lambda: model_file, run_config={"save_name": "toy"},
+                            image_size=16, mean=[0.5] * 3, std=[0.25] * 3),
             SimpleNamespace(source="toy images", root=str(folder), data_name=None))
 
 
@@ -175,9 +176,11 @@ def test_a_sharded_database_killed_while_publishing_opens_as_the_old_one(tmp_pat
 from pathlib import Path
 from types import SimpleNamespace
 from reir.retrieval.embedding_job import publish_sharded
-model = SimpleNamespace(path=Path({str(tmp_path / 'model.safetensors')!r}), run_config={{"save_name": "toy"}},
+model_file = Path({str(tmp_path / 'model.safetensors')!r})
+model = SimpleNamespace(path=model_file, file=lambda: model_file, run_config={{"save_name": "toy"}},
                         image_size=16, mean=[0.5] * 3, std=[0.25] * 3)
-publish_sharded(model, SimpleNamespace(source="toy images", root={str(tmp_path)!r}, data_name=None), Path({str(parts)!r}), Path({str(output)!r}), {SHARDS}, [], {{"test": {SHARDS * 4}}})
+publish_sharded(model, SimpleNamespace(source="toy images", root={str(tmp_path)!r}, data_name=None),
+                Path({str(parts)!r}), Path({str(output)!r}), {SHARDS}, [], {{"test": {SHARDS * 4}}})
 """
     # renames: the shards into the database folder, then its manifest: killed before the manifest's
     result = kill_child(script, SHARDS + 1, into=output)
@@ -245,10 +248,8 @@ def test_an_onnx_export_is_published_as_one_at_every_write_point(tmp_path, two_e
     for point in range(1, len(seen) + 1):
         folder = fresh(tmp_path / "e")
         place("old", folder)
-        try:
+        with contextlib.suppress(ReirError, Killed):
             place("new", folder, point)
-        except (ReirError, Killed):
-            pass
         outcomes.append(which_export(folder / "m.onnx", two_exports))
     assert outcomes[0] == "old"
     if fault == "a kill":

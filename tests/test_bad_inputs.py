@@ -8,13 +8,14 @@ import hashlib
 import json
 import os
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import pytest
 import torch
 
+from conftest import run_script, tiny_args
 from reir import cli
 from reir.cli.common import reports_errors
 from reir.cli.train import main as train_main
@@ -23,7 +24,6 @@ from reir.fileio import save_tensors
 from reir.model.meta_labels import ids_path
 from reir.retrieval.database import load_database, resolve_database_path
 from reir.training.checkpoint import checkpoint_path
-from conftest import run_script, tiny_args
 
 NAME = "digits_uncropped_fixed_unrandom_layer4_resnet18_3_2"
 

@@ -12,7 +12,8 @@ def test_a_missing_browser_is_a_skip_with_instructions_or_a_failure_in_ci(monkey
     monkeypatch.setattr(shutil, "which", lambda name: None)
     monkeypatch.setenv("CI", ci)
     expected = pytest.fail.Exception if ci else pytest.skip.Exception
-    with pytest.raises(expected, match="chromium and chromedriver not found.*apt-get install chromium chromium-driver"):
+    with pytest.raises(expected, match=r"chromium and chromedriver not found.*"
+                                       r"apt-get install chromium chromium-driver"):
         browser.chromium(tmp_path / "profile")
 
 

@@ -9,12 +9,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from reir.cli.prepare import main as prepare_main, prepare_benchmark
+from conftest import run_reir, run_script, tiny_args
+from dataset_fixtures import PER_CLASS, WIDTH, make_car, make_cub, make_isc, make_sop
+from reir.cli.prepare import main as prepare_main
+from reir.cli.prepare import prepare_benchmark
 from reir.cli.train import main as train_main
 from reir.data import BENCHMARKS, load_split_list, split_list_path
 from reir.data.images import build_transform, read_image
-from conftest import run_reir, run_script, tiny_args
-from dataset_fixtures import PER_CLASS, WIDTH, make_car, make_cub, make_isc, make_sop
 
 # Only the classifiers are per branch: an epoch takes a fraction of the time and still trains end to end.
 FAST = ("--share_type", "layer4")
@@ -56,7 +57,7 @@ def test_car_splits_by_class_and_crops_to_the_box(tmp_path, capsys):
     assert [Path(p).resolve() for p in uncropped.absolute("train")] == \
            [(tmp_path / "car" / f"car_ims/{i:06d}.jpg").resolve() for i in range(1, 10)]
     assert cropped.info["clamped_boxes"] == 1
-    for path, label in zip(cropped.absolute("train") + cropped.absolute("test"),
+    for path, _label in zip(cropped.absolute("train") + cropped.absolute("test"),
                            cropped.splits["train"].labels + cropped.splits["test"].labels):
         x1, y1, x2, y2 = boxes["car_ims/" + Path(path).name]
         assert Image.open(path).size == (min(x2, WIDTH) - x1, y2 - y1)

@@ -10,14 +10,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from conftest import tiny_args
+from dataset_fixtures import box_for, make_custom_csv, make_custom_folder, write_image
 from reir.cli.prepare import main as prepare_main
 from reir.cli.train import main as train_main
 from reir.data import custom
 from reir.data.custom import load_custom
 from reir.data.images import read_image
 from reir.data.registry import IMAGENET_MEAN, IMAGENET_STD
-from conftest import tiny_args
-from dataset_fixtures import box_for, make_custom_csv, make_custom_folder, write_image
 from test_datasets import FAST, one_line_error
 
 

@@ -10,18 +10,16 @@ import sys
 import pytest
 
 from conftest import REPO
-from reir.data.build import GENERATION_MARKER
 from dataset_fixtures import make_custom_csv
+from reir.data.build import GENERATION_MARKER
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("dataset", ["custom cropped", "glyphs"])
 def test_two_ranks_on_a_cold_cache_prepare_once_and_train_on_the_same_files(tmp_path, dataset):
-    data_name, crop_type = (dataset.split() + ["uncropped"])[:2]
-    if data_name == "custom":
-        data_path = make_custom_csv(tmp_path / "custom")  # crops and resizes into a cache beside the CSV
-    else:
-        data_path = tmp_path / "data"  # glyphs render into it on first use
+    data_name, crop_type = [*dataset.split(), "uncropped"][:2]
+    # custom: crops and resizes into a cache beside the CSV; glyphs render into the folder on first use
+    data_path = make_custom_csv(tmp_path / "custom") if data_name == "custom" else tmp_path / "data"
     record = tmp_path / "record"
     record.mkdir()
     flags = ["--data_name", data_name, "--crop_type", crop_type, "--data_path", str(data_path),

@@ -150,7 +150,7 @@ def test_every_job_argument_is_recorded_and_any_change_is_named(served_model, co
     for declared in fields(JobArguments):
         value = getattr(arguments, declared.name)
         other = (not value if isinstance(value, bool) else value + 1 if isinstance(value, int)
-                 else value + ("x",) if isinstance(value, tuple) else f"{value}x")
+                 else (*value, "x") if isinstance(value, tuple) else f"{value}x")
         changed = replace(arguments, **{declared.name: other})
         assert changed.key != arguments.key, declared.name
         assert [d.split()[0] for d in changed.differences(recorded)] == [declared.name]

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import hashlib
 import copy
+import hashlib
 import json
 import random
 import signal
@@ -108,8 +108,9 @@ def rewrite_json(value, rng: random.Random, depth: int = 0) -> None:
                 target[odd_text(rng)] = junk(rng)
         elif isinstance(target, list) and target:
             position = rng.randrange(len(target))
-            rng.choice([lambda: target.__setitem__(position, junk(rng)), lambda: target.pop(position),
-                        lambda: target.append(junk(rng))])()
+            rng.choice([lambda: target.__setitem__(position, junk(rng)),  # noqa: B023 - called at once
+                        lambda: target.pop(position),  # noqa: B023 - called at once
+                        lambda: target.append(junk(rng))])()  # noqa: B023 - called at once
 
 
 def mutate_json_text(text: bytes, rng: random.Random) -> bytes:
@@ -162,7 +163,7 @@ class Campaign:
             code = main(argv)
             err = capsys.readouterr().err
             if code:
-                lines = [l for l in err.splitlines() if l.strip() and "Embed" not in l]
+                lines = [line for line in err.splitlines() if line.strip() and "Embed" not in line]
                 if "Traceback" in err or not lines or not lines[-1].startswith("error: "):
                     raise AssertionError(f"exit {code} with stderr {err[-300:]!r}")
                 raise ReirError(lines[-1])
@@ -176,7 +177,7 @@ class Campaign:
 def test_user_files_are_read_or_refused_in_one_line(served_model, tmp_path, capsys, record_property):
     import reir
     from reir.cli.embed import main as embed_main
-    from reir.data.custom import read_folder, read_csv
+    from reir.data.custom import read_csv, read_folder
     from reir.data.splits import load_split_list
     from reir.retrieval.database import load_database
     from reir.retrieval.index import Index, id_map_path
@@ -318,7 +319,7 @@ def test_mutated_faiss_files_are_refused_or_searched_correctly(served_model, tmp
             case.write_bytes(mutated)
             id_map_path(case).write_bytes(crafted_pair(id_map, mutated))
 
-            def open_and_search(case=case):
+            def open_and_search(case=case, queries=queries):
                 opened = Index.load(case)
                 scores, ids = opened.search(queries, 3)
                 wellformed = (ids.shape == (4, 3) and bool(((ids >= -1) & (ids < len(opened))).all())

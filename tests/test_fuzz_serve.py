@@ -17,6 +17,7 @@ import re
 import threading
 import urllib.parse
 import uuid
+from pathlib import Path
 
 import pytest
 
@@ -154,12 +155,12 @@ def send(port: int, request) -> tuple[int | None, bytes, str | None]:
 
 
 def memory_kib(pid: int, field: str) -> int:
-    status = open(f"/proc/{pid}/status").read()
+    status = Path(f"/proc/{pid}/status").read_text()
     return int(re.search(rf"^{field}:\s+(\d+) kB", status, re.M).group(1))
 
 
 @pytest.fixture(scope="module")
-def fuzzed_server(index_file):  # noqa: F811 - the fixture imported above
+def fuzzed_server(index_file):
     process, _, port = start_server(index_file, "--max_body_mb", str(MAX_BODY_MB), "--max_pixels", str(MAX_PIXELS),
                                     "--upload_seconds", "10")
     yield process, port
@@ -170,8 +171,8 @@ def fuzzed_server(index_file):  # noqa: F811 - the fixture imported above
 def valid_search(port: int) -> dict:
     boundary = uuid.uuid4().hex
     body = multipart([("image", "q.png", "image/png", image_bytes(random.Random(0), "PNG", (16, 16)))], boundary)
-    status, payload, error = send(port, ("POST", "/search?k=3", {"Content-Type": f"multipart/form-data; boundary={boundary}"},
-                                         body))
+    headers = {"Content-Type": f"multipart/form-data; boundary={boundary}"}
+    status, payload, error = send(port, ("POST", "/search?k=3", headers, body))
     assert status == 200, (status, payload[:200], error)
     return json.loads(payload)
 

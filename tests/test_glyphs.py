@@ -11,11 +11,11 @@ import torch
 from PIL import Image
 
 from reir.cli import demo
-from reir.retrieval.database import load_database
 from reir.cli.prepare import main as prepare_main
 from reir.cli.train import main as train_main
 from reir.data import glyphs
 from reir.data.splits import load_split_list, split_list_path
+from reir.retrieval.database import load_database
 from reir.training import recipe
 
 CHARACTERS = 12  # as conftest's glyphs_root

@@ -12,7 +12,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from reir.cli.train import get_args_parser, main as train_main
+from conftest import tiny_args
+from reir.cli.train import get_args_parser
+from reir.cli.train import main as train_main
 from reir.errors import UsageError
 from reir.model.heads import CosineHead
 from reir.model.meta_labels import balanced_groupings, grouping_room
@@ -20,7 +22,6 @@ from reir.model.network import ModelConfig, create_model
 from reir.training.config import TrainConfig
 from reir.training.losses import concatenated_embedding, pair_term
 from reir.training.train import train_one_epoch
-from conftest import tiny_args
 
 
 def _model(**head) -> torch.nn.Module:

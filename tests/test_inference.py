@@ -8,12 +8,12 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from reir.cli.search import main
-from reir.retrieval.lookup import rank
-from reir.plots import grids
-from reir.retrieval.database import load_database
 from conftest import run_reir, run_script, tiny_args
 from handmade import make_database
+from reir.cli.search import main
+from reir.plots import grids
+from reir.retrieval.database import load_database
+from reir.retrieval.lookup import rank
 
 TEST_LABELS = ["a", "b", "c", "a", "b", "c", "a", "b", "c", "a"]
 TRAIN_LABELS = ["x", "y", "x", "y", "x", "y"]
@@ -102,7 +102,7 @@ def test_original_name_train_split_and_json_on_stdout(toy, capsys):
                             capsys)
     assert code == 0, err
     report = json.loads(out)
-    order, expected = brute_force(db.features["test"][0], db.features["train"])
+    order, _expected = brute_force(db.features["test"][0], db.features["train"])
     assert [r["path"] for r in report["results"]] == [db.paths("train")[i] for i in order]  # K clipped to 6
     assert report["split"] == "train" and report["json"] is None
     assert not any(r["correct"] for r in report["results"])  # train classes differ from test classes
@@ -113,11 +113,11 @@ def test_original_name_train_split_and_json_on_stdout(toy, capsys):
 def test_rerun_replaces_per_image_files_and_long_lists_wrap(toy, capsys):
     root, path, db = toy
     base = ["--query_img_name", db.paths("test")[5], "--data_base", str(path), "--output_dir", str(root)]
-    assert invoke(base + ["--retrieval_num", "9"], capsys)[0] == 0
+    assert invoke([*base, "--retrieval_num", "9"], capsys)[0] == 0
     folder = root / "results" / "test_005"
     assert len(list(folder.glob("retrieval_img_*.jpg"))) == 9
     assert Image.open(folder / "grid.png").size == grids.grid_size(2, 9)  # query + 9 results in rows of 9
-    assert invoke(base + ["--retrieval_num", "2"], capsys)[0] == 0
+    assert invoke([*base, "--retrieval_num", "2"], capsys)[0] == 0
     assert len(list(folder.glob("retrieval_img_*.jpg"))) == 2
 
 
@@ -131,7 +131,7 @@ def test_missing_file_with_a_database_image_name_uses_that_image(toy, capsys, mo
 
 
 def test_error_paths_are_one_line_and_write_nothing(toy, capsys, tmp_path_factory):
-    root, path, db = toy
+    root, path, _db = toy
     outside = tmp_path_factory.mktemp("elsewhere") / "photo.png"
     Image.new("RGB", (5, 5)).save(outside)
     pickle_db = root / "evil_data_base.pth"
@@ -152,7 +152,7 @@ def test_error_paths_are_one_line_and_write_nothing(toy, capsys, tmp_path_factor
     ]
     before = sorted(p for p in root.rglob("*"))
     for argv, expected_code, message in cases:
-        code, out, err = invoke(argv + ["--output_dir", str(root)], capsys)
+        code, _out, err = invoke([*argv, "--output_dir", str(root)], capsys)
         assert code == expected_code, (argv, err)
         assert len(err.strip().splitlines()) == 1 and message in err, (argv, err)
         assert "Traceback" not in err
@@ -222,7 +222,7 @@ def test_queries_of_one_file_name_keep_their_own_folders(tmp_path):
 def test_grid_captions_hold_the_whole_label_and_a_code_points_character():
     font = grids.caption_font()
     caption = grids.result_caption({"rank": 1, "score": 1.0, "label": "U+0391"})
-    assert caption == "1: 1.0000\nU+0391 Α"
+    assert caption == "1: 1.0000\nU+0391 \u0391"
     long_label = "a class name longer than one line"
     lines = grids.caption_lines(grids.result_caption({"rank": 2, "score": 0.5, "label": long_label}), font)
     assert len(lines) == 3 and lines[0] == "2: 0.5000" and " ".join(lines[1:]) == long_label  # wrapped, not cut

@@ -55,7 +55,7 @@ def test_engines_and_chunkings_agree_and_stream():
 def test_k_is_clipped_and_self_never_returned():
     features = torch.nn.functional.normalize(torch.randn(6, 2, 3), dim=-1)
     for backend in ("torch", "faiss"):
-        scores, indices = knn(features, features, 50, exclude_self=True, backend=backend)
+        _scores, indices = knn(features, features, 50, exclude_self=True, backend=backend)
         assert indices.shape == (6, 5)
         assert not (indices == torch.arange(6)[:, None]).any()
         assert knn(features, features, 0, backend=backend).gallery_ids.shape == (6, 0)

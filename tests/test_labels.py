@@ -6,8 +6,14 @@ import numpy as np
 import pytest
 
 from reir.errors import ReirError
-from reir.model.meta_labels import (assign_meta_labels, distinct_assignment, ids_path, load_ids, min_hamming_distance,
-                         save_ids)
+from reir.model.meta_labels import (
+    assign_meta_labels,
+    distinct_assignment,
+    ids_path,
+    load_ids,
+    min_hamming_distance,
+    save_ids,
+)
 
 
 def brute_min_hamming(codes):
@@ -61,7 +67,7 @@ def test_errors_are_one_line(capsys):
     with pytest.raises(ReirError, match="fixed labels need"):
         assign_meta_labels(100, 2, 4, "fixed")
     # random has no code-word requirement
-    codes, distance = assign_meta_labels(100, 2, 4, "random", seed=0)
+    _codes, distance = assign_meta_labels(100, 2, 4, "random", seed=0)
     assert distance == 0
 
 

@@ -56,7 +56,8 @@ def library_modules() -> list[Path]:
 
 
 def test_every_module_belongs_to_a_declared_layer():
-    undeclared = sorted({p.relative_to(PACKAGE).parts[0].removesuffix(".py") for p in library_modules()} - set(LAYER_OF))
+    undeclared = sorted({p.relative_to(PACKAGE).parts[0].removesuffix(".py") for p in library_modules()}
+                        - set(LAYER_OF))
     assert not undeclared, f"add {undeclared} to LAYERS here and to docs/ARCHITECTURE.md"
 
 

@@ -15,8 +15,8 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from reir.fileio import load_tensors, save_tensors
 from conftest import REPO
+from reir.fileio import load_tensors, save_tensors
 
 # A model of 32 M parameters: with Adam's two moments, a checkpoint of about 390 MB.
 MEASURE = r"""

@@ -4,12 +4,13 @@ import numpy as np
 import pytest
 import torch
 
-from reir.retrieval import clustering, metrics, ranking as ranking_engine
+from conftest import run_reir
+from reir.retrieval import clustering, metrics
+from reir.retrieval import ranking as ranking_engine
 from reir.retrieval.database import Database
 from reir.retrieval.metrics import evaluate_embeddings, retrieval_metrics
 from reir.retrieval.ranking import relevant_counts
 from reir.retrieval.similarity import flatten, knn
-from conftest import run_reir
 
 PML_NAMES = {"precision@1": "precision_at_1", "r_precision": "r_precision", "map@r": "mean_average_precision_at_r",
              "nmi": "NMI"}
@@ -117,7 +118,8 @@ def tied_embeddings(kind, n, seed):
         features = torch.randint(-2, 3, (n, 4, 3), generator=generator).float()
     else:
         centres = torch.randn(20, 4, 3, generator=generator)
-        features = torch.nn.functional.normalize(centres[labels % 20] + torch.randn(n, 4, 3, generator=generator), dim=-1)
+        noise = torch.randn(n, 4, 3, generator=generator)
+        features = torch.nn.functional.normalize(centres[labels % 20] + noise, dim=-1)
     features[n // 2:n // 2 + n // 4] = features[:n // 4]  # duplicates, most of them in other classes
     return features, labels
 

@@ -10,7 +10,6 @@ import pytest
 import torch
 
 from conftest import REPO, run_reir, run_script
-
 from reir.retrieval.backends import build_index, open_index
 from reir.retrieval.database import Database
 from reir.retrieval.index import Index

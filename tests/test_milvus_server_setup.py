@@ -18,7 +18,7 @@ def test_a_missing_server_is_a_skip_with_instructions_or_a_failure_in_ci(monkeyp
         milvus_server.address(tmp_path)
     assert "install it with `make milvus-server`" in str(unavailable.value)
     expected = pytest.fail.Exception if ci else pytest.skip.Exception
-    with pytest.raises(expected, match="no Milvus server at .venv-milvus/bin/no-such-milvus-server"):
+    with pytest.raises(expected, match=r"no Milvus server at \.venv-milvus/bin/no-such-milvus-server"):
         missing(str(unavailable.value))
 
 

@@ -27,7 +27,10 @@ def test_parameter_count_follows_independent_formula():
     from torchvision.models import resnet18
 
     net = resnet18()
-    size = lambda *mods: sum(p.numel() for m in mods for p in m.parameters())  # noqa: E731
+
+    def size(*mods):
+        return sum(p.numel() for m in mods for p in m.parameters())
+
     for share, stem_mods, rest_mods in [
         ("none", [], [net.conv1, net.bn1, net.layer1, net.layer2, net.layer3, net.layer4]),
         ("layer2", [net.conv1, net.bn1, net.layer1, net.layer2], [net.layer3, net.layer4]),

@@ -18,9 +18,9 @@ import torchvision
 from PIL import Image
 from torch import nn
 
-from reir.model.files import load_model
 from reir.cli import main as reir
 from reir.data.images import build_transform
+from reir.model.files import load_model
 from reir.retrieval.database import load_database
 
 STAGES = ["conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4"]
@@ -191,7 +191,7 @@ def test_inference_defaults_convert_the_originals_files_on_the_fly(small_run, tm
     """``inference.py --data_base <name>.pth`` finds the original's database and, for an outside query, its model."""
     from reir.cli.search import main as search
 
-    root, name, net, content, labels = small_run
+    root, name, _net, _content, _labels = small_run
     work = tmp_path / "run"
     (work / "results").mkdir(parents=True)
     (work / "epochs").mkdir()
@@ -221,7 +221,7 @@ def test_inference_defaults_convert_the_originals_files_on_the_fly(small_run, tm
 def test_ablation_defaults_convert_both_originals(small_run, tmp_path, capsys, monkeypatch):
     from reir.cli.ablation import main as ablation
 
-    root, name, _, content, labels = small_run
+    _root, name, _, content, labels = small_run
     (tmp_path / "results").mkdir()
     worse = {**content, "test_features": F.normalize(torch.randn_like(content["test_features"]), dim=-1)}
     better_name, worse_name = f"{name}_data_base.pth", name.replace("fixed", "random") + "_data_base.pth"
@@ -278,7 +278,7 @@ def test_a_module_object_is_refused_by_name(tmp_path, capsys):
 
 
 def test_extra_keys_wrong_backbone_and_bad_databases_are_refused(small_run, tmp_path, capsys):
-    root, name, net, content, _ = small_run
+    _root, name, net, content, _ = small_run
     state = net.state_dict()
     cases = {
         "extra key": ({**state, "projector.weight": torch.zeros(2)}, name + "_model.pth", (), "'projector.weight'"),

@@ -5,10 +5,10 @@ import math
 import pytest
 from PIL import Image
 
+from conftest import run_reir
 from reir.cli.plot import main
 from reir.errors import ReirError
 from reir.plots.curves import build_figure, read_statistics
-from conftest import run_reir
 
 CSV = ("epoch,train_loss,train_accuracy,test_recall@1,test_recall@10,test_recall@2,test_nmi\n"
        "1,0.9,0.5,0.25,0.5,0.375,\n"

@@ -14,11 +14,11 @@ import pytest
 import torch
 import torchvision
 
+from conftest import run_reir
+from dataset_fixtures import make_car
 from reir.data.registry import BENCHMARKS
 from reir.fileio import load_tensors
 from reir.retrieval.database import load_database
-from conftest import run_reir
-from dataset_fixtures import make_car
 
 # train.py's defaults (car, --weights imagenet, --recipe auto, share_type layer1, batch 10, the fixed labels)
 # made small by flags alone: 2 branches of 2 meta classes for the fixture's 3 training classes, 32 px,

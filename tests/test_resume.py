@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import run_reir, run_script, tiny_args
 from reir.fileio import load_tensors
 from reir.training.checkpoint import pack, unpack
 from reir.training.signals import StopRequest, TrainingStopped
-from conftest import run_reir, run_script, tiny_args
 
 NAME = "digits_uncropped_fixed_random_layer4_resnet18_3_2"
 

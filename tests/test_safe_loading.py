@@ -8,13 +8,14 @@ import pickle
 import pytest
 import torch
 
+from conftest import run_script, tiny_args
 from reir import cli
 from reir.cli.common import reports_errors
-from reir.cli.train import main as train_main, get_args_parser
+from reir.cli.train import get_args_parser
+from reir.cli.train import main as train_main
 from reir.retrieval.database import load_database
 from reir.training.checkpoint import checkpoint_path
 from reir.training.config import TrainConfig
-from conftest import run_script, tiny_args
 
 
 class Payload:
@@ -61,7 +62,7 @@ def test_a_pickle_under_a_database_name_is_refused(tmp_path, capsys, torch_forma
     marker = tmp_path / "ran"
     for name in ("x_data_base.safetensors", "x_data_base.pth"):
         plant(tmp_path / "results" / name, marker, torch_format)
-        code = reports_errors(lambda: load_database(tmp_path / "results" / name))()
+        code = reports_errors(lambda: load_database(tmp_path / "results" / name))()  # noqa: B023 - called at once
         line = assert_refused(code, capsys.readouterr().err, marker)
         assert "only safetensors files written by REIR are loaded" in line
         code = cli.main(["eval", "--data_base", str(tmp_path / "results" / name)])
@@ -71,7 +72,8 @@ def test_a_pickle_under_a_database_name_is_refused(tmp_path, capsys, torch_forma
 def test_a_pickle_under_the_checkpoint_name_is_refused_by_resume_auto(small_digits_root, tmp_path):
     marker = tmp_path / "ran"
     args = tiny_args(small_digits_root, tmp_path / "out", "--resume", "auto")
-    plant(checkpoint_path(tmp_path / "out", TrainConfig.from_args(get_args_parser().parse_args(args)).save_name), marker, True)
+    save_name = TrainConfig.from_args(get_args_parser().parse_args(args)).save_name
+    plant(checkpoint_path(tmp_path / "out", save_name), marker, True)
     result = run_script("train.py", *args)
     line = assert_refused(result.returncode, result.stderr, marker)
     assert "checkpoint" in line and "not a REIR safetensors file" in line

@@ -94,7 +94,7 @@ def test_search_returns_ranked_database_images(server, served_model):
 
     db = load_database(served_model.database)
     query = db.paths("test")[3]
-    response = search(server, open(query, "rb").read(), k="4")
+    response = search(server, Path(query).read_bytes(), k="4")
     assert response.status_code == 200, response.text
     results = response.json()["results"]
     # named relative to the indexed root (the one images folder), never by the server's absolute path
@@ -107,7 +107,7 @@ def test_search_returns_ranked_database_images(server, served_model):
     assert [r["id"] for r in by_id["results"]] == [r["id"] for r in results]
     assert all(r["correct"] == (r["label"] == db.labels("test")[3]) for r in by_id["results"])
     image = httpx.get(f"{server}/images/{results[1]['id']}", timeout=30)
-    assert image.status_code == 200 and image.content == open(db.paths("test")[results[1]["id"]], "rb").read()
+    assert image.status_code == 200 and image.content == Path(db.paths("test")[results[1]["id"]]).read_bytes()
     info = httpx.get(f"{server}/info", timeout=30).json()
     assert info["model"] == served_model.model.name and str(served_model.output) not in json.dumps(info)
 
@@ -167,7 +167,7 @@ def test_page_uploads_an_image_shows_the_grid_and_searches_a_clicked_result(serv
     from reir.retrieval.database import load_database
 
     db = load_database(served_model.database)
-    expected = search(server, open(db.paths("test")[0], "rb").read(), k="6").json()["results"]
+    expected = search(server, Path(db.paths("test")[0]).read_bytes(), k="6").json()["results"]
     driver = chromium(tmp_path / "profile")
     try:
         driver.get(server + "/")

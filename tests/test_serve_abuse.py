@@ -120,16 +120,15 @@ def test_decoded_pixels_are_bounded_as_a_total(served_model, monkeypatch):
         thread.join()
     assert most[0] == 4_000_000 and searcher.pixels.free == 5_000_000
     searcher.pixels.wait_seconds = 0.2
-    with searcher.pixels.claim() as claim:
-        with claim.take(2000, 2000):
-            with pytest.raises(BadRequest) as busy:
-                searcher.prepare(large)
+    with searcher.pixels.claim() as claim, claim.take(2000, 2000), pytest.raises(BadRequest) as busy:
+        searcher.prepare(large)
     assert busy.value.status == 503 and "megapixels" in str(busy.value)
     assert searcher.prepare(blank_png(64, 64))[1:] == (64, 64) and searcher.pixels.free == 5_000_000
 
 
 def nan_features(count=6, shape=(4, 3)):
-    features = torch.nn.functional.normalize(torch.randn(count, *shape, generator=torch.Generator().manual_seed(0)), dim=-1)
+    vectors = torch.randn(count, *shape, generator=torch.Generator().manual_seed(0))
+    features = torch.nn.functional.normalize(vectors, dim=-1)
     features[2, 1, 0] = float("nan")
     features[4, 0, 2] = float("inf")
     return features

@@ -7,8 +7,8 @@ import httpx
 import pytest
 
 from reir.cli.serve import load_searcher
-from reir.service import SPOOL_BYTES, BodyLimit, Searcher, create_app
 from reir.data.splits import Split
+from reir.service import SPOOL_BYTES, BodyLimit, Searcher, create_app
 from test_serve import assert_one_line_error, index_file, png_bytes, search, server  # noqa: F401 - fixtures
 
 NOT_ASCII_DIGITS = ["\u00b2", "\u2460", "\u0663", "\uff13", "3\u00b2"]  # ², ①, Arabic-Indic 3, fullwidth 3
@@ -39,7 +39,7 @@ def test_raw_image_body_is_searched_like_an_upload(server):
 
 
 @pytest.fixture(scope="module")
-def exposed_client(index_file):  # noqa: F811 - the fixture imported above
+def exposed_client(index_file):
     from types import SimpleNamespace
 
     from fastapi.testclient import TestClient
@@ -61,8 +61,8 @@ def test_absolute_paths_only_with_expose_paths(exposed_client, served_model):
 
 def test_relative_names_come_from_the_common_folder(served_model):
     from reir.model.files import load_model
-    from reir.retrieval.index import Index
     from reir.retrieval.database import load_database
+    from reir.retrieval.index import Index
 
     db = load_database(served_model.database)
     paths = [f"/srv/photos/{'a' if i % 2 else 'b/c'}/{i}.png" for i in range(len(db.paths("test")))]

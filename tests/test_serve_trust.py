@@ -33,7 +33,8 @@ def model(served_model):
 def crafted_database(model, folder, paths, root=None):
     """A database at ``folder/db.safetensors`` listing ``paths`` as written, with ``root`` recorded (or none)."""
     ensemble, meta = model.embedding_shape
-    features = torch.nn.functional.normalize(torch.randn(len(paths), ensemble, meta, generator=torch.Generator().manual_seed(1)), dim=-1)
+    vectors = torch.randn(len(paths), ensemble, meta, generator=torch.Generator().manual_seed(1))
+    features = torch.nn.functional.normalize(vectors, dim=-1)
     info = {"collection_root": str(root)} if root is not None else {}
     path = folder / "db.safetensors"
     Database({"test": features}, {"test": {"paths": [str(p) for p in paths], "labels": [""] * len(paths)}},
@@ -179,7 +180,8 @@ def test_requests_without_the_key_are_refused_and_the_page_still_loads(model, se
     searcher = Searcher(model, Index.from_database(served_model.database), source=served_model.database)
     with TestClient(create_app(searcher, api_key=KEY)) as client:
         page = client.get("/")
-        assert page.status_code == 200 and "Authorization" in page.text and "#key=" not in page.text.split("<script>")[0]
+        assert (page.status_code == 200 and "Authorization" in page.text
+                and "#key=" not in page.text.split("<script>")[0])
         for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": KEY},
                         {"Authorization": f"Bearer {KEY}x"}, {"Authorization": f"Basic {KEY}"}):
             for response in (client.get("/info", headers=headers), client.get("/images/0", headers=headers),

@@ -5,13 +5,14 @@ import csv
 import pytest
 import torch
 
-from reir.cli.train import get_args_parser, main as train_main
+from conftest import REPO, run_reir, run_script, tiny_args
+from reir.cli.train import get_args_parser
+from reir.cli.train import main as train_main
+from reir.devices import parse_device, training_devices
 from reir.errors import ReirError
 from reir.fileio import load_tensors
 from reir.retrieval.database import load_database
 from reir.training.config import TrainConfig
-from reir.devices import parse_device, training_devices
-from conftest import REPO, run_reir, run_script, tiny_args
 
 ORIGINAL_DEFAULTS = {
     "data_name": "car", "crop_type": "uncropped", "label_type": "fixed", "recalls": [1, 2, 4, 8],

@@ -20,7 +20,7 @@ from reir.training.train import train
 
 
 def main() -> int:
-    event, count, name = (sys.argv[1].split(":") + ["KILL"])[:3]
+    event, count, name = [*sys.argv[1].split(":"), "KILL"][:3]
     seen = 0
 
     def reached() -> None:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import importlib
 import sys
 
-
 # name -> (module with main(argv), or module:function, one-line help)
 COMMANDS = {
     "train": ("reir.cli.train", "train a REIR model (same flags as train.py)"),

@@ -13,8 +13,18 @@ from reir.argtypes import positive_int
 from reir.cli.common import ArgumentParser, reports_errors
 from reir.errors import ReirError
 from reir.fileio import claim_output, write_json
-from reir.retrieval.ablation import (ABLATION_FORMAT, check_compatible, compare, comparison_estimate, correct_counts,
-                                     format_ratio, percent, query_and_gallery, run_stem, save_comparisons)
+from reir.retrieval.ablation import (
+    ABLATION_FORMAT,
+    check_compatible,
+    compare,
+    comparison_estimate,
+    correct_counts,
+    format_ratio,
+    percent,
+    query_and_gallery,
+    run_stem,
+    save_comparisons,
+)
 from reir.retrieval.database import load_database
 from reir.retrieval.original import find_or_convert_database
 

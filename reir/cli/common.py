@@ -6,7 +6,7 @@ import argparse
 import functools
 import logging
 import sys
-from typing import Callable
+from collections.abc import Callable
 
 from reir.errors import ReirError
 
@@ -14,7 +14,7 @@ from reir.errors import ReirError
 class ArgumentParser(argparse.ArgumentParser):
     """argparse, but a usage error is one line on stderr and exit code 2."""
 
-    def error(self, message: str):  # noqa: D401 - argparse API
+    def error(self, message: str):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 

@@ -96,7 +96,8 @@ def main(argv: list[str] | None = None) -> int:
     announce("[3/3] baselines", f"raw pixels and the untrained network on the {len(split_list.splits['test'])} "
              "test images", IDLE_SECONDS["baselines"])
     rows = {
-        f"REIR, trained (epoch {database.info['epoch']})": retrieval_metrics(database.features["test"], labels, RECALLS),
+        f"REIR, trained (epoch {database.info['epoch']})":
+            retrieval_metrics(database.features["test"], labels, RECALLS),
         "raw pixels": retrieval_metrics(raw_pixel_features(split_list, "test", IMAGE_SIZE), labels, RECALLS),
         "same network, untrained": retrieval_metrics(
             untrained_features(CONFIG, args.seed, split_list, "test", IMAGE_SIZE), labels, RECALLS),

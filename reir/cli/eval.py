@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from reir.retrieval.evaluation import evaluate_database
 from reir.argtypes import csv_ints
 from reir.cli.common import ArgumentParser, reports_errors
 from reir.data.registry import DATA_NAMES, dataset_info
-from reir.retrieval.database import load_database, resolve_database_path
 from reir.devices import parse_device
+from reir.retrieval.database import load_database, resolve_database_path
+from reir.retrieval.evaluation import evaluate_database
 
 
 def get_args_parser() -> ArgumentParser:

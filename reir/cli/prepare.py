@@ -76,11 +76,12 @@ def main(argv: list[str] | None = None) -> int:
         raise UsageError("--imagenet_norm only applies to --data_name custom; benchmarks use the original's mean/std")
     if args.data_name in EMBEDDED:
         split_list = EMBEDDED[args.data_name](args.data_path)
-        sizes = ", ".join(f"{name} {len(s)} images in {len(s.classes)} classes" for name, s in split_list.splits.items())
+        sizes = ", ".join(f"{name} {len(s)} images in {len(s.classes)} classes"
+                          for name, s in split_list.splits.items())
         print(f"{args.data_name} ready in {split_list_path(args.data_path, args.data_name, 'uncropped')}: {sizes}")
         return 0
     if args.data_name == "custom":
-        from reir.data.custom import read_source, prepare_custom
+        from reir.data.custom import prepare_custom, read_source
 
         records, boxed = read_source(Path(args.data_path))
         crops = ["uncropped", "cropped"] if args.crop_type == "both" and boxed else \
@@ -96,8 +97,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"no benchmark under {args.data_path} (unpack car, cub, sop or isc there: docs/DATASETS.md); "
               "the embedded datasets need no download:")
         for name in EMBEDDED:
-            split_list = split_list_path(args.data_path, name, "uncropped")
-            print(f"  {name}: " + (f"ready in {split_list}" if split_list.is_file() else
+            list_file = split_list_path(args.data_path, name, "uncropped")
+            print(f"  {name}: " + (f"ready in {list_file}" if list_file.is_file() else
                                    f"not built yet: python data_utils.py --data_name {name}"))
         return 0
     resize = DEFAULT_RESIZE if args.resize is None else args.resize

@@ -7,7 +7,6 @@ embedded with the model the database records. Results are ranked by
 
 from __future__ import annotations
 
-import itertools
 import json
 import sys
 from pathlib import Path
@@ -54,7 +53,8 @@ def query_folder(results: Path, query_path: str) -> Path:
     """``results/<query stem>/`` as the original named it, unless another query of that stem (every glyph is
     ``DejaVuSans.png``) wrote it: then the next ``<stem>_<n>/`` that is free or this query's own."""
     stem = Path(query_path).stem
-    for number in itertools.count(1):
+    number = 1
+    while True:
         folder = results / (stem if number == 1 else f"{stem}_{number}")
         if not folder.exists():
             return folder
@@ -64,6 +64,7 @@ def query_folder(results: Path, query_path: str) -> Path:
             recorded = None
         if recorded == query_path:
             return folder
+        number += 1
 
 
 def retrieve(args) -> dict:

@@ -5,16 +5,26 @@ import socket
 import sys
 from pathlib import Path
 
-from reir.model.files import load_model
 from reir.argtypes import positive_int
 from reir.cli.common import ArgumentParser, reports_errors
+from reir.devices import parse_device
 from reir.errors import ReirError, UsageError
+from reir.model.files import load_model
 from reir.retrieval.backends import open_index
 from reir.retrieval.index import Index, id_map_path
-from reir.devices import parse_device
+from reir.service import (
+    BATCH_SIZE,
+    BATCH_WINDOW_MS,
+    DEFAULT_K,
+    MAX_BODY_BYTES,
+    MAX_K,
+    MAX_PIXELS,
+    MAX_REQUESTS,
+    UPLOAD_SECONDS,
+    Searcher,
+    create_app,
+)
 from reir.service.access import MIN_KEY_CHARACTERS
-from reir.service import (BATCH_SIZE, BATCH_WINDOW_MS, DEFAULT_K, MAX_BODY_BYTES, MAX_K, MAX_PIXELS, MAX_REQUESTS,
-                          UPLOAD_SECONDS, Searcher, create_app)
 
 
 def is_database(path: str) -> bool:
@@ -85,7 +95,7 @@ def access_key(args) -> str | None:
                              "clients send as 'Authorization: Bearer <key>'), or --no_auth to serve anyone")
         return None
     try:
-        key = open(args.api_key_file, encoding="utf-8").read().strip()
+        key = Path(args.api_key_file).read_text(encoding="utf-8").strip()
     except (OSError, UnicodeDecodeError) as exc:
         raise UsageError(f"--api_key_file {args.api_key_file} cannot be read ({type(exc).__name__}); "
                          "write the key on one line of a text file") from None

@@ -24,7 +24,8 @@ def get_args_parser(add_help: bool = True) -> ArgumentParser:
     parser.add_argument("--config", default=None, metavar="statistics/<name>_config.json",
                         help="repeat a recorded run: its settings (seed included); flags given beside it override "
                              "them and are recorded in the new run's configuration")
-    return add_flags(parser)
+    add_flags(parser)
+    return parser
 
 
 def given_flags(parser: argparse.ArgumentParser, argv: list[str] | None) -> set[str]:
@@ -56,7 +57,8 @@ def parameter_table(model: ModelConfig) -> str:
     columns = {name: info.original_meta_classes for name, info in BENCHMARKS.items() if info.original_meta_classes}
     lines = ["| backbone | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
     for backbone in MODEL_TYPES:
-        cells = (count_parameters(replace(model, model_type=backbone, meta_class_size=size)) for size in columns.values())
+        cells = (count_parameters(replace(model, model_type=backbone, meta_class_size=size))
+                 for size in columns.values())
         lines.append(f"| {backbone} | " + " | ".join(f"{count:,}" for count in cells) + " |")
     return "\n".join(lines)
 

@@ -25,7 +25,8 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
-from reir.data.splits import FORMAT as SPLITS_FORMAT, Split, SplitList, load_split_list, save_split_list
+from reir.data.splits import FORMAT as SPLITS_FORMAT
+from reir.data.splits import Split, SplitList, load_split_list, save_split_list
 from reir.errors import ReirError
 from reir.fileio import atomic_write, claim_output, ensure_dir
 
@@ -48,7 +49,7 @@ class Record:
     source: Path
     label: str
     where: str
-    box: tuple[float, float, float, float] | None = None
+    box: tuple[float, ...] | None = None
 
 
 @dataclass
@@ -89,7 +90,7 @@ def process_image(task) -> tuple:
         rgb = rgb.crop(inside)
     if resize:
         # Bilinear, as torchvision's Resize on a PIL image: training at this size sees the same pixels.
-        rgb = rgb.resize((resize, resize), Image.BILINEAR)
+        rgb = rgb.resize((resize, resize), Image.Resampling.BILINEAR)
     if dest is not None:
         os.makedirs(os.path.dirname(dest), exist_ok=True)
         if Path(dest).suffix.lower() in LOSSLESS:
@@ -98,7 +99,8 @@ def process_image(task) -> tuple:
             rgb.save(dest, format="JPEG", quality=95)
     mean = squares = None
     if want_stats:
-        small = rgb if rgb.size == (STATS_SIZE, STATS_SIZE) else rgb.resize((STATS_SIZE, STATS_SIZE), Image.BILINEAR)
+        small = (rgb if rgb.size == (STATS_SIZE, STATS_SIZE)
+                 else rgb.resize((STATS_SIZE, STATS_SIZE), Image.Resampling.BILINEAR))
         pixels = np.asarray(small, dtype=np.float64).reshape(-1, 3) / 255.0
         mean, squares = pixels.mean(0), (pixels ** 2).mean(0)
     return ("ok", clamped, mean, squares)
@@ -139,9 +141,10 @@ def build_split_list(records: list[Record], *, data_name: str, crop_type: str, t
         generation.mkdir()
         atomic_write(generation / GENERATION_MARKER, f"images of {target.name}\n")
     try:
-        names, used = [], {}
+        names: list[str | None] = []  # in the generation folder; None: the original is listed
+        used: dict[str, tuple] = {}
         for record in records:
-            if not write:
+            if generation is None:
                 names.append(None)
                 continue
             name = cache_name(record.source, image_root)
@@ -151,12 +154,12 @@ def build_split_list(records: list[Record], *, data_name: str, crop_type: str, t
                 count += 1
                 name = f"{Path(stem).with_suffix('')}__{count}{Path(stem).suffix}"
             names.append(name)
-        tasks = [(str(r.source), str(generation / n) if n else None, r.box if crop else None, resize,
+        tasks = [(str(r.source), str(generation / n) if generation and n else None, r.box if crop else None, resize,
                   mean is None and r.split == "train") for r, n in zip(records, names)]
         splits: dict[str, Split] = {}
         skipped, clamped, means, squares = [], 0, [], []
         with contextlib.closing(_run(tasks, workers, f"{data_name} {crop_type}")) as results:
-            for record, name, outcome in zip(records, names, results):
+            for record, stored, outcome in zip(records, names, results):
                 if outcome[0] != "ok":
                     message = f"image {record.source} ({record.where}) {outcome[1]}"
                     if not skip_bad:
@@ -168,8 +171,8 @@ def build_split_list(records: list[Record], *, data_name: str, crop_type: str, t
                 if outcome[2] is not None:
                     means.append(outcome[2])
                     squares.append(outcome[3])
-                if name is not None:
-                    path = f"{generation.name}/{name}"
+                if generation is not None and stored is not None:
+                    path = f"{generation.name}/{stored}"
                 elif absolute_paths:
                     path = str(record.source.resolve())
                 else:
@@ -243,7 +246,7 @@ def unanswerable(split_list: SplitList, label: str) -> list[str]:
     """Queries that no retrieval can answer: their class has no other image to find."""
     if split_list.query_gallery:
         gallery = set(split_list.splits["gallery"].labels)
-        lonely = [l for l in split_list.splits["query"].labels if l not in gallery]
+        lonely = [label for label in split_list.splits["query"].labels if label not in gallery]
         if lonely:
             return [f"{label}: {len(lonely)} query images in {len(set(lonely))} classes have no gallery image "
                     "of their class; they cannot be answered and count as misses"]

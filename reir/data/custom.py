@@ -14,8 +14,8 @@ import csv
 import hashlib
 import logging
 import os
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 from PIL import Image
 
@@ -47,7 +47,7 @@ def open_user_csv(path: Path) -> Iterator[csv.DictReader]:
 def read_csv(path: Path) -> tuple[list[Record], bool]:
     """Rows of ``path,label,split`` (paths relative to the CSV); also: does every row carry a box?"""
     with open_user_csv(path) as reader:
-        columns = reader.fieldnames
+        columns = reader.fieldnames or []
         missing = [c for c in ("path", "label", "split") if c not in columns]
         if missing:
             raise ReirError(f"{path} lacks the column(s) {', '.join(missing)}: the first line must name "
@@ -169,7 +169,8 @@ def prepare_custom(source: str | Path, crop_type: str, resize: int = 0, skip_bad
         log.warning("%d classes appear in both training and evaluation splits "
                     "(allowed; the benchmarks keep them disjoint)", len(train & evaluated))
     log.info(f"mean {_fmt(result.split_list.mean)}, std {_fmt(result.split_list.std)} "
-             f"({'ImageNet' if imagenet_norm else 'measured on the training split'}); split list {result.split_list.root}")
+             f"({'ImageNet' if imagenet_norm else 'measured on the training split'}); "
+             f"split list {result.split_list.root}")
     return result.split_list
 
 

@@ -5,12 +5,13 @@ Classes 0-4 train, 5-9 test, so retrieval is on unseen classes as in the benchma
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-from reir.data.splits import Split, load_split_list, save_split_list, split_list_path, SplitList
+from reir.data.splits import Split, SplitList, load_split_list, save_split_list, split_list_path
 from reir.fileio import atomic_write_with, ensure_dir
 
 
@@ -28,7 +29,7 @@ def prepare_digits(data_path: str | Path) -> SplitList:
         grey = np.clip(pixels * (255.0 / 16.0), 0, 255).astype(np.uint8)
         rgb = np.repeat(grey[:, :, None], 3, axis=2)
         relative = f"images/{label}/{index:04d}.png"
-        atomic_write_with(root / relative, lambda tmp, rgb=rgb: Image.fromarray(rgb).save(tmp, format="PNG"))
+        atomic_write_with(root / relative, functools.partial(Image.fromarray(rgb).save, format="PNG"))
         split = "train" if label < 5 else "test"
         splits[split].paths.append(relative)
         splits[split].labels.append(str(label))

@@ -19,8 +19,18 @@ from pathlib import Path
 import numpy as np
 from PIL import ImageFont
 
-from reir.data.glyphs import (ALPHANUMERIC, COMPUTER_MODERN, DEJAVU, DRAWN_CATEGORIES, FONT_SIZE, IMAGE_SIZE, STIX,
-                              font_folder, render, write_images)
+from reir.data.glyphs import (
+    ALPHANUMERIC,
+    COMPUTER_MODERN,
+    DEJAVU,
+    DRAWN_CATEGORIES,
+    FONT_SIZE,
+    IMAGE_SIZE,
+    STIX,
+    font_folder,
+    render,
+    write_images,
+)
 from reir.data.splits import SplitList, load_split_list, save_split_list, split_list_path
 from reir.errors import ReirError
 from reir.fileio import ensure_dir
@@ -49,8 +59,8 @@ def render_fonts(folder: Path, points, fonts: tuple[str, ...], seen: set[bytes])
     faces = [ImageFont.truetype(str(folder / name), FONT_SIZE) for name in fonts]
     images = {}
     for point in points:
-        drawn = [render(face, point) for face in faces]
-        if any(pixels is None for pixels in drawn):
+        drawn = [pixels for pixels in (render(face, point) for face in faces) if pixels is not None]
+        if len(drawn) < len(faces):
             continue
         signature = b"".join(pixels.tobytes() for pixels in drawn)
         if signature not in seen:

@@ -89,7 +89,8 @@ def render(font: ImageFont.FreeTypeFont, point: int) -> np.ndarray | None:
     room = IMAGE_SIZE - 2 * MARGIN
     if max(ink.size) > room:
         scale = room / max(ink.size)
-        ink = ink.resize((max(1, round(ink.width * scale)), max(1, round(ink.height * scale))), Image.BILINEAR)
+        ink = ink.resize((max(1, round(ink.width * scale)), max(1, round(ink.height * scale))),
+                         Image.Resampling.BILINEAR)
     image = Image.new("L", (IMAGE_SIZE, IMAGE_SIZE))
     image.paste(ink, ((IMAGE_SIZE - ink.width) // 2, (IMAGE_SIZE - ink.height) // 2))
     pixels = np.asarray(image)

@@ -6,8 +6,10 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
 from pathlib import Path
-from typing import BinaryIO, Callable, ContextManager, Sequence
+from typing import BinaryIO
 
 import torch
 from PIL import Image, UnidentifiedImageError
@@ -47,7 +49,7 @@ class ImageError(ReirError):
 
 
 def read_image(source: str | os.PathLike | bytes | BinaryIO, max_pixels: int | None = None,
-               gate: Callable[[int, int], ContextManager] | None = None) -> Image.Image:
+               gate: Callable[[int, int], AbstractContextManager] | None = None) -> Image.Image:
     """A file (its path, bytes or an open binary file) as RGB; a missing, non-image, truncated or too large
     image is an :class:`ImageError`. A path ``<tar file>::<key>`` (a database row made from WebDataset
     shards) reads that sample's image from the tar.
@@ -57,11 +59,10 @@ def read_image(source: str | os.PathLike | bytes | BinaryIO, max_pixels: int | N
     given, is held while the pixels are decoded, so a server can bound how many large images
     decode at once.
     """
-    in_memory = isinstance(source, bytes) or hasattr(source, "read")
-    name = "the image" if in_memory else f"image {source}"
+    name = f"image {source}" if isinstance(source, (str, os.PathLike)) else "the image"
     size = None
     try:
-        if not in_memory and is_sample_path(source):
+        if isinstance(source, (str, os.PathLike)) and is_sample_path(source):
             source = sample_image_bytes(source)[0]
         with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as image:
             size = image.size

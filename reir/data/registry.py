@@ -26,7 +26,8 @@ BENCHMARKS = {
     "sop": DatasetInfo("sop", (0.5807, 0.5396, 0.5044), (0.2901, 0.2974, 0.3095), (1, 10, 100, 1000),
                        {"train": (59551, 11318), "test": (60502, 11316)}, original_meta_classes=512),
     "isc": DatasetInfo("isc", (0.8324, 0.8109, 0.8041), (0.2206, 0.2378, 0.2444), (1, 10, 20, 30, 40, 50),
-                       {"train": (25882, 3997), "query": (14218, 3985), "gallery": (12612, 3985)}, original_meta_classes=192),
+                       {"train": (25882, 3997), "query": (14218, 3985), "gallery": (12612, 3985)},
+                       original_meta_classes=192),
 }
 # Embedded and user datasets: mean/std are computed from the training split when prepared.
 OTHERS = {

@@ -16,8 +16,8 @@ import io
 import json
 import os
 import tarfile
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 from PIL import Image, UnidentifiedImageError
 
@@ -30,7 +30,7 @@ MEMBER_SEPARATOR = "::"  # a sample's path: <tar file>::<sample key>
 
 def is_shard_pattern(text: str) -> bool:
     """Whether ``--images`` names tar shards (one file, a brace range or a glob) rather than a folder or CSV."""
-    return text.rstrip("}").endswith(".tar") or ".tar" in text and any(c in text for c in "{*?[")
+    return text.rstrip("}").endswith(".tar") or (".tar" in text and any(c in text for c in "{*?["))
 
 
 def expand_shards(pattern: str) -> list[Path]:
@@ -91,7 +91,8 @@ def iter_samples(shard: Path) -> Iterator[tuple[str, Image.Image | None, str, st
         broken.append(f"{shard} is damaged ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})")
         return False  # stop reading this tar
 
-    source = [{"url": str(shard), "stream": open(shard, "rb")}]
+    stream = open(shard, "rb")  # noqa: SIM115 - the reader takes it inside a dict; closed in the finally below
+    source = [{"url": str(shard), "stream": stream}]
     try:
         for sample in webdataset.tariterators.group_by_keys(
                 webdataset.tariterators.tar_file_expander(source, handler=note), handler=note):
@@ -105,7 +106,7 @@ def iter_samples(shard: Path) -> Iterator[tuple[str, Image.Image | None, str, st
             except ReirError as exc:
                 yield path, None, "", f"sample {path} {exc}"
     finally:
-        source[0]["stream"].close()
+        stream.close()
     for error in broken:
         yield str(shard), None, "", error
 
@@ -130,7 +131,9 @@ def _image_members(shard: str, size: int, mtime_ns: int) -> dict[str, tuple[int,
     table: dict[str, tuple[int, int, str]] = {}
     with tarfile.open(shard, "r:") as tar:
         for member in tar:
-            key, extension = base_plus_ext(member.name) if member.isfile() else (None, None)
+            if not member.isfile():
+                continue
+            key, extension = base_plus_ext(member.name)
             if key is not None and extension.lower() in IMAGE_KEYS and key not in table:
                 table[key] = (member.offset_data, member.size, extension.lower())
     return table

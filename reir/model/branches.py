@@ -8,6 +8,8 @@ classifiers one batched matmul. The maths is the loop's; only the kernel shapes 
 
 from __future__ import annotations
 
+from typing import TypeVar
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -23,6 +25,8 @@ BATCHING_MODES = ("auto", "loop", "grouped")
 # and the loop needs no weight concatenation. On an H200 grouped ran 2.0x the loop's images/s in fp32
 # and 3.6x in bf16 (resnet18 x 48, 256 px): there the loop's many small kernels are launch-bound.
 DEFAULT_BATCHING = {"cpu": "loop", "cuda": "grouped"}
+
+Layer = TypeVar("Layer", bound=nn.Module)
 
 
 def resolve_batching(mode: str, device: torch.device) -> str:
@@ -63,11 +67,12 @@ def _grouped(layers: list[nn.Module], x: torch.Tensor) -> torch.Tensor:
     """One layer of every branch applied to its block of channels of ``x``."""
     first = layers[0]
     if isinstance(first, nn.Conv2d):
-        weight = torch.cat([m.weight for m in layers])
-        bias = None if first.bias is None else torch.cat([m.bias for m in layers])
+        convolutions = _alike(layers, nn.Conv2d)
+        weight = torch.cat([m.weight for m in convolutions])
+        bias = None if first.bias is None else torch.cat([m.bias for m in convolutions if m.bias is not None])
         return F.conv2d(x, weight, bias, first.stride, first.padding, first.dilation, first.groups * len(layers))
     if isinstance(first, nn.BatchNorm2d):
-        return _grouped_batch_norm(layers, x)
+        return _grouped_batch_norm(_alike(layers, nn.BatchNorm2d), x)
     if isinstance(first, nn.Sequential):
         for inner in zip(*layers):
             x = _grouped(list(inner), x)
@@ -75,12 +80,13 @@ def _grouped(layers: list[nn.Module], x: torch.Tensor) -> torch.Tensor:
     if isinstance(first, (BasicBlock, Bottleneck)):
         return _grouped_block(layers, x)
     if isinstance(first, nn.Linear):
+        linears = _alike(layers, nn.Linear)
         inputs = x.view(x.shape[0], len(layers), -1)
-        weight = torch.stack([m.weight for m in layers])
-        bias = torch.stack([m.bias for m in layers])
+        weight = torch.stack([m.weight for m in linears])
+        bias = torch.stack([m.bias for m in linears])
         return torch.einsum("bki,koi->bko", inputs, weight) + bias
     if isinstance(first, CosineHead):
-        return grouped_cosine(layers, x)
+        return grouped_cosine(_alike(layers, CosineHead), x)
     if isinstance(first, nn.Flatten):
         return x.flatten(1)
     if isinstance(first, (nn.ReLU, nn.MaxPool2d, nn.AdaptiveAvgPool2d)):
@@ -88,24 +94,36 @@ def _grouped(layers: list[nn.Module], x: torch.Tensor) -> torch.Tensor:
     raise ReirError(f"--branch_batching grouped cannot batch {type(first).__name__}; use --branch_batching loop")
 
 
-def _grouped_batch_norm(layers: list[nn.Module], x: torch.Tensor) -> torch.Tensor:
+def _alike(layers: list[nn.Module], kind: type[Layer]) -> list[Layer]:
+    """``layers`` (one per branch, copies of one layer) as the kind of the first."""
+    alike = [layer for layer in layers if isinstance(layer, kind)]
+    if len(alike) != len(layers):
+        raise ReirError(f"branches differ at a {kind.__name__}; grouped branch batching needs alike branches")
+    return alike
+
+
+def _grouped_batch_norm(layers: list[nn.BatchNorm2d], x: torch.Tensor) -> torch.Tensor:
     first = layers[0]
-    training = first.training or first.running_mean is None
-    mean = torch.cat([m.running_mean for m in layers])
-    var = torch.cat([m.running_var for m in layers])
+    means = [m.running_mean for m in layers if m.running_mean is not None]
+    variances = [m.running_var for m in layers if m.running_var is not None]
+    counts = [m.num_batches_tracked for m in layers if m.num_batches_tracked is not None]
+    if len(means) < len(layers) or len(variances) < len(layers) or first.momentum is None:
+        raise ReirError("grouped branch batching needs BatchNorm layers with running statistics and a fixed "
+                        "momentum; batch the branches in a loop instead")
+    mean, var = torch.cat(means), torch.cat(variances)
     out = F.batch_norm(x, mean, var, torch.cat([m.weight for m in layers]), torch.cat([m.bias for m in layers]),
-                       training, first.momentum, first.eps)
+                       first.training, first.momentum, first.eps)
     if first.training and first.track_running_stats:
         # F.batch_norm updated the concatenated copies; hand them back in a few multi-tensor kernels
         # rather than three per branch (on a GPU those tiny launches cost more than the maths).
         with torch.no_grad():
-            torch._foreach_copy_([m.running_mean for m in layers], list(mean.chunk(len(layers))))
-            torch._foreach_copy_([m.running_var for m in layers], list(var.chunk(len(layers))))
-            torch._foreach_add_([m.num_batches_tracked for m in layers], 1)
+            torch._foreach_copy_(means, list(mean.chunk(len(layers))))
+            torch._foreach_copy_(variances, list(var.chunk(len(layers))))
+            torch._foreach_add_(counts, 1)
     return out
 
 
-def _grouped_block(blocks: list[nn.Module], x: torch.Tensor) -> torch.Tensor:
+def _grouped_block(blocks: list[BasicBlock | Bottleneck], x: torch.Tensor) -> torch.Tensor:
     """torchvision's BasicBlock/Bottleneck forward, every layer grouped."""
     identity = x if blocks[0].downsample is None else _grouped([b.downsample for b in blocks], x)
     names = ["conv1", "bn1", "conv2", "bn2"] + (["conv3", "bn3"] if isinstance(blocks[0], Bottleneck) else [])

@@ -12,8 +12,8 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 import torch
 from PIL import Image
@@ -62,9 +62,9 @@ def embed(model: Model | REIRNet, images, device: torch.device | str | None = No
             for batch, errors in batches:
                 count = len(batch)
                 failed = [(position + i, error) for i, error in enumerate(errors) if error]
-                if failed and unreadable is None:
-                    raise ReirError(f"{failed[0][1]}; remove it (reir embed skips and lists unreadable images)")
                 if failed:
+                    if unreadable is None:
+                        raise ReirError(f"{failed[0][1]}; remove it (reir embed skips and lists unreadable images)")
                     unreadable += failed
                     batch = batch[[i for i, error in enumerate(errors) if not error]]
                 if len(batch):
@@ -78,7 +78,7 @@ def embed(model: Model | REIRNet, images, device: torch.device | str | None = No
                     after_batch()
     finally:
         network.train(was_training)
-        if progress is True:
+        if progress is True and bar is not None:
             bar.close()
     if chunks:
         return torch.cat(chunks)

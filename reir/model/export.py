@@ -25,9 +25,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from reir.model.files import Model
 from reir.errors import ReirError
 from reir.fileio import atomic_files, file_sha256
+from reir.model.files import Model
 from reir.model.network import embedding_from_logits
 
 FORMATS = ("onnx", "torchscript")
@@ -168,7 +168,7 @@ def export(model: Model, export_format: str, output: Path,
         reference = wrapper(check)
         ensemble, meta = model.embedding_shape
         staged.with_name(record.name).write_text(json.dumps({
-            "format": export_format, "model_file": str(Path(model.path).resolve()),
+            "format": export_format, "model_file": str(model.file().resolve()),
             "files": [file.name for file in files], "external_data": files[1].name if len(files) > 1 else None,
             "sha256": file_sha256(staged),
             "input": "images",

@@ -47,9 +47,15 @@ class Model:
     def transform(self):
         return build_transform(self.image_size, self.mean, self.std, False)
 
-    def to(self, device: torch.device | str) -> "Model":
+    def to(self, device: torch.device | str) -> Model:
         self.network.to(device)
         return self
+
+    def file(self) -> Path:
+        """The file the model was loaded from, which databases and exports record; a model built in memory has none."""
+        if self.path is None:
+            raise ReirError("this model was not loaded from a file; save it and load it with reir.load_model")
+        return self.path
 
 
 def save_model(path: str | os.PathLike, state: dict[str, torch.Tensor], model: ModelConfig, run_config: dict,

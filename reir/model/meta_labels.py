@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -86,8 +87,9 @@ def assign_meta_labels(num_classes: int, ensemble_size: int, meta_class_size: in
         return codes, min_hamming_distance(codes)
     work = float(num_classes) ** 2 * ensemble_size
     candidates = int(max(1, min(_MAX_CANDIDATES, _CANDIDATE_BUDGET // max(work, 1))))
-    best_codes, best_distance = None, -1
-    for _ in range(candidates):
+    best_codes = distinct_assignment(num_classes, ensemble_size, meta_class_size, rng)
+    best_distance = min_hamming_distance(best_codes)
+    for _ in range(candidates - 1):
         codes = distinct_assignment(num_classes, ensemble_size, meta_class_size, rng)
         distance = min_hamming_distance(codes)
         if distance > best_distance:
@@ -142,7 +144,7 @@ def ids_path(output_dir: str | Path, data_name: str, crop_type: str, ensemble_si
 def save_ids(path: Path, codes: np.ndarray, classes: list[str], label_type: str, distance: int) -> Path:
     """One file per setting holds a ``fixed`` and a ``random`` entry, as the original's did;
     saving one keeps the other when it is for the same classes."""
-    data = {"format": "reir-ids/1", "classes": list(classes)}
+    data: dict[str, Any] = {"format": "reir-ids/1", "classes": list(classes)}
     if Path(path).is_file():
         try:
             old = read_json(path, "ids file")

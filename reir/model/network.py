@@ -74,8 +74,8 @@ def branch_head(in_features: int, config: ModelConfig) -> list[nn.Module]:
         layers += [nn.Linear(in_features, config.projection), nn.ReLU()]
         in_features = config.projection
     if config.head == "cosine":
-        return layers + [CosineHead(in_features, config.meta_class_size, config.head_scale, config.learn_scale)]
-    return layers + [nn.Linear(in_features, config.meta_class_size)]
+        return [*layers, CosineHead(in_features, config.meta_class_size, config.head_scale, config.learn_scale)]
+    return [*layers, nn.Linear(in_features, config.meta_class_size)]
 
 
 class Branch(nn.Sequential):
@@ -86,7 +86,7 @@ class Branch(nn.Sequential):
 
 
 class REIRNet(nn.Module):
-    def __init__(self, backbone: nn.Module, config: ModelConfig, branch_batching: str = "loop"):
+    def __init__(self, backbone: models.ResNet, config: ModelConfig, branch_batching: str = "loop"):
         super().__init__()
         self.config = config
         children = [getattr(backbone, name) for name in _STAGES]
@@ -226,7 +226,7 @@ def _imagenet_backbone(model_type: str) -> tuple[nn.Module, dict]:
     published = torch.hub.HASH_REGEX.search(target.name)
     origin = {"weights": "imagenet", "torchvision": f"{type(enum).__name__}.{enum.name}", "url": enum.url,
               "file": str(target.resolve()), "sha256": digest,
-              "published_file": bool(published) and digest.startswith(published.group(1))}
+              "published_file": published is not None and digest.startswith(published.group(1))}
     if not origin["published_file"]:
         log.warning("ImageNet weights at %s are not torchvision's published file (SHA-256 %s..., the URL names "
                     "%s): training starts from whatever weights it holds", target, digest[:8],

@@ -69,9 +69,11 @@ def original_settings(path: str | Path, overrides: dict, normalisation: str = "d
     does not know); ``imagenet`` forces ImageNet's.
     """
     settings = {**name_settings(path), **{k: v for k, v in overrides.items() if v is not None}}
-    benchmark = BENCHMARKS.get(settings.get("data_name")) if normalisation == "dataset" else None
-    settings["mean"] = list(benchmark.mean if benchmark else IMAGENET_MEAN)
-    settings["std"] = list(benchmark.std if benchmark else IMAGENET_STD)
+    benchmark = BENCHMARKS.get(settings.get("data_name", "")) if normalisation == "dataset" else None
+    mean, std = IMAGENET_MEAN, IMAGENET_STD
+    if benchmark is not None and benchmark.mean is not None and benchmark.std is not None:
+        mean, std = benchmark.mean, benchmark.std
+    settings["mean"], settings["std"] = list(mean), list(std)
     settings["image_size"] = ORIGINAL_IMAGE_SIZE
     settings.setdefault("with_random", False)
     return settings

@@ -9,7 +9,18 @@ Devices are a list of ``torch.device``, so the split and gather run even when ev
 
 from __future__ import annotations
 
-from torch import nn
+from typing import Protocol
+
+import torch
+
+
+class ShardedNetwork(Protocol):
+    """What :func:`describe` reads of a network (:class:`reir.model.network.REIRNet`)."""
+
+    branch_batching: str
+
+    @property
+    def shards(self) -> list[tuple[torch.device, range]]: ...
 
 
 def split_evenly(count: int, parts: int) -> list[range]:
@@ -23,7 +34,7 @@ def split_evenly(count: int, parts: int) -> list[range]:
     return ranges
 
 
-def describe(model: nn.Module, amp: str, world_size: int = 1) -> str:
+def describe(model: ShardedNetwork, amp: str, world_size: int = 1) -> str:
     """One line for the run log: where the branches live and how they run."""
     plan = model.shards
     if len(plan) == 1:

@@ -8,6 +8,7 @@ Everything is drawn with PIL so the colours in a PNG are exactly these values.
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -39,7 +40,8 @@ CODE_POINT = re.compile(r"U\+([0-9A-F]{4,6})")
 
 
 def shown_label(label: str | None) -> str | None:
-    """A label as captions show it: a code point with its character (``U+0391 Α``), anything else as it is."""
+    """A label as captions show it: a code point with its character (``U+0391`` then the Greek capital alpha),
+    anything else as it is."""
     found = CODE_POINT.fullmatch(label or "")
     if found:
         point = int(found.group(1), 16)
@@ -49,7 +51,7 @@ def shown_label(label: str | None) -> str | None:
 
 
 @lru_cache(maxsize=1)
-def caption_font() -> ImageFont.ImageFont:
+def caption_font() -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
     """DejaVu Sans (shipped with matplotlib, as the glyphs are): it draws Latin, Greek and Cyrillic, which
     PIL's default font does not."""
     from reir.data.glyphs import font_folder
@@ -77,7 +79,7 @@ def caption_lines(text: str, font, width: int = TILE, lines: int = CAPTION_LINES
         last = out[lines - 1]
         while last and font.getlength(last + "…") > width:
             last = last[:-1]
-        out = out[:lines - 1] + [last + "…"]
+        out = [*out[:lines - 1], last + "…"]
     return out
 
 
@@ -95,7 +97,7 @@ def status_colour(correct: bool | None) -> tuple[int, int, int]:
 def bordered(image: Image.Image, colour: tuple[int, int, int], size: int = TILE, border: int = BORDER) -> Image.Image:
     """``image`` resized to ``size`` squared (what the model sees) inside a ``border``-pixel frame."""
     framed = Image.new("RGB", (size + 2 * border, size + 2 * border), colour)
-    framed.paste(image.convert("RGB").resize((size, size), Image.BILINEAR), (border, border))
+    framed.paste(image.convert("RGB").resize((size, size), Image.Resampling.BILINEAR), (border, border))
     return framed
 
 
@@ -133,8 +135,8 @@ def grid(rows: list[list[Tile | None]], title: str | None = None) -> Image.Image
     return canvas
 
 
-def wrap(tiles: list[Tile], columns: int) -> list[list[Tile | None]]:
-    return [tiles[i:i + columns] for i in range(0, len(tiles), columns)]
+def wrap(tiles: Sequence[Tile | None], columns: int) -> list[list[Tile | None]]:
+    return [list(tiles[i:i + columns]) for i in range(0, len(tiles), columns)]
 
 
 def save_image(image: Image.Image, path: str | Path, record: str | None = None) -> Path:

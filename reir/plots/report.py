@@ -16,13 +16,12 @@ from pathlib import Path
 
 import torch
 
-from reir.retrieval.evaluation import evaluate_database
 from reir.data.images import read_image
-from reir.plots.grids import shown_label
 from reir.errors import ReirError
+from reir.plots.grids import shown_label
 from reir.retrieval.collection_files import CollectionFiles, collection_files
-from reir.retrieval.database import Database
-from reir.retrieval.database import UNLABELLED
+from reir.retrieval.database import UNLABELLED, Database
+from reir.retrieval.evaluation import evaluate_database
 from reir.retrieval.results import Results
 from reir.retrieval.similarity import knn
 
@@ -51,9 +50,9 @@ def thumbnail(files: CollectionFiles, path: str, size: int = THUMBNAIL) -> str:
 
 
 def curves_png(statistics: Path) -> str:
-    from reir.plots.curves import build_figure, read_statistics
-
     import matplotlib.pyplot as plt
+
+    from reir.plots.curves import build_figure, read_statistics
 
     figure = build_figure(read_statistics(statistics), statistics.stem)
     buffer = io.BytesIO()
@@ -81,7 +80,7 @@ def rank_queries(db: Database, k: int) -> tuple[str, str, Results, torch.Tensor]
     self_retrieval = query_split == gallery_split
     results = knn(db.features[query_split], db.features[gallery_split], k, exclude_self=self_retrieval)
     results = results.with_labels(db.labels(query_split), db.labels(gallery_split))
-    labelled = torch.tensor([label != UNLABELLED for label in results.query_labels], dtype=torch.bool)
+    labelled = torch.tensor([label != UNLABELLED for label in db.labels(query_split)], dtype=torch.bool)
     if not results.k:
         return query_split, gallery_split, results, torch.full((len(results),), -1.0)
     precision = torch.where(labelled, results.same_label().float().mean(dim=1), -1.0)

@@ -44,7 +44,8 @@ def check_compatible(better: Database, worse: Database, names: tuple[str, str], 
         for db, name in zip((better, worse), names):
             if split not in db.features:
                 raise ReirError(f"database {name} has no {split} split; use the other --data_type")
-        if _relative(better.paths(split)) != _relative(worse.paths(split)) or better.labels(split) != worse.labels(split):
+        if (_relative(better.paths(split)) != _relative(worse.paths(split))
+                or better.labels(split) != worse.labels(split)):
             raise ReirError(f"{names[0]} and {names[1]} hold different {split} image lists; "
                             "compare databases built from the same prepared dataset")
 
@@ -109,9 +110,9 @@ def save_comparisons(folder: Path, better: Database, worse: Database, splits: tu
     written = []
     for q in winners:
         query_path, query_label = better.paths(query_split)[q], better.labels(query_split)[q]
-        rows = []
+        rows: list[list[grids.Tile | None]] = []
         for side, db in (("better", better), ("worse", worse)):
-            cells = [grids.Tile(db.paths(gallery_split)[i], f"{n + 1}: {s:.4f}",
+            cells: list[grids.Tile | None] = [grids.Tile(db.paths(gallery_split)[i], f"{n + 1}: {s:.4f}",
                               grids.status_colour(db.labels(gallery_split)[i] == query_label))
                      for n, (i, s) in enumerate(rankings[side].row(q))]
             rows.append(cells)

@@ -8,7 +8,7 @@ so neither module imports the other.
 from __future__ import annotations
 
 import os
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -60,4 +60,6 @@ def open_index(backend: str = "faiss", path: str | os.PathLike | None = None, *,
         if not uri:
             raise ReirError("the milvus backend needs --uri (a Milvus Lite *.db file or http://HOST:19530)", 2)
         return MilvusIndex.load(uri, collection)
+    if path is None:
+        raise ReirError("the faiss backend opens an index file; give its path")
     return Index.load(path)

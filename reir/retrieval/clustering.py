@@ -28,9 +28,9 @@ def cluster(features: torch.Tensor, clusters: int, seed: int = KMEANS_SEED) -> n
 
 def nmi(features: torch.Tensor, labels: torch.Tensor, seed: int = KMEANS_SEED) -> float:
     """NMI between the classes and a k-means clustering into as many clusters as classes."""
-    labels = labels.cpu().numpy()
-    assignment = cluster(features, len(np.unique(labels)), seed)
-    return normalized_mutual_information(labels, assignment)
+    classes = labels.cpu().numpy()
+    assignment = cluster(features, len(np.unique(classes)), seed)
+    return normalized_mutual_information(classes, assignment)
 
 
 def normalized_mutual_information(first, second) -> float:

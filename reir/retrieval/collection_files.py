@@ -13,6 +13,7 @@ from __future__ import annotations
 import io
 import os
 import stat
+from collections.abc import Sequence
 from pathlib import Path
 
 from PIL import Image
@@ -59,7 +60,7 @@ class CollectionFiles:
     :class:`ReirError`.
     """
 
-    def __init__(self, paths: list[str], root: str | None, base: str | os.PathLike | None, what: str = "the index"):
+    def __init__(self, paths: Sequence[str], root: str | None, base: str | os.PathLike | None, what: str = "the index"):
         self.base = os.path.realpath(base) if base is not None else None
         if isinstance(root, str) and root:
             chosen = self.absolute(root) or ""
@@ -87,6 +88,7 @@ class CollectionFiles:
     def image(self, stored: str) -> tuple[bytes, str] | None:
         """``(bytes, content type)`` of a stored path's image, or ``None`` when it is outside the collection,
         missing, too large or not an image (the caller says only "not found")."""
+        data: bytes | None
         path = self.absolute(stored)
         if path is None:
             return None
@@ -136,7 +138,7 @@ def image_type(data: bytes) -> str | None:
         return None
 
 
-def collection_files(paths: list[str], info: dict, source: str | os.PathLike | None, what: str) -> CollectionFiles:
+def collection_files(paths: Sequence[str], info: dict, source: str | os.PathLike | None, what: str) -> CollectionFiles:
     """The files of a database or an index read from ``source`` (its file or sharded folder, whose parent
     folder relative paths are resolved against)."""
     base = Path(source).absolute().parent if source is not None else None

@@ -78,7 +78,11 @@ class TarCollection:
         return {"inputs": self.source, "splits": [self.split], "labelled": None, "images": shards.hexdigest()}
 
     def embed_shard(self, model: Model, shard: int, shard_size: int, batch_size: int, num_workers: int, bar) -> dict:
-        chunks, paths, labels, failed, batch = [], [], [], [], []
+        chunks: list[torch.Tensor] = []
+        paths: list[str] = []
+        labels: list[str] = []
+        failed: list[list[str]] = []
+        batch: list[tuple] = []
 
         def flush():
             if batch:
@@ -133,7 +137,7 @@ def from_csv(path: Path, split: str) -> Collection:
     from reir.data.custom import open_user_csv
 
     with open_user_csv(path) as reader:
-        if "path" not in reader.fieldnames:
+        if "path" not in (reader.fieldnames or []):
             raise ReirError(f"{path} has no path column: its first line must name path (and optionally label)")
         paths, labels = [], []
         for row in reader:
@@ -147,7 +151,8 @@ def from_csv(path: Path, split: str) -> Collection:
     return Collection([split] * len(paths), paths, labels, str(path.resolve()), recorded_root(paths))
 
 
-def from_dataset(data_name: str, data_path: str, crop_type: str, image_size: int, splits: list[str] | None) -> Collection:
+def from_dataset(data_name: str, data_path: str, crop_type: str, image_size: int,
+                 splits: list[str] | None) -> Collection:
     from reir.data.sources import load_dataset
 
     split_list = load_dataset(data_name, data_path, crop_type, image_size)

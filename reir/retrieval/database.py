@@ -15,9 +15,10 @@ one shard in memory to write it or to stream it (:func:`iter_database`);
 from __future__ import annotations
 
 import json
+import os
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
 
 import torch
 
@@ -34,10 +35,10 @@ UNLABELLED = ""  # the label of an image whose class is unknown
 NON_FINITE_FIX = "re-embed the images (reir embed) or retrain; a model giving NaN has diverged"
 
 
-def shared_label_ids(*label_lists: list[str]) -> list[torch.Tensor]:
+def shared_label_ids(*label_lists: Sequence[str]) -> list[torch.Tensor]:
     """Class names of several splits as integers on one vocabulary, so equal names get equal ids."""
-    vocabulary = {name: i for i, name in enumerate(sorted({l for labels in label_lists for l in labels}))}
-    return [torch.tensor([vocabulary[l] for l in labels]) for labels in label_lists]
+    vocabulary = {name: i for i, name in enumerate(sorted({label for labels in label_lists for label in labels}))}
+    return [torch.tensor([vocabulary[label] for label in labels]) for labels in label_lists]
 
 
 @dataclass
@@ -68,7 +69,7 @@ class Database:
                             {"format": FORMAT, "splits": self.splits, "config": self.config, "info": self.info})
 
 
-def load_database(path: str | Path) -> Database:
+def load_database(path: str | os.PathLike) -> Database:
     """A database file, or a sharded database folder read shard by shard into one :class:`Database`."""
     if Path(path).is_dir():
         manifest = read_manifest(path)
@@ -159,7 +160,8 @@ def read_shard_metadata(path: str | Path) -> dict | None:
 def write_manifest(folder: str | Path, shard_names: list[str], config: dict, info: dict) -> dict:
     """The manifest that makes a folder of shards one database; read from the shards' headers, not their tensors."""
     folder = Path(folder)
-    shards, totals, shape = [], {}, None
+    shards, shape = [], None
+    totals: dict[str, int] = {}
     for name in shard_names:
         meta = read_shard_metadata(folder / name)
         if meta is None:
@@ -175,7 +177,7 @@ def write_manifest(folder: str | Path, shard_names: list[str], config: dict, inf
     return manifest
 
 
-def read_manifest(folder: str | Path) -> dict:
+def read_manifest(folder: str | os.PathLike) -> dict:
     from reir.fileio import read_json
 
     manifest = read_json(Path(folder) / MANIFEST, "database manifest")
@@ -185,7 +187,7 @@ def read_manifest(folder: str | Path) -> dict:
     return manifest
 
 
-def iter_database(path: str | Path, splits: list[str] | None = None, manifest: dict | None = None
+def iter_database(path: str | os.PathLike, splits: list[str] | None = None, manifest: dict | None = None
                   ) -> Iterator[tuple[str, torch.Tensor, list[str], list[str]]]:
     """``(split, features, paths, labels)`` slices in database order, one shard in memory at a time.
 

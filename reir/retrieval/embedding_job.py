@@ -28,8 +28,15 @@ from reir.errors import ReirError, UsageError
 from reir.fileio import OutputLock, atomic_write, file_sha256, replace
 from reir.model.files import Model
 from reir.retrieval.collection_files import ROOT_KEY
-from reir.retrieval.database import (MANIFEST, Database, gather, read_shard, read_shard_metadata, save_shard,
-                                     write_manifest)
+from reir.retrieval.database import (
+    MANIFEST,
+    Database,
+    gather,
+    read_shard,
+    read_shard_metadata,
+    save_shard,
+    write_manifest,
+)
 
 LISTED_FAILURES = 10  # unreadable images printed; the rest are in the database and a text file
 
@@ -52,10 +59,10 @@ class JobArguments:
     batch_size: int
 
     @classmethod
-    def of(cls, model: Model, collection, shard_size: int, batch_size: int) -> "JobArguments":
-        stat = Path(model.path).stat()
+    def of(cls, model: Model, collection, shard_size: int, batch_size: int) -> JobArguments:
+        stat = model.file().stat()
         described = collection.job_arguments()
-        return cls(model=str(Path(model.path).resolve()), model_file=(stat.st_size, stat.st_mtime_ns),
+        return cls(model=str(model.file().resolve()), model_file=(stat.st_size, stat.st_mtime_ns),
                    image_size=model.image_size, inputs=described["inputs"], splits=tuple(described["splits"]),
                    labelled=described["labelled"], images=described["images"], shard_size=shard_size,
                    batch_size=batch_size)
@@ -133,7 +140,7 @@ def embed_shards(model: Model, collection, parts: Path, key: str, shard_size: in
 def database_info(model: Model, collection, skipped: list[list], counts: dict[str, int]) -> dict:
     """What the database holds: the images embedded (their dataset, where they are, how many per split),
     beside the data the model was trained on, which is often another (a glyph model embedding a folder)."""
-    return {"model_file": str(Path(model.path).resolve()), "image_size": model.image_size,
+    return {"model_file": str(model.file().resolve()), "image_size": model.image_size,
             "mean": model.mean, "std": model.std, "source": collection.source,
             ROOT_KEY: collection.root,
             "data_name": collection.data_name,
@@ -149,6 +156,8 @@ def shard_summary(parts: Path, shard_count: int) -> tuple[dict[str, int], list[l
     skipped: list[list] = []
     for shard in range(shard_count):
         meta = read_shard_metadata(parts / shard_name(shard))
+        if meta is None:
+            raise ReirError(f"{parts / shard_name(shard)} is not a database shard; delete {parts} and embed again")
         for split, listing in meta["splits"].items():
             counts[split] = counts.get(split, 0) + len(listing["paths"])
         skipped += meta["failed"]
@@ -247,7 +256,7 @@ def _run(model: Model, collection, output: Path, context: distributed.Context, *
     if skipped:
         atomic_write(listing, "".join(f"{path}\t{error}\n" for path, error in skipped))
         print(f"Skipped {len(skipped)} unreadable image(s) (all listed in {listing}):", file=sys.stderr)
-        for path, error in skipped[:LISTED_FAILURES]:
+        for _path, error in skipped[:LISTED_FAILURES]:
             print(f"  {error}", file=sys.stderr)
         if len(skipped) > LISTED_FAILURES:
             print(f"  ... and {len(skipped) - LISTED_FAILURES} more", file=sys.stderr)

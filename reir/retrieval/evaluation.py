@@ -8,7 +8,7 @@ network nor torchvision.
 from __future__ import annotations
 
 import os
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 import torch
 
@@ -71,12 +71,13 @@ def _metrics(features, labels, gallery, gallery_labels, recalls, with_nmi, devic
                                with_nmi=with_nmi, device=device)
 
 
-def _label_ids(labels, gallery_labels):
+def _label_ids(labels, gallery_labels) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Class names (or ids) of queries and gallery as integers on one shared vocabulary."""
     groups = [labels] + ([gallery_labels] if gallery_labels is not None else [])
     if all(isinstance(g, torch.Tensor) for g in groups):
         return labels, gallery_labels
     from reir.retrieval.database import shared_label_ids
 
-    ids = shared_label_ids(*([str(l) for l in (g.tolist() if isinstance(g, torch.Tensor) else g)] for g in groups))
+    ids = shared_label_ids(*([str(label) for label in (g.tolist() if isinstance(g, torch.Tensor) else g)]
+                             for g in groups))
     return ids[0], (ids[1] if len(ids) > 1 else None)

@@ -25,7 +25,8 @@ class _Cursor:
 
     def take(self, size: int) -> bytes:
         if size < 0 or self.position + size > len(self.data):
-            self.refuse(f"it ends {self.position + size - len(self.data)} bytes early" if size >= 0 else "a length is negative")
+            self.refuse(f"it ends {self.position + size - len(self.data)} bytes early" if size >= 0
+                        else "a length is negative")
         chunk = self.data[self.position:self.position + size]
         self.position += size
         return chunk
@@ -80,7 +81,7 @@ def _check_index(cursor: _Cursor, dim: int, count: int) -> None:
         cursor.array(8, ntotal + 1, "the offsets")
         cursor.array(4, None, "the neighbours")
         neighbours = cursor.last_ints()
-        if len(neighbours) and not (-1 <= int(neighbours.min()) and int(neighbours.max()) < ntotal):
+        if len(neighbours) and not (int(neighbours.min()) >= -1 and int(neighbours.max()) < ntotal):
             cursor.refuse(f"its graph links to vectors outside 0..{ntotal - 1}")
         entry_point = cursor.unpack("i")
         if not -1 <= entry_point < max(ntotal, 1):

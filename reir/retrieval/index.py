@@ -8,8 +8,8 @@ import json
 import math
 import os
 import re
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import torch
 
@@ -83,7 +83,7 @@ class Index:
 
     @classmethod
     def build(cls, features: torch.Tensor, paths: Sequence[str] | None = None, labels: Sequence[str] | None = None,
-              factory: str = EXACT_FACTORY, info: dict | None = None, train_size: int | None = None) -> "Index":
+              factory: str = EXACT_FACTORY, info: dict | None = None, train_size: int | None = None) -> Index:
         """An index over ``features`` (``[N, ensemble, meta]`` or flattened ``[N, D]``).
 
         Approximate factories are trained on the features (on a random ``train_size`` of them when given).
@@ -105,7 +105,7 @@ class Index:
 
     @classmethod
     def from_database(cls, database, splits: Sequence[str] | None = None, factory: str = EXACT_FACTORY,
-                      train_size: int | None = None) -> "Index":
+                      train_size: int | None = None) -> Index:
         """An index over a database's splits (default: every split but train, else train).
 
         A sharded database is added shard by shard when the index needs no training (Flat, HNSW);
@@ -120,7 +120,7 @@ class Index:
         if not _new_faiss_index(dim, factory).is_trained:
             gathered = list(chunks)
             return cls.build(torch.cat([c[1] for c in gathered]), [p for c in gathered for p in c[2]],
-                             [l for c in gathered for l in c[3]], factory, info, train_size)
+                             [label for c in gathered for label in c[3]], factory, info, train_size)
         index = cls(_new_faiss_index(dim, factory), factory, [], [], info)
         for _, features, paths, labels in chunks:
             index.add(features, paths, labels)
@@ -138,7 +138,7 @@ class Index:
             raise ReirError(f"{len(vectors)} vectors but {len(paths)} paths and {len(labels)} labels; give one each")
         self.faiss_index.add(vectors.numpy())
         self.paths += [str(p) for p in paths]
-        self.labels += [str(l) for l in labels]
+        self.labels += [str(label) for label in labels]
         self.info["labelled"] = self.info["labelled"] or any(str(label) != UNLABELLED for label in labels)
         self._exact_vectors = None
 
@@ -221,7 +221,7 @@ class Index:
         return path, ids_path
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> "Index":
+    def load(cls, path: str | os.PathLike) -> Index:
         faiss = _faiss()
         path = Path(path)
         id_map = read_json(id_map_path(path), "index id map")
@@ -242,7 +242,8 @@ class Index:
         try:
             index = faiss.deserialize_index(_numpy_bytes(data))
         except RuntimeError as exc:
-            raise ReirError(f"index {path} is not a FAISS index ({_faiss_message(exc)}); rebuild it with reir index") from None
+            raise ReirError(f"index {path} is not a FAISS index ({_faiss_message(exc)}); "
+                            "rebuild it with reir index") from None
         if index.ntotal != len(id_map["paths"]) or index.ntotal != len(id_map["labels"]):
             raise ReirError(f"index {path} holds {index.ntotal} vectors but its id map {len(id_map['paths'])}; "
                             "rebuild both with reir index")
@@ -263,7 +264,8 @@ def _recorded_digest(path: Path) -> str | None:
 
 
 def _finish_committed_save(path: Path) -> None:
-    """Do the last rename of an earlier save that stopped after its commit, before a new save reuses its pending file."""
+    """Do the last rename of an earlier save that stopped after its commit, before a new save reuses its pending
+    file."""
     pending = pending_path(path)
     if pending.is_file() and _recorded_digest(path) == file_sha256(pending):
         replace(pending, path)

@@ -5,8 +5,9 @@ its images."""
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Iterable, Protocol, Sequence, runtime_checkable
+from typing import Protocol, runtime_checkable
 
 import torch
 
@@ -79,21 +80,21 @@ def database_chunks(database, splits: Sequence[str] | None = None):
     ``chunks`` yields ``(split, features, paths, labels)`` in id order, all of one split before
     the next; a sharded database is read one shard at a time.
     """
-    if isinstance(database, Database):
-        loaded, manifest, source = database, None, None
-    elif Path(database).is_dir():
-        loaded, manifest, source = None, read_manifest(database), str(database)
+    loaded: Database | None
+    if isinstance(database, Database) or not Path(database).is_dir():
+        loaded = database if isinstance(database, Database) else load_database(database)
+        manifest, available, recorded = None, list(loaded.features), loaded.info
     else:
-        loaded, manifest, source = load_database(database), None, str(database)
-    available = list(manifest["counts"]) if manifest else list(loaded.features)
+        loaded, manifest = None, read_manifest(database)
+        available, recorded = list(manifest["counts"]), manifest["info"]
+    source = None if isinstance(database, Database) else str(database)
     chosen = list(splits or collection_splits(available))
     missing = [s for s in chosen if s not in available]
     if missing:
         raise ReirError(f"database has no split {', '.join(missing)}; it has {', '.join(available)}")
-    recorded = manifest["info"] if manifest else loaded.info
     info = {"splits": chosen, "model_file": recorded.get("model_file"), **({"database": source} if source else {}),
             **({ROOT_KEY: recorded[ROOT_KEY]} if recorded.get(ROOT_KEY) else {})}
-    if manifest:
+    if loaded is None:
         chunks = (chunk for split in chosen for chunk in iter_database(database, [split], manifest))
     else:
         chunks = ((s, loaded.features[s], loaded.paths(s), loaded.labels(s)) for s in chosen)

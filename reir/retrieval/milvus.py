@@ -26,8 +26,9 @@ import math
 import os
 import time
 from collections import OrderedDict
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
+from typing import Any
 
 import torch
 
@@ -58,12 +59,18 @@ def _pymilvus():
     return pymilvus
 
 
+def required_uri(uri: str | None) -> str:
+    """``uri``, refused when missing: every Milvus index lives at one."""
+    if not uri:
+        raise ReirError("the milvus backend needs a URI: a Milvus Lite *.db file or http://HOST:19530", 2)
+    return uri
+
+
 def connect(uri: str):
     """A client for Milvus Lite (a local path ending in .db) or a Milvus server / cluster (http://HOST:19530,
     ``http://HOST:19530/DATABASE`` for a database other than ``default``), authenticated by the token in
     the environment variable :data:`TOKEN_VARIABLE` when it is set."""
-    if not uri:
-        raise ReirError("the milvus backend needs a URI: a Milvus Lite *.db file or http://HOST:19530", 2)
+    uri = required_uri(uri)
     pymilvus = _pymilvus()
     # pymilvus logs every failed call with its traceback; ours become one-line ReirErrors instead
     logging.getLogger("pymilvus").setLevel(logging.CRITICAL)
@@ -90,9 +97,9 @@ def _unauthenticated(exc: Exception) -> str | None:
     """The server's reason when it refused the credentials: pymilvus reports any failed connection as the same
     "illegal connection params or server unavailable", with gRPC's own status underneath."""
     cause = exc.__cause__ or exc.__context__
-    code = getattr(cause, "code", None)
-    if callable(code) and getattr(code(), "name", "") == "UNAUTHENTICATED":
-        return str(cause.details())
+    code, details = getattr(cause, "code", None), getattr(cause, "details", None)
+    if callable(code) and callable(details) and getattr(code(), "name", "") == "UNAUTHENTICATED":
+        return str(details())
     return None
 
 
@@ -176,7 +183,7 @@ class MilvusIndex:
 
     @classmethod
     def create(cls, uri: str, collection: str, dim: int, index_type: str = "FLAT", parameters: dict | None = None,
-               info: dict | None = None) -> "MilvusIndex":
+               info: dict | None = None) -> MilvusIndex:
         """A new, empty collection (an existing one of that name is replaced)."""
         pymilvus = _pymilvus()
         index_type = index_type.upper()
@@ -206,23 +213,24 @@ class MilvusIndex:
     @classmethod
     def build(cls, features, paths: Sequence[str] | None = None, labels: Sequence[str] | None = None,
               index_type: str = "FLAT", info: dict | None = None, *, uri: str | None = None, collection: str = "reir",
-              parameters: dict | None = None) -> "MilvusIndex":
+              parameters: dict | None = None) -> MilvusIndex:
         """A collection over ``features`` (``[N, ensemble, meta]`` or ``[N, D]``), inserted in batches."""
         vectors = as_vectors(features)
-        built = cls.create(uri, collection, vectors.shape[1], index_type, parameters, info)
+        built = cls.create(required_uri(uri), collection, vectors.shape[1], index_type, parameters, info)
         built.add(vectors, paths, labels)
         return built
 
     @classmethod
     def from_database(cls, database, splits: Sequence[str] | None = None, index_type: str = "FLAT", *,
                       uri: str | None = None,
-                      collection: str = "reir", parameters: dict | None = None) -> "MilvusIndex":
+                      collection: str = "reir", parameters: dict | None = None) -> MilvusIndex:
         """A collection over a database's splits, streamed shard by shard from a sharded database."""
         chosen, info, chunks = database_chunks(database, splits)
         index = None
         for _, features, paths, labels in chunks:
             if index is None:
-                index = cls.create(uri, collection, math.prod(features.shape[1:]), index_type, parameters, info)
+                index = cls.create(required_uri(uri), collection, math.prod(features.shape[1:]), index_type,
+                                   parameters, info)
             index.insert(features, paths, labels)
         if index is None:
             raise ReirError(f"the splits {', '.join(chosen)} hold no images; embed some first")
@@ -242,7 +250,7 @@ class MilvusIndex:
             raise ReirError(f"vectors of dimension {vectors.shape[1]} cannot join an index of dimension {self.dim}; "
                             "embed with the same model")
         paths = [str(p) for p in paths] if paths is not None else [""] * len(vectors)
-        labels = [str(l) for l in labels] if labels is not None else [UNLABELLED] * len(vectors)
+        labels = [str(label) for label in labels] if labels is not None else [UNLABELLED] * len(vectors)
         if len(paths) != len(vectors) or len(labels) != len(vectors):
             raise ReirError(f"{len(vectors)} vectors but {len(paths)} paths and {len(labels)} labels; give one each")
         too_long = next((p for p in paths if len(p.encode()) > MAX_PATH), None)
@@ -313,7 +321,7 @@ class MilvusIndex:
         ids = torch.full((len(queries), k), -1, dtype=torch.long)
         if k == 0 or not len(queries):
             return Results(scores, ids, len(self))
-        params = {"metric_type": "IP", "params": dict(self.search_parameters)}
+        params: dict[str, Any] = {"metric_type": "IP", "params": dict(self.search_parameters)}
         if "ef" in params["params"]:
             params["params"]["ef"] = max(params["params"]["ef"], k)
         try:
@@ -360,7 +368,7 @@ class MilvusIndex:
         self.client.alter_collection_properties(self.collection, properties={INFO_PROPERTY: json.dumps(self.info)})
 
     @classmethod
-    def load(cls, uri: str, collection: str = "reir") -> "MilvusIndex":
+    def load(cls, uri: str, collection: str = "reir") -> MilvusIndex:
         client = connect(uri)
         if not client.has_collection(collection):
             raise ReirError(f"Milvus at {uri} has no collection {collection}; build it with "
@@ -391,20 +399,20 @@ class MilvusIndex:
 class _FieldView(Sequence):
     """``index.paths`` / ``index.labels`` of a Milvus index: read from the collection when asked."""
 
-    def __init__(self, index: MilvusIndex, column: int):
-        self.index = index
+    def __init__(self, source: MilvusIndex, column: int):
+        self.source = source  # not "index": that is Sequence.index
         self.column = column
 
     def __len__(self) -> int:
-        return len(self.index)
+        return len(self.source)
 
     def __getitem__(self, image_id):
         if isinstance(image_id, slice):
             return [self[i] for i in range(*image_id.indices(len(self)))]
-        return self.index.row(int(image_id))[self.column]
+        return self.source.row(int(image_id))[self.column]
 
     def __iter__(self):
-        return (row[self.column] for row in self.index.iter_rows())
+        return (row[self.column] for row in self.source.iter_rows())
 
 
 def _message(exc: Exception) -> str:

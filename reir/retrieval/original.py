@@ -80,8 +80,8 @@ def _split(content: dict, split: str, path: Path) -> tuple[torch.Tensor, list[st
         labels = labels.tolist()
     if not isinstance(paths, (list, tuple)) or not all(isinstance(p, str) for p in paths):
         raise ReirError(f"{path}: {split}_images is not a list of image paths; refused")
-    if not isinstance(labels, (list, tuple)) or not all(isinstance(l, (str, int)) and not isinstance(l, bool)
-                                                        for l in labels):
+    if not isinstance(labels, (list, tuple)) or not all(isinstance(label, (str, int)) and not isinstance(label, bool)
+                                                        for label in labels):
         raise ReirError(f"{path}: {split}_labels is not a list of class labels (strings or integers); refused")
     if not len(paths) == len(labels) == len(features):
         raise ReirError(f"{path}: the {split} split has {len(features)} features, {len(paths)} images and "
@@ -90,7 +90,7 @@ def _split(content: dict, split: str, path: Path) -> tuple[torch.Tensor, list[st
     if len(norms) and (norms - 1).abs().max() > NORM_TOLERANCE:
         raise ReirError(f"{path}: {split}_features are not L2-normalised per branch (a norm of "
                         f"{norms.flatten()[(norms - 1).abs().argmax()].item():.4f}); pass the original's database")
-    return features.detach().float().contiguous(), list(paths), [str(l) for l in labels]
+    return features.detach().float().contiguous(), list(paths), [str(label) for label in labels]
 
 
 def _check_shape(features: torch.Tensor, settings: dict, path: Path, split: str) -> None:

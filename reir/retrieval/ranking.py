@@ -94,7 +94,7 @@ class Ranking:
         self.query_index = _block_index(query_order, self.query_blocks, tile).to(device)
         self.reference_index = self.query_index if self_retrieval else _block_index(
             reference_order, self.reference_blocks, tile).to(device)
-        self.loaded = [None, None]  # which block each tile buffer holds
+        self.loaded: list[int | None] = [None, None]  # which block each tile buffer holds
         padded_rows = self.query_index.numel()
         valid = self.query_index >= 0
         self.valid = valid.flatten()

@@ -9,8 +9,8 @@ gallery or labels that do not line up.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Iterator, Sequence
 
 import torch
 
@@ -40,14 +40,15 @@ class Results:
     def __post_init__(self):
         scores, ids = self.scores, self.gallery_ids
         if scores.dim() != 2 or scores.shape != ids.shape:
-            raise ValueError(f"scores {tuple(scores.shape)} and gallery ids {tuple(ids.shape)} must be one [Q, k] shape")
+            raise ValueError(f"scores {tuple(scores.shape)} and gallery ids {tuple(ids.shape)} "
+                             "must be one [Q, k] shape")
         if ids.dtype.is_floating_point or ids.dtype == torch.bool:
             raise ValueError(f"gallery ids must be integers, not {ids.dtype}")
-        if self.query_ids is None:
-            object.__setattr__(self, "query_ids", torch.arange(len(ids)))
-        if self.query_ids.shape != (len(ids),):
-            raise ValueError(f"{len(ids)} result rows but query ids of shape {tuple(self.query_ids.shape)}")
-        if len(ids) and bool((self.query_ids < PAD).any()):
+        query_ids = torch.arange(len(ids)) if self.query_ids is None else self.query_ids
+        object.__setattr__(self, "query_ids", query_ids)
+        if query_ids.shape != (len(ids),):
+            raise ValueError(f"{len(ids)} result rows but query ids of shape {tuple(query_ids.shape)}")
+        if len(ids) and bool((query_ids < PAD).any()):
             raise ValueError("query ids must be >= -1")
         found = ids != PAD
         outside = found & ((ids < 0) | (ids >= self.gallery_size))

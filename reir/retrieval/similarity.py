@@ -11,7 +11,7 @@ then lower reference index, so results do not depend on the engine or chunking.
 
 from __future__ import annotations
 
-from typing import Iterator
+from collections.abc import Iterator
 
 import torch
 
@@ -34,7 +34,7 @@ def flatten(features: torch.Tensor) -> torch.Tensor:
 
 def faiss_available() -> bool:
     try:
-        import faiss  # noqa: F401
+        import faiss  # noqa: F401 - imported only to learn whether it can be
     except ImportError:
         return False
     return True
@@ -104,7 +104,7 @@ def _torch_blocks(queries, references, k, exclude_self, chunk_size, device):
             rows = torch.arange(len(block), device=device)
             block[rows, rows + start] = float("-inf")
         scores, indices = block.topk(extra, dim=1) if extra else (block[:, :0], block[:, :0].long())
-        scores, indices = _resolve_ties(scores, indices, k, lambda rows: block[rows])
+        scores, indices = _resolve_ties(scores, indices, k, lambda rows, block=block: block[rows])
         yield start, scores.cpu(), indices.cpu()
 
 

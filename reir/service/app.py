@@ -4,6 +4,7 @@ import sys
 import time
 from importlib import resources
 from pathlib import Path
+from typing import BinaryIO
 
 from reir.service.access import KeyRequired
 from reir.service.batcher import QueryBatcher
@@ -55,7 +56,8 @@ def create_app(searcher: Searcher, max_body_bytes: int = MAX_BODY_BYTES, default
 
     @app.exception_handler(RequestValidationError)
     async def invalid(_request, exc: RequestValidationError):
-        return error(400, f"invalid request: {exc.errors()[0].get('msg', 'bad parameters') if exc.errors() else 'bad parameters'}")
+        message = exc.errors()[0].get("msg", "bad parameters") if exc.errors() else "bad parameters"
+        return error(400, f"invalid request: {message}")
 
     @app.get("/", response_class=HTMLResponse)
     async def home():
@@ -85,7 +87,10 @@ def create_app(searcher: Searcher, max_body_bytes: int = MAX_BODY_BYTES, default
     async def search(request: Request):
         started = time.perf_counter()
         content_type = request.headers.get("content-type", "")
-        query_label, query_id, data = None, None, None
+        query_label: str | None = None
+        query_text: str | None = None  # a database image's id as the client wrote it
+        query_id: int | None = None
+        data: BinaryIO | bytes | None = None
         k_text = request.query_params.get("k")
         if content_type.startswith(("multipart/form-data", "application/x-www-form-urlencoded")):
             try:
@@ -96,7 +101,7 @@ def create_app(searcher: Searcher, max_body_bytes: int = MAX_BODY_BYTES, default
             upload = form.get("image")
             k_text = text_field(form, "k") or k_text
             query_label = text_field(form, "label") or None
-            query_id = text_field(form, "id")
+            query_text = text_field(form, "id")
             if isinstance(upload, UploadFile):
                 data = upload.file
             elif upload is not None:
@@ -107,11 +112,11 @@ def create_app(searcher: Searcher, max_body_bytes: int = MAX_BODY_BYTES, default
             raise BadRequest(415, "send a form with a file field 'image' (or a field 'id'), "
                                   "or the raw image with an image/* content type")
         k = parse_k(k_text, default_k)
-        if data is None and query_id is None:
-            raise BadRequest(400, "no image: send a file field 'image' or a database image 'id'")
         if data is None:
-            data = searcher.database_image(query_id)[0]
-            query_id = searcher.database_id(query_id)
+            if query_text is None:
+                raise BadRequest(400, "no image: send a file field 'image' or a database image 'id'")
+            data = searcher.database_image(query_text)[0]
+            query_id = searcher.database_id(query_text)
             query_label = searcher.index.labels[query_id] or None
         tensor, width, height = await run_in_threadpool(searcher.prepare, data)
         results = await batcher.search(tensor, k, query_label)

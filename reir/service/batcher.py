@@ -40,17 +40,20 @@ class QueryBatcher:
         return await future
 
     async def run(self) -> None:
-        from starlette.concurrency import run_in_threadpool
         import torch
+        from starlette.concurrency import run_in_threadpool
 
         loop = asyncio.get_running_loop()
+        queue = self.queue
+        if queue is None:
+            raise RuntimeError("run() is started by the first search(), which makes the queue")
         while True:
-            batch = [await self.queue.get()]
+            batch = [await queue.get()]
             deadline = loop.time() + self.window_s
             while len(batch) < self.max_batch:
                 try:
-                    batch.append(self.queue.get_nowait() if self.queue.qsize() else
-                                 await asyncio.wait_for(self.queue.get(), max(0.0, deadline - loop.time())))
+                    batch.append(queue.get_nowait() if queue.qsize() else
+                                 await asyncio.wait_for(queue.get(), max(0.0, deadline - loop.time())))
                 except asyncio.TimeoutError:
                     break
             batch = [entry for entry in batch if not entry[3].done()]  # clients that left are not searched

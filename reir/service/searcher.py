@@ -8,10 +8,10 @@ import threading
 
 from PIL import Image
 
-from reir.model.embedding import embed
-from reir.model.files import Model
 from reir.data.images import MAX_PIXELS, ImageError, read_image
 from reir.errors import ReirError
+from reir.model.embedding import embed
+from reir.model.files import Model
 from reir.retrieval.collection_files import collection_files
 from reir.retrieval.database import UNLABELLED
 from reir.retrieval.index_common import SearchIndex
@@ -127,7 +127,8 @@ class Searcher:
         self.pixels = PixelBudget(max(PIXEL_BUDGET, max_pixels))
         if index.dim != model.embedding_shape[0] * model.embedding_shape[1]:
             raise ReirError(f"the index holds vectors of dimension {index.dim} but the model embeds "
-                            f"{model.embedding_shape[0] * model.embedding_shape[1]}; serve the model the index was built from")
+                            f"{model.embedding_shape[0] * model.embedding_shape[1]}; "
+                            "serve the model the index was built from")
 
     def decode(self, data, gate=None) -> Image.Image:
         """Bytes, a binary file or a path -> RGB image, refusing empty, non-image, truncated and too-large uploads.
@@ -146,7 +147,8 @@ class Searcher:
                 raise BadRequest(413, f"the image is {width}x{height} = {width * height / 1e6:.1f} megapixels; "
                                       f"the limit is {self.max_pixels / 1e6:g} megapixels") from None
             if exc.kind == "too_large":
-                raise BadRequest(413, f"the image has too many pixels; the limit is {self.max_pixels / 1e6:g} megapixels") from None
+                raise BadRequest(413, f"the image has too many pixels; the limit is {self.max_pixels / 1e6:g} "
+                                      "megapixels") from None
             if exc.kind == "not_image":
                 raise BadRequest(415, "the upload is not an image PIL can read (JPEG, PNG, WebP, ...)") from None
             raise BadRequest(400, f"the image cannot be decoded ({exc.reason}); it may be truncated") from None
@@ -158,9 +160,9 @@ class Searcher:
             raise BadRequest(404, f"no database image has id {str(text)[:20]!r}; ids are 0 to {len(self.index) - 1}")
         return image_id
 
-    def database_image(self, image_id: str) -> tuple[bytes, str]:
+    def database_image(self, text: str) -> tuple[bytes, str]:
         """``(bytes, content type)`` of a database image: only an image file under the collection root."""
-        image_id = self.database_id(image_id)
+        image_id = self.database_id(text)
         found = self.files.image(self.index.paths[image_id])
         if found is None:
             raise BadRequest(404, f"database image {image_id} cannot be served: it is not an image file "

@@ -14,9 +14,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+from collections.abc import Callable, Iterable
 from dataclasses import Field, dataclass, fields
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 from reir.argtypes import at_least, csv_ints, gpu_id_list
 from reir.data import DATA_NAMES
@@ -127,14 +128,14 @@ class TrainConfig(ModelConfig):
         """The network's settings alone."""
         return ModelConfig(**{name: getattr(self, name) for name in NETWORK_SETTINGS})
 
-    def replace(self, **changes) -> "TrainConfig":
+    def replace(self, **changes) -> TrainConfig:
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_args(cls, args: argparse.Namespace, given: Iterable[str] = ()) -> "TrainConfig":
+    def from_args(cls, args: argparse.Namespace, given: Iterable[str] = ()) -> TrainConfig:
         """The configuration of parsed flags. With ``args.config`` (a recorded run's ``*_config.json``)
         its settings, overridden only by the flags in ``given``, those typed on the command line;
         ``resume`` is not taken from the record, so the recorded run is repeated, not continued."""
@@ -145,7 +146,7 @@ class TrainConfig(ModelConfig):
         return cls.load(path).replace(resume=None, **{name: values[name] for name in given if name != "config"})
 
     @classmethod
-    def load(cls, path: str | Path) -> "TrainConfig":
+    def load(cls, path: str | Path) -> TrainConfig:
         """A configuration saved by a run, to repeat or continue it."""
         saved = read_json(path, "configuration")
         unknown = sorted(set(saved) - {f.name for f in fields(cls)}) if isinstance(saved, dict) else ["(not an object)"]
@@ -168,8 +169,8 @@ def add_flags(parser: argparse.ArgumentParser, names: tuple[str, ...] | None = N
         if isinstance(default, bool):
             groups[meta["group"]].add_argument(flag_name(f.name), action="store_true", help=meta["help"])
             continue
-        parse = LIST_PARSERS.get(f.name) or (float if isinstance(default, float) else
-                                             None if meta["minimum"] is None else at_least(meta["minimum"]))
+        parse: Callable[[str], Any] = LIST_PARSERS.get(f.name) or (
+            float if isinstance(default, float) else str if meta["minimum"] is None else at_least(meta["minimum"]))
         groups[meta["group"]].add_argument(flag_name(f.name), default=default, type=parse, choices=meta["choices"],
                                            metavar=meta["metavar"], help=meta["help"])
     return parser

@@ -7,7 +7,7 @@ a metric together while each stays a classifier over its own meta classes.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 

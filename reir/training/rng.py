@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import secrets
 
 import numpy as np
 import torch
@@ -16,12 +17,15 @@ def seed_everything(seed: int) -> None:
 
 def fresh_seed() -> int:
     """A seed drawn from the operating system's entropy, to be recorded with the run."""
-    return int(np.random.SeedSequence().entropy % 2**31)
+    return secrets.randbits(31)
 
 
 def rng_state() -> dict:
     version, words, gauss = random.getstate()
-    name, keys, position, has_gauss, cached = np.random.get_state()
+    numpy_state = np.random.get_state(legacy=True)
+    if not isinstance(numpy_state, tuple):
+        raise TypeError("numpy returned its generator state as a dict despite legacy=True")
+    name, keys, position, has_gauss, cached = numpy_state
     state = {"python": [version, list(words), gauss],
              "numpy": [name, keys.tolist(), int(position), int(has_gauss), float(cached)],
              "torch": torch.get_rng_state()}

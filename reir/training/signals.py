@@ -6,8 +6,8 @@ import contextlib
 import logging
 import signal
 import threading
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 from reir.errors import ReirError
 
@@ -49,7 +49,7 @@ class StopRequest:
                     signal.Signals(signum).name)
 
     @contextlib.contextmanager
-    def installed(self) -> Iterator["StopRequest"]:
+    def installed(self) -> Iterator[StopRequest]:
         """Handle SIGINT/SIGTERM while inside; only the main thread can, elsewhere signals keep their handlers."""
         if threading.current_thread() is not threading.main_thread():
             yield self
@@ -62,6 +62,8 @@ class StopRequest:
                 signal.signal(s, handler)
 
     def error(self, path: Path, where: str) -> ReirError:
+        if self.signum is None:
+            raise ValueError("no signal arrived; error() describes a run a signal stopped")
         name = signal.Signals(self.signum).name
         return ReirError(f"stopped by {name} {where}; checkpoint saved to {path}; "
                          "resume with the same command plus --resume auto", 128 + self.signum)

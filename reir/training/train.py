@@ -13,9 +13,10 @@ import json
 import logging
 import os
 import sys
+from collections.abc import Callable, Sequence, Sized
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Protocol, runtime_checkable
 
 import numpy as np
 import torch
@@ -23,28 +24,29 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from reir.model.branches import resolve_batching
 from reir import distributed
-from reir.training.checkpoint import (EpochProgress, TrainingState, checkpoint_path, find_checkpoint, save_checkpoint)
 from reir.data.images import ImageList, build_transform
 from reir.data.sampling import RankSampler, ReplayableSampler, SeededItems, class_sampler, make_loader
 from reir.data.sources import load_dataset
 from reir.data.splits import SplitList
+from reir.devices import training_devices
 from reir.errors import ReirError
 from reir.fileio import OutputLock, atomic_write, claim_output, ensure_dir, write_json
-from reir.model.files import save_model
+from reir.model.branches import resolve_batching
 from reir.model.embedding import embed
+from reir.model.files import save_model
 from reir.model.meta_labels import assign_meta_labels, check_sizes, grouping_room, ids_path, load_ids, save_ids
 from reir.model.network import REIRNet, create_model
 from reir.model.sharding import describe
 from reir.plots.curves import plot_statistics
-from reir.retrieval.database import SUFFIX as DATABASE_SUFFIX, Database, shared_label_ids
 from reir.retrieval.collection_files import ROOT_KEY, recorded_root
+from reir.retrieval.database import SUFFIX as DATABASE_SUFFIX
+from reir.retrieval.database import Database, shared_label_ids
 from reir.retrieval.metrics import evaluate_embeddings, format_metrics
+from reir.training.checkpoint import EpochProgress, TrainingState, checkpoint_path, find_checkpoint, save_checkpoint
 from reir.training.config import TrainConfig
 from reir.training.losses import PairTerm, pair_term
 from reir.training.memory import check_fits, estimate, processes_on_this_host
-from reir.devices import training_devices
 from reir.training.precision import Precision, precision_for
 from reir.training.recipe import recipe_for
 from reir.training.rng import fresh_seed, seed_everything
@@ -87,7 +89,7 @@ class TrainResult:
     database: Path
 
 
-def train_one_epoch(model: REIRNet, loader: DataLoader, optimizer, meta_labels: torch.Tensor,
+def train_one_epoch(model: torch.nn.Module, loader: DataLoader, optimizer, meta_labels: torch.Tensor,
                     device: torch.device, epoch: int, num_epochs: int,
                     progress: EpochProgress | None = None,
                     precision: Precision | None = None,
@@ -127,7 +129,8 @@ def train_one_epoch(model: REIRNet, loader: DataLoader, optimizer, meta_labels: 
 def embed_split(model: REIRNet, loader: DataLoader, device: torch.device, desc: str,
                 precision: Precision | None = None, after_batch: Callable[[], None] | None = None) -> torch.Tensor:
     """A split's embeddings through the one embedding path, under a progress bar shown on a terminal only."""
-    with tqdm(total=len(loader.dataset), desc=desc, unit="img", dynamic_ncols=True, file=sys.stdout, leave=False,
+    total = len(loader.dataset) if isinstance(loader.dataset, Sized) else None
+    with tqdm(total=total, desc=desc, unit="img", dynamic_ncols=True, file=sys.stdout, leave=False,
               disable=not sys.stdout.isatty()) as bar:
         return embed(model, loader, device, precision, bar, after_batch=after_batch)
 
@@ -144,12 +147,11 @@ def evaluate_splits(model: REIRNet, loaders: dict[str, DataLoader], recalls: lis
     features = {name: embed_split(model, loader, device, f"Embed {name}", precision, after_batch)
                 for name, loader in loaders.items()}
     if "query" in features:
-        query_labels, gallery_labels = shared_label_ids(loaders["query"].dataset.labels,
-                                                        loaders["gallery"].dataset.labels)
+        query_labels, gallery_labels = shared_label_ids(_labels(loaders["query"]), _labels(loaders["gallery"]))
         values = evaluate_embeddings(features["query"], query_labels, recalls, features["gallery"], gallery_labels,
                                      with_nmi=with_nmi, device=device)
     else:
-        (test_labels,) = shared_label_ids(loaders["test"].dataset.labels)
+        (test_labels,) = shared_label_ids(_labels(loaders["test"]))
         values = evaluate_embeddings(features["test"], test_labels, recalls, with_nmi=with_nmi, device=device)
     return values, features
 
@@ -160,6 +162,19 @@ def write_statistics(path: Path, rows: list[dict]) -> None:
     writer.writeheader()
     writer.writerows(rows)
     atomic_write(path, buffer.getvalue())
+
+
+@runtime_checkable
+class LabelledImages(Protocol):
+    """An evaluation dataset: the class name of every image, in order."""
+
+    labels: list[str]
+
+
+def _labels(loader: DataLoader) -> list[str]:
+    if not isinstance(loader.dataset, LabelledImages):
+        raise TypeError(f"an evaluation loader's dataset lists its labels; {type(loader.dataset).__name__} does not")
+    return loader.dataset.labels
 
 
 def meta_labels_for(config: TrainConfig, classes: list[str]) -> np.ndarray:
@@ -199,7 +214,8 @@ def describe_weights(origin: dict) -> str:
 
 
 def build_optimizer(config: TrainConfig, model: torch.nn.Module):
-    """The recipe's optimiser and scheduler: the original's with pretrained weights, reir/training/recipe.py's from scratch."""
+    """The recipe's optimiser and scheduler: the original's with pretrained weights, reir/training/recipe.py's
+    from scratch."""
     return recipe_for(config.recipe, config.weights).optimizer(model.parameters(), config.num_epochs)
 
 
@@ -272,8 +288,9 @@ def _run(config: TrainConfig, stop: StopRequest, context: distributed.Context, d
     log.info("%s: %s", name, needs.describe())
     check_fits(needs, devices, processes_on_this_host())
     seed = config.seed if config.seed is not None else resumed.seed if resumed else fresh_seed()
-    config = config.replace(seed=distributed.broadcast(seed, context))
-    seed_everything(config.seed)
+    seed = distributed.broadcast(seed, context)
+    config = config.replace(seed=seed)
+    seed_everything(seed)
 
     split_list = distributed.main_rank_first(
         lambda: load_dataset(config.data_name, config.data_path, config.crop_type, config.image_size), context)
@@ -287,8 +304,10 @@ def _run(config: TrainConfig, stop: StopRequest, context: distributed.Context, d
     if config.channels_last:
         model.use_channels_last()
     train_model = distributed.wrap(model, context, device)
-    train_model = torch.compile(train_model) if config.compile else train_model
+    if config.compile:
+        train_model = torch.compile(train_model)  # type: ignore[assignment]  # a module in, a module out; stub: Callable
     precision = precision_for(config.amp, device)
+    codes: np.ndarray | None
     if resumed:
         codes = resumed.meta_labels(train_set.classes)
     else:
@@ -299,9 +318,8 @@ def _run(config: TrainConfig, stop: StopRequest, context: distributed.Context, d
                                        config.num_workers, device) for split in split_list.eval_splits}
     # Per-image seeds follow the global order, so every rank of a DDP run flips the same images
     # a single process would; a resume skips whole global batches.
-    replay = ReplayableSampler(class_sampler(train_set.targets, IMAGES_PER_CLASS, config.seed,
-                                             config.samples_per_class),
-                               config.seed, config.batch_size * context.world_size)
+    replay = ReplayableSampler(class_sampler(train_set.targets, IMAGES_PER_CLASS, seed, config.samples_per_class),
+                               seed, config.batch_size * context.world_size)
     sampler = (RankSampler(replay, config.batch_size, context.rank, context.world_size) if context.enabled
                else replay)
     train_loader = make_loader(SeededItems(train_set), config.batch_size, config.num_workers, device, sampler)
@@ -362,8 +380,12 @@ def _run(config: TrainConfig, stop: StopRequest, context: distributed.Context, d
         if not context.is_main:
             continue
         with_nmi = config.nmi_every > 0 and (epoch % config.nmi_every == 0 or epoch == config.num_epochs)
+
+        def after_eval_batch(epoch=epoch) -> None:
+            notify(Event("eval_batch", epoch))
+
         metrics, features = evaluate_splits(model, eval_loaders, config.recalls, device, with_nmi, precision,
-                                            lambda epoch=epoch: notify(Event("eval_batch", epoch)))
+                                            after_eval_batch)
         rows.append({"epoch": epoch, "train_loss": train_loss, "train_accuracy": train_accuracy,
                      "learning_rate": learning_rate, **{f"test_{k}": v for k, v in metrics.items()}})
         write_statistics(statistics, rows)
@@ -372,8 +394,9 @@ def _run(config: TrainConfig, stop: StopRequest, context: distributed.Context, d
         notify(Event("epoch", epoch, row=dict(rows[-1])))
         log.info("Epoch %d/%d: loss %.4f acc %.2f%% | %s", epoch, config.num_epochs, train_loss,
                  100 * train_accuracy, format_metrics(metrics))
-        if metrics[f"recall@{config.recalls[0]}"] > best_recall:
-            best_recall = metrics[f"recall@{config.recalls[0]}"]
+        recall = metrics[f"recall@{config.recalls[0]}"]
+        if recall is not None and recall > best_recall:
+            best_recall = recall
             train_eval = make_loader(ImageList(split_list, "train", eval_transform, train_set.classes),
                                      config.batch_size, config.num_workers, device)
             features["train"] = embed_split(model, train_eval, device, "Embed train", precision)
