@@ -1,6 +1,5 @@
 """``reir serve``: parses its flags, opens the model and the index, and starts the service (reir.service)."""
 
-import ipaddress
 import socket
 import sys
 from pathlib import Path
@@ -11,6 +10,7 @@ from reir.devices import parse_device
 from reir.errors import ReirError, UsageError
 from reir.model.files import load_model
 from reir.retrieval.backends import open_index
+from reir.retrieval.database import is_database
 from reir.retrieval.index import Index, id_map_path
 from reir.service import (
     BATCH_SIZE,
@@ -24,22 +24,7 @@ from reir.service import (
     Searcher,
     create_app,
 )
-from reir.service.access import MIN_KEY_CHARACTERS
-
-
-def is_database(path: str) -> bool:
-    """A sharded database's folder, or a safetensors file (8-byte header length, then its JSON header):
-    told from the content, as an index may be named anything."""
-    from reir.retrieval.database import MANIFEST
-
-    candidate = Path(path)
-    if (candidate / MANIFEST).is_file():
-        return True
-    try:
-        with open(candidate, "rb") as handle:
-            return handle.read(9)[8:] == b"{"
-    except OSError:
-        return False
+from reir.service.access import MIN_KEY_CHARACTERS, is_loopback
 
 
 def check_source_kind(args) -> None:
@@ -73,16 +58,6 @@ def load_searcher(args) -> Searcher:
         raise UsageError("the index records no model file; pass --model epochs/<name>_model.safetensors")
     model = load_model(model_file, parse_device(args.device))
     return Searcher(model, index, args.max_pixels, args.expose_paths, source)
-
-
-def is_loopback(host: str) -> bool:
-    """Whether ``host`` is an address of this machine only (127.0.0.0/8, ::1, localhost)."""
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False  # a name that resolves elsewhere, or to every interface
 
 
 def access_key(args) -> str | None:

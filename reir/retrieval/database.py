@@ -215,3 +215,15 @@ def iter_database(path: str | os.PathLike, splits: list[str] | None = None, mani
                 raise ReirError(f"shard {file} is inconsistent in split {split!r}; embed the collection again")
             yield split, tensor, listing["paths"], listing["labels"]
 
+
+def is_database(path: str) -> bool:
+    """A sharded database's folder, or a safetensors file (8-byte header length, then its JSON header):
+    told from the content, as an index may be named anything."""
+    candidate = Path(path)
+    if (candidate / MANIFEST).is_file():
+        return True
+    try:
+        with open(candidate, "rb") as handle:
+            return handle.read(9)[8:] == b"{"
+    except OSError:
+        return False

@@ -8,6 +8,7 @@ send to the server) and sends it with every request it makes.
 """
 
 import hmac
+import ipaddress
 import json
 
 # Shorter keys are guessable; a key file holds one line of at least this many characters.
@@ -41,3 +42,13 @@ class KeyRequired:
             await send({"type": "http.response.body", "body": payload})
             return
         return await self.app(scope, receive, send)
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` is an address of this machine only (127.0.0.0/8, ::1, localhost)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False  # a name that resolves elsewhere, or to every interface
