@@ -61,8 +61,8 @@ def test_folder_with_unreadable_images_is_embedded_and_they_are_listed(uninterru
     skipped = sorted(str(collection / name) for name in BROKEN)
     assert sorted(path for path, _ in db.info["skipped"]) == skipped
     assert "Skipped 2 unreadable image(s)" in result.stderr and all(p in result.stderr for p in skipped)
-    assert sorted(line.split("\t")[0] for line in
-                  (output.parent / (output.name + ".skipped.txt")).read_text().splitlines()) == skipped
+    listing = (output.parent / (output.name + ".skipped.txt")).read_text().splitlines()
+    assert listing[0].startswith("# ") and sorted(line.split("\t")[0] for line in listing[1:]) == skipped
     assert "img/s" in result.stderr  # the progress bar
     assert not (output.parent / (output.name + ".parts")).exists()
     import reir
@@ -164,7 +164,7 @@ def test_csv_and_prepared_dataset(served_model, collection, tmp_path):
     listed = load_database(tmp_path / "c.safetensors")
     assert listed.labels("test") == ["odd"] * 3
     # the images embedded, not the model's training data, are what the database records as its own
-    assert listed.info["images"] == {"data_name": None, "root": str(listing.resolve()), "count": {"test": 3}}
+    assert listed.info["images"] == {"data_name": None, "source": str(listing.resolve()), "count": {"test": 3}}
     assert listed.info["data_name"] is None and listed.info["model_data"]["data_name"] == "digits"
     result = embed(served_model.model, "--data_name", "digits", "--data_path", str(served_model.data_path),
                    "--output", str(tmp_path / "d.safetensors"))

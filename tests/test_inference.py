@@ -108,6 +108,12 @@ def test_original_name_train_split_and_json_on_stdout(toy, capsys):
     assert not any(r["correct"] for r in report["results"])  # train classes differ from test classes
     assert not (root / "results" / "test_000" / "results.json").exists()
     assert Image.open(root / "results" / "test_000" / "grid.png").size == grids.grid_size(1, 7)
+    again, out, err = invoke(["--query_img_name", db.paths("test")[0], "--data_base", "toy_data_base.pth",
+                              "--output_dir", str(root), "--data_type", "train", "--retrieval_num", "20", "--json"],
+                             capsys)
+    assert again == 0, err
+    # regression: with no results.json, a --json rerun took its own folder for another query's and wrote _2
+    assert sorted(p.name for p in (root / "results").iterdir() if p.is_dir()) == ["test_000"]
 
 
 def test_rerun_replaces_per_image_files_and_long_lists_wrap(toy, capsys):
@@ -210,12 +216,13 @@ def test_queries_of_one_file_name_keep_their_own_folders(tmp_path):
     first = query_folder(results, "data/glyphs/images/U+0041/DejaVuSans.png")
     assert first == results / "DejaVuSans"
     first.mkdir(parents=True)
-    (first / "results.json").write_text(json.dumps({"query": {"path": "data/glyphs/images/U+0041/DejaVuSans.png"}}))
+    (first / "query.json").write_text(json.dumps({"format": grids.SEARCH_FORMAT,
+                                                   "query": "data/glyphs/images/U+0041/DejaVuSans.png"}))
     assert query_folder(results, "data/glyphs/images/U+0041/DejaVuSans.png") == first  # a rerun replaces its own
     second = query_folder(results, "data/glyphs/images/U+0391/DejaVuSans.png")
     assert second == results / "DejaVuSans_2"
     second.mkdir()
-    (second / "results.json").write_text("not json")  # unreadable: never taken as this query's
+    (second / "query.json").write_text("not json")  # unreadable: never taken as this query's
     assert query_folder(results, "data/glyphs/images/U+0410/DejaVuSans.png") == results / "DejaVuSans_3"
 
 

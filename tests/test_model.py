@@ -166,6 +166,19 @@ def test_weights_from_a_state_dict_file(tmp_path):
     assert torch.equal(model.branches[1][0][0].conv1.weight, source.layer2[0].conv1.weight)
 
 
+def test_weights_of_another_architecture_are_a_one_line_refusal(tmp_path):
+    """Regression: tensors of other shapes (resnet34's with a 5x5 stem for a resnet18) escaped as a
+    RuntimeError traceback from load_state_dict."""
+    from torchvision.models import resnet18
+
+    state = resnet18().state_dict()
+    state["conv1.weight"] = torch.zeros(64, 3, 5, 5)
+    path = tmp_path / "other.pth"
+    torch.save(state, path)
+    with pytest.raises(ReirError, match="is not a resnet18 state dict \\(its tensors have other shapes\\)"):
+        create_model(ModelConfig("resnet18", "layer1", 2, 3), weights=str(path))
+
+
 def test_shards_follow_the_model_when_it_moves():
     """Regression: the shard plan kept naming the devices it was placed on after ``.to()`` moved the model."""
     model = create_model(ModelConfig("resnet18", "layer1", 3, 4), weights="none").eval()

@@ -14,7 +14,7 @@ from pathlib import Path
 from reir.argtypes import positive_int
 from reir.cli.common import ArgumentParser, reports_errors
 from reir.errors import ReirError
-from reir.fileio import claim_output
+from reir.fileio import OutputLock, claim_output
 from reir.retrieval.database import resolve_database_path
 from reir.retrieval.index import EXACT_FACTORY, INDEX_FORMAT, Index, id_map_path
 from reir.retrieval.index_quality import compare_with_exact, streamed_queries
@@ -94,9 +94,17 @@ def main(argv: list[str] | None = None) -> int:
         output = Path(args.output) if args.output else default_output(database_path, args.factory)
         if output.is_dir():
             raise ReirError(f"--output {output} is a folder; give a file name such as {output}/collection.faiss", 2)
-        for part, record in ((output, id_map_path(output)), (id_map_path(output), id_map_path(output))):
-            claim_output(part, (INDEX_FORMAT,), inputs=[database_path], record=record, overwrite=args.overwrite,
-                         setting="--overwrite")
+        # one writer per index file: a second reir index onto it is refused at once, before it builds anything
+        with OutputLock(output.with_name(output.name + ".lock"), f"index {output}"):
+            for part, record in ((output, id_map_path(output)), (id_map_path(output), id_map_path(output))):
+                claim_output(part, (INDEX_FORMAT,), inputs=[database_path], record=record,
+                             overwrite=args.overwrite, setting="--overwrite")
+            return build(args, database_path, requested, output)
+    return build(args, database_path, requested, None)
+
+
+def build(args, database_path: Path, requested: list[str] | None, output: Path | None) -> int:
+    """Build, save and measure the index ``main`` checked the flags of (``output``: the FAISS file)."""
     start = time.perf_counter()
     if args.backend == "milvus":
         index = build_milvus(args, database_path, requested)
@@ -116,6 +124,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{f' {parameters}' if parameters else ''} in {build_seconds:.2f} s: collection {args.collection} "
               f"at {args.uri}")
     else:
+        assert output is not None  # main passes the FAISS file
         index_file, ids_file = index.save(output)
         print(f"Indexed {len(index)} images ({', '.join(splits)}) of dimension {index.dim} with {args.factory} "
               f"in {build_seconds:.2f} s: {index_file} ({index_file.stat().st_size / 2**20:.1f} MiB), {ids_file}")

@@ -24,6 +24,8 @@ from reir.retrieval.original import find_or_convert_database
 DEFAULT_QUERY = "data/car/uncropped/008055.jpg"
 DEFAULT_DATABASE = "car_uncropped_fixed_random_layer1_resnet18_48_12_data_base.pth"
 COLUMNS = 9  # grid cells per row: the query and 8 results by default
+# In every results folder, with or without --json: which query the folder belongs to.
+QUERY_RECORD = "query.json"
 
 
 def get_args_parser(prog: str = "inference.py") -> ArgumentParser:
@@ -58,13 +60,18 @@ def query_folder(results: Path, query_path: str) -> Path:
         folder = results / (stem if number == 1 else f"{stem}_{number}")
         if not folder.exists():
             return folder
-        try:
-            recorded = json.loads((folder / "results.json").read_text())["query"]["path"]
-        except (OSError, ValueError, KeyError, TypeError):
-            recorded = None
-        if recorded == query_path:
+        if recorded_query(folder) == query_path:
             return folder
         number += 1
+
+
+def recorded_query(folder: Path) -> str | None:
+    """The query whose results a folder holds, from its ``query.json`` (written with or without --json)."""
+    try:
+        recorded = json.loads((folder / QUERY_RECORD).read_text())
+        return recorded["query"] if recorded.get("format") == grids.SEARCH_FORMAT else None
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
 
 
 def retrieve(args) -> dict:
@@ -102,6 +109,7 @@ def retrieve(args) -> dict:
               "retrieval_num": args.retrieval_num, "results": results,
               "grid": str(folder / "grid.png"), "json": None if args.json else str(folder / "results.json")}
     grids.save_search_pictures(folder, query_path, label, results, COLUMNS)
+    write_json(folder / QUERY_RECORD, {"format": grids.SEARCH_FORMAT, "query": query_path})
     if not args.json:
         write_json(folder / "results.json", report)
     return report

@@ -122,11 +122,12 @@ def main(argv: list[str] | None = None) -> int:
         raise UsageError(f"--port {args.port} is not a port; use 1-65535 or 0 for any free port")
     if args.k > MAX_K:
         raise UsageError(f"--k {args.k} exceeds {MAX_K}")
+    if (not 0 < args.upload_seconds <= 3600 or not 0 <= args.batch_window_ms <= 1000
+            or not 0 < args.max_body_mb < 2**20):
+        raise UsageError("--upload_seconds must be within (0, 3600], --batch_window_ms within [0, 1000] "
+                         "and --max_body_mb within (0, 1048576)")
     api_key = access_key(args)
     searcher = load_searcher(args)
-    if not 0 < args.upload_seconds <= 3600 or not 0 <= args.batch_window_ms <= 1000 or not args.max_body_mb > 0:
-        raise UsageError("--upload_seconds must be within (0, 3600], --batch_window_ms within [0, 1000] "
-                         "and --max_body_mb positive")
     app = create_app(searcher, int(args.max_body_mb * 2**20), args.k, args.max_requests, args.upload_seconds,
                      args.batch_size, args.batch_window_ms, api_key)
     import uvicorn

@@ -139,9 +139,10 @@ def _image_members(shard: str, size: int, mtime_ns: int) -> dict[str, tuple[int,
     return table
 
 
-def sample_image_bytes(path: str | os.PathLike) -> tuple[bytes, str]:
+def sample_image_bytes(path: str | os.PathLike, max_bytes: int | None = None) -> tuple[bytes, str]:
     """The image bytes of the sample ``<tar file>::<key>`` and their extension (``jpg``, ``png`` ...), read
-    straight from the tar; a missing tar or key raises ``FileNotFoundError``, a broken tar ``OSError``."""
+    straight from the tar; a missing tar or key raises ``FileNotFoundError``, a broken tar or a member over
+    ``max_bytes`` (read by nobody) ``OSError``."""
     shard, _, key = str(path).rpartition(MEMBER_SEPARATOR)
     stat = os.stat(shard)
     try:
@@ -151,6 +152,8 @@ def sample_image_bytes(path: str | os.PathLike) -> tuple[bytes, str]:
     if key not in members:
         raise FileNotFoundError(f"{shard} holds no image for sample {key}")
     offset, size, extension = members[key]
+    if max_bytes is not None and size > max_bytes:
+        raise OSError(f"sample {key} of {shard} is {size:,} bytes, over {max_bytes:,}")
     with open(shard, "rb") as file:
         file.seek(offset)
         data = file.read(size)

@@ -249,7 +249,11 @@ def load_backbone(model_type: str, weights: str = "imagenet") -> tuple[nn.Module
         return backbone, {"weights": "none"}
     state, digest = load_state_dict_file(weights)
     state = {k: v for k, v in state.items() if not k.startswith("fc.")}
-    missing, unexpected = backbone.load_state_dict(state, strict=False)
+    try:
+        missing, unexpected = backbone.load_state_dict(state, strict=False)
+    except RuntimeError:  # tensors of other shapes: another architecture's weights
+        raise ReirError(f"--weights {weights} is not a {model_type} state dict (its tensors have other shapes); "
+                        "pass a matching torchvision state dict or --weights none", 2) from None
     missing = [k for k in missing if not k.startswith("fc.")]
     if missing or unexpected:
         raise ReirError(f"--weights {weights} is not a {model_type} state dict "

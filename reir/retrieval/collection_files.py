@@ -97,7 +97,7 @@ class CollectionFiles:
             if not self.inside(os.path.realpath(shard)):
                 return None
             try:
-                data = sample_image_bytes(os.path.realpath(shard) + MEMBER_SEPARATOR + key)[0]
+                data = sample_image_bytes(os.path.realpath(shard) + MEMBER_SEPARATOR + key, MAX_FILE_BYTES)[0]
             except OSError:
                 return None
         else:

@@ -39,6 +39,8 @@ from reir.retrieval.database import (
 )
 
 LISTED_FAILURES = 10  # unreadable images printed; the rest are in the database and a text file
+# The first line of that text file: what tells a later job the file is its own to replace.
+SKIPPED_HEADER = "# images reir embed could not read (path, tab, reason)\n"
 
 
 @dataclass(frozen=True)
@@ -107,6 +109,11 @@ def prepare_parts(parts: Path, arguments: JobArguments) -> None:
         except (OSError, ValueError, KeyError, TypeError):
             same, changed = False, ["arguments not recorded"]
         if not same:
+            foreign = sorted(entry.name for entry in parts.iterdir()
+                             if not entry.name.lstrip(".").startswith(("shard-", "job.", "manifest.")))
+            if foreign:
+                raise ReirError(f"{parts} holds {foreign[0]}, which reir embed did not write; move it away "
+                                "(that folder is where a job keeps its finished shards)")
             if any(parts.glob("shard-*")):
                 print(f"Starting afresh: {parts} holds shards of another job ({'; '.join(changed)}); "
                       "they are removed", flush=True)
@@ -144,7 +151,7 @@ def database_info(model: Model, collection, skipped: list[list], counts: dict[st
             "mean": model.mean, "std": model.std, "source": collection.source,
             ROOT_KEY: collection.root,
             "data_name": collection.data_name,
-            "images": {"data_name": collection.data_name, "root": collection.source, "count": dict(counts)},
+            "images": {"data_name": collection.data_name, "source": collection.source, "count": dict(counts)},
             "model_data": {"data_name": model.run_config.get("data_name"),
                            "data_path": model.run_config.get("data_path")},
             "skipped": skipped}
@@ -252,10 +259,14 @@ def _run(model: Model, collection, output: Path, context: distributed.Context, *
             raise UsageError(f"--output {output} is a sharded database; pass --shard_output to replace it")
         merge(model, collection, parts, shard_count, skipped, counts).save(output)
     listing = output.with_name(output.name + ".skipped.txt")
-    listing.unlink(missing_ok=True)
+    ours = not listing.exists() or _is_skipped_listing(listing)
+    if ours:
+        listing.unlink(missing_ok=True)
     if skipped:
-        atomic_write(listing, "".join(f"{path}\t{error}\n" for path, error in skipped))
-        print(f"Skipped {len(skipped)} unreadable image(s) (all listed in {listing}):", file=sys.stderr)
+        if ours:
+            atomic_write(listing, SKIPPED_HEADER + "".join(f"{path}\t{error}\n" for path, error in skipped))
+        where = f"all listed in {listing}" if ours else f"not listed: {listing} exists and reir embed did not write it"
+        print(f"Skipped {len(skipped)} unreadable image(s) ({where}):", file=sys.stderr)
         for _path, error in skipped[:LISTED_FAILURES]:
             print(f"  {error}", file=sys.stderr)
         if len(skipped) > LISTED_FAILURES:
@@ -265,3 +276,11 @@ def _run(model: Model, collection, output: Path, context: distributed.Context, *
     form = f"a sharded database of {shard_count} shard(s) and {MANIFEST}" if sharded else "one file"
     print(f"Wrote {output} ({form}): {sizes} images, embeddings {(ensemble, meta)}")
     return 0
+
+
+def _is_skipped_listing(path: Path) -> bool:
+    try:
+        with open(path, encoding="utf-8") as handle:
+            return handle.readline() == SKIPPED_HEADER
+    except (OSError, UnicodeDecodeError):
+        return False
