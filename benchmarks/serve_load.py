@@ -148,7 +148,8 @@ def slow_uploader(port: int, body: bytes, content_type: str, stop_at: float, tri
     while time.perf_counter() < stop_at:
         started = time.perf_counter()
         connection = http.client.HTTPConnection("127.0.0.1", port, timeout=300)
-        try:
+
+        def trickle(connection=connection):
             connection.putrequest("POST", "/search?k=10")
             connection.putheader("Content-Type", content_type)
             connection.putheader("Content-Length", str(len(body)))
@@ -156,12 +157,8 @@ def slow_uploader(port: int, body: bytes, content_type: str, stop_at: float, tri
             for piece in pieces:
                 connection.send(piece)
                 time.sleep(trickle_s / len(pieces))
-            response = connection.getresponse()
-            tally.add(started, response.status, response.read())
-        except (OSError, http.client.HTTPException) as exc:
-            tally.add(started, type(exc).__name__, b"")
-        finally:
-            connection.close()
+
+        tally_answer(tally, started, connection, trickle)
 
 
 def trickler(port: int, stop_at: float, answers: dict, held: list[float], lock: threading.Lock) -> None:
@@ -191,9 +188,14 @@ def trickler(port: int, stop_at: float, answers: dict, held: list[float], lock: 
 
 def large_upload(port: int, body: bytes, tally: Tally) -> None:
     connection = http.client.HTTPConnection("127.0.0.1", port, timeout=300)
-    started = time.perf_counter()
+    tally_answer(tally, time.perf_counter(), connection,
+                 lambda: connection.request("POST", "/search?k=10", body=body, headers={"Content-Type": "image/png"}))
+
+
+def tally_answer(tally: Tally, started: float, connection: http.client.HTTPConnection, send) -> None:
+    """Sends a request with ``send()`` and tallies its answer's status, or the error that came instead."""
     try:
-        connection.request("POST", "/search?k=10", body=body, headers={"Content-Type": "image/png"})
+        send()
         response = connection.getresponse()
         tally.add(started, response.status, response.read())
     except (OSError, http.client.HTTPException) as exc:
