@@ -75,6 +75,8 @@ from reir.data.glyphs import (
     render,
 )
 from reir.data.glyphs import FONTS as TARGET_FONTS
+from reir.data.typefaces import LIBERATION, matplotlib_dejavu
+from reir.data.typefaces import candidate_characters as typeface_characters
 from reir.errors import ReirError
 from reir.fileio import atomic_files, load_tensors, save_tensors
 from reir.training.recipe import SCRATCH
@@ -90,10 +92,18 @@ BATCH_SIZE = 256
 def target_classes() -> dict[str, set[int]]:
     """The classes each character target can have, from the targets' own code: glyphs' are characters its
     fonts draw (any of them, whatever the font count), the unseen-typeface set's are its training fonts'
-    shared characters and the letters and digits; the digits' are the ten digits."""
+    shared characters and the letters and digits, the many-class one's the characters both its font sets
+    map (without Debian's Liberation fonts, its training fonts' shared characters: a superset); the
+    digits' are the ten digits."""
     folder = font_folder()
+    dejavu = matplotlib_dejavu()
+    try:
+        typefaces = set(typeface_characters(dejavu, LIBERATION))
+    except ReirError:  # fonts-liberation not installed here
+        typefaces = set(shared_characters(dejavu.folder, dejavu.names))
     return {"glyphs": set(candidate_characters(font_characters(folder), 1)),
             "fonts": set(shared_characters(folder, TRAIN_FONTS)) | set(TEST_CHARACTERS),
+            "typefaces": typefaces,
             "digits": set(map(ord, "0123456789"))}
 
 
