@@ -64,6 +64,7 @@ from reir.data.glyphs import SPLIT_SEED, prepare_glyphs, write_subset_csv
 from reir.data.images import ImageList, build_transform
 from reir.data.splits import Split
 from reir.data.typefaces import prepare_typefaces
+from reir.errors import ReirError
 from reir.fileio import atomic_write
 from reir.model.network import ModelConfig, build_backbone
 from reir.retrieval.baselines import label_ids, network_features, raw_pixel_features, untrained_features
@@ -149,8 +150,11 @@ def fashion_source(work: Path, data_path: Path, args) -> Path:
 
 def typefaces_source(work: Path, data_path: Path, args) -> Path:
     """A CSV over a fixed random choice of the many-class unseen-typeface set's classes."""
-    return write_subset_csv(prepare_typefaces(data_path), work / "typefaces.csv", args.train_classes,
-                            args.test_classes, SPLIT_SEED)
+    try:
+        built = prepare_typefaces(data_path)
+    except ReirError as error:  # its test fonts are a Debian package, often not installed
+        raise SystemExit(f"error: {error}") from None
+    return write_subset_csv(built, work / "typefaces.csv", args.train_classes, args.test_classes, SPLIT_SEED)
 
 
 SOURCES = {"glyphs": glyphs_source, "fonts": fonts_source, "typefaces": typefaces_source,

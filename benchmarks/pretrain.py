@@ -5,8 +5,8 @@ ImageNet weights cannot be downloaded everywhere REIR runs, and the original's r
 from a pretrained backbone. The source here is large and diverse and builds from registry packages
 alone: ``fonts-noto-core`` draws about 24,000 characters of some 100 scripts (cuneiform, Egyptian and
 Anatolian hieroglyphs, Yi, Tangut, Bamum, Ethiopic, Canadian syllabics, Indic and South-East Asian
-scripts, musical and other symbols) that matplotlib's DejaVu and STIX fonts, the fonts every character
-target is drawn from (reir/data/glyphs.py, reir/data/fonts.py), do not map. One class is one
+scripts, musical and other symbols) that matplotlib's DejaVu and STIX fonts do not map, and every character
+target's classes are characters these fonts map (reir/data/glyphs.py, fonts.py, typefaces.py). One class is one
 character, so the classes are many and fine-grained, as ImageNet's are for photographs.
 
 Left out, so no target class is ever a pretraining class:

@@ -12,6 +12,7 @@ import pytest
 from conftest import REPO
 from reir.cli.prepare import main as prepare_main
 from reir.data import typefaces
+from reir.data.custom import load_custom
 from reir.data.glyphs import STIX, font_folder
 from reir.data.splits import split_list_path
 from reir.data.typefaces import LIBERATION, FontSet, matplotlib_dejavu, prepare_typefaces
@@ -23,6 +24,11 @@ SIDES = ("train", "test")
 @pytest.fixture(scope="module")
 def stix() -> FontSet:
     return FontSet(font_folder(), tuple(STIX), "pip install --force-reinstall matplotlib")
+
+
+def not_installed(folder: Path) -> FontSet:
+    """The Liberation fonts, looked for where they are not."""
+    return FontSet(folder / "no-fonts", LIBERATION.names, LIBERATION.install)
 
 
 def files(root: Path) -> dict[str, bytes]:
@@ -45,18 +51,22 @@ def test_classes_and_typefaces_are_split_and_two_builds_write_the_same_files(tmp
     assert files(tmp_path / "a") == files(tmp_path / "b")
 
 
-def test_characters_drawn_alike_by_either_side_are_kept_once(stix):
-    dejavu = matplotlib_dejavu()
-    # Latin, Greek and Cyrillic capitals and small a, some of them drawn alike
-    points = [0x41, 0x391, 0x410, 0x42, 0x392, 0x412, 0x61, 0x3B1, 0x430]
-    kept = typefaces.distinct_characters(points, dejavu, stix)
+@pytest.mark.parametrize("dejavu_side", SIDES)
+def test_characters_drawn_alike_by_either_side_are_kept_once(stix, dejavu_side):
+    # DejaVu draws Greek capital Alpha as Latin A, STIX does not: Alpha goes whichever side DejaVu is on
+    sides = (matplotlib_dejavu(), stix) if dejavu_side == "train" else (stix, matplotlib_dejavu())
+    points = [0x41, 0x391, 0x410, 0x42, 0x392, 0x412, 0x61, 0x3B1, 0x430]  # Latin, Greek, Cyrillic
+    kept = typefaces.distinct_characters(points, *sides)
     dropped = [p for p in points if p not in kept]
-    assert ord("A") in kept and dropped
-    alone = {p: typefaces.distinct_characters([p], dejavu, stix)[p] for p in points}  # nothing earlier to match
+    assert ord("A") in kept and 0x391 in dropped
+    alone = {p: typefaces.distinct_characters([p], *sides)[p] for p in points}  # nothing earlier to match
 
     def signature(point, side):
         return b"".join(pixels.tobytes() for pixels in alone[point][side].values())
 
+    assert signature(0x41, dejavu_side) == signature(0x391, dejavu_side)
+    stix_side = "test" if dejavu_side == "train" else "train"
+    assert signature(0x41, stix_side) != signature(0x391, stix_side)
     for side in SIDES:  # no two kept characters drawn alike on either side
         assert len({signature(p, side) for p in kept}) == len(kept)
     for point in dropped:  # each one left out is drawn exactly as an earlier kept character on some side
@@ -78,7 +88,7 @@ def test_a_character_some_font_draws_blank_is_left_out(monkeypatch, stix):
 
 
 def test_missing_liberation_fonts_are_a_one_line_error_naming_the_package(tmp_path, monkeypatch, capsys):
-    absent = FontSet(tmp_path / "no-fonts", LIBERATION.names, LIBERATION.install)
+    absent = not_installed(tmp_path)
     with pytest.raises(ReirError) as error:
         prepare_typefaces(tmp_path / "data", test=absent)
     assert "\n" not in str(error.value) and "apt-get install -y fonts-liberation" in str(error.value)
@@ -90,17 +100,22 @@ def test_missing_liberation_fonts_are_a_one_line_error_naming_the_package(tmp_pa
     assert not split_list_path(tmp_path / "data", "typefaces", "uncropped").exists()
 
 
-def test_the_accuracy_benchmark_reads_its_classes_from_the_built_set(tmp_path, stix):
+def test_the_accuracy_benchmark_reads_its_classes_from_the_built_set(tmp_path, monkeypatch, stix):
     spec = importlib.util.spec_from_file_location("accuracy_benchmark", REPO / "benchmarks" / "accuracy.py")
     accuracy = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(accuracy)
+    with monkeypatch.context() as patch:  # not built, no Liberation fonts: a one-line stop, no traceback
+        patch.setattr(typefaces, "LIBERATION", not_installed(tmp_path))
+        with pytest.raises(SystemExit) as stop:
+            accuracy.main(["--datasets", "typefaces", "--data_path", str(tmp_path / "empty"),
+                           "--methods", "raw pixels"])
+        assert str(stop.value).startswith("error: ") and "\n" not in str(stop.value)
+        assert "apt-get install -y fonts-liberation" in str(stop.value)
     built = prepare_typefaces(tmp_path / "data", limit=40, test=stix)
     work = tmp_path / "work"
     assert accuracy.main(["--datasets", "typefaces", "--data_path", str(tmp_path / "data"), "--work", str(work),
                           "--train_classes", "5", "--test_classes", "6", "--image_size", "16", "--epochs", "1",
                           "--seeds", "0", "--methods", "raw pixels"]) == 0
-    from reir.data.custom import load_custom
-
     chosen = load_custom(work / "typefaces" / "typefaces.csv", "uncropped")
     assert len(chosen.splits["train"].classes) == 5 and len(chosen.splits["test"].classes) == 6
     for split in ("train", "test"):
@@ -121,5 +136,5 @@ def test_the_pretraining_check_takes_the_classes_from_the_sets_definition(tmp_pa
     with pytest.raises(SystemExit, match="classes of the typefaces target"):
         pretrain.check_disjoint([one_class], {"typefaces": targets["typefaces"]})
     # without the test fonts: every character the training fonts share, a superset of any build's classes
-    monkeypatch.setattr(pretrain, "LIBERATION", FontSet(tmp_path / "no-fonts", LIBERATION.names, LIBERATION.install))
+    monkeypatch.setattr(pretrain, "LIBERATION", not_installed(tmp_path))
     assert pretrain.target_classes()["typefaces"] > targets["typefaces"]
