@@ -26,7 +26,9 @@ continues where it stopped.
 
 Datasets (``--datasets``): ``glyphs`` (look-alike characters: the classes with the lowest code points
 from U+0100 on, Latin letters with diacritics), ``fonts`` (reir/data/fonts.py: test characters *and*
-test typefaces unseen in training, from matplotlib's fonts) and ``fashion-mnist`` (Debian's package, classes 0-4 train, 5-9 test:
+test typefaces unseen in training, from matplotlib's fonts), ``typefaces`` (reir/data/typefaces.py: the same
+question with 300 + 300 classes, tested in Debian's Liberation fonts: ``apt-get install -y fonts-liberation``)
+and ``fashion-mnist`` (Debian's package, classes 0-4 train, 5-9 test:
 ``apt-get install -y dataset-fashion-mnist``, files under /usr/share/datasets/fashion-mnist).
 """
 
@@ -61,6 +63,8 @@ from reir.data.fonts import prepare_fonts
 from reir.data.glyphs import SPLIT_SEED, prepare_glyphs, write_subset_csv
 from reir.data.images import ImageList, build_transform
 from reir.data.splits import Split
+from reir.data.typefaces import prepare_typefaces
+from reir.errors import ReirError
 from reir.fileio import atomic_write
 from reir.model.network import ModelConfig, build_backbone
 from reir.retrieval.baselines import label_ids, network_features, raw_pixel_features, untrained_features
@@ -144,7 +148,17 @@ def fashion_source(work: Path, data_path: Path, args) -> Path:
     return root
 
 
-SOURCES = {"glyphs": glyphs_source, "fonts": fonts_source, "fashion-mnist": fashion_source}
+def typefaces_source(work: Path, data_path: Path, args) -> Path:
+    """A CSV over a fixed random choice of the many-class unseen-typeface set's classes."""
+    try:
+        built = prepare_typefaces(data_path)
+    except ReirError as error:  # its test fonts are a Debian package, often not installed
+        raise SystemExit(f"error: {error}") from None
+    return write_subset_csv(built, work / "typefaces.csv", args.train_classes, args.test_classes, SPLIT_SEED)
+
+
+SOURCES = {"glyphs": glyphs_source, "fonts": fonts_source, "typefaces": typefaces_source,
+           "fashion-mnist": fashion_source}
 
 
 def scores(features: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
@@ -502,18 +516,19 @@ def int_list(text: str) -> list[int]:
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--datasets", default="glyphs,fonts,fashion-mnist",
-                        help="comma-separated: glyphs, fonts, fashion-mnist (skipped with a note when not installed)")
+                        help="comma-separated: glyphs, fonts, typefaces, fashion-mnist (fashion-mnist skipped with a "
+                             "note when not installed)")
     parser.add_argument("--methods", default=",".join(DEFAULT_METHODS),
                         help=f"comma-separated subset of: {', '.join(METHODS)}")
     parser.add_argument("--epochs", type=int_list, default=[2, 10], help="the budgets, comma-separated")
     parser.add_argument("--seeds", type=int_list, default=[0, 1, 2], help="comma-separated")
-    parser.add_argument("--data_path", default=None, help="where glyphs and fonts are generated (default: scratch)")
+    parser.add_argument("--data_path", default=None, help="where glyphs, fonts and typefaces are generated (default: scratch)")
     parser.add_argument("--work", type=Path, default=None,
                         help="where runs write their outputs (default: a scratch folder, removed at the end)")
     parser.add_argument("--results", type=Path, default=None,
                         help="JSON lines of finished runs: appended to, and runs already there are skipped")
-    parser.add_argument("--train_classes", type=int, default=24, help="glyphs and fonts: training classes used")
-    parser.add_argument("--test_classes", type=int, default=24, help="glyphs and fonts: test classes used")
+    parser.add_argument("--train_classes", type=int, default=24, help="glyphs, fonts and typefaces: training classes used")
+    parser.add_argument("--test_classes", type=int, default=24, help="glyphs, fonts and typefaces: test classes used")
     parser.add_argument("--glyph_classes", choices=("lowest", "random"), default="lowest",
                         help="glyphs: the classes with the lowest code points from --glyph_from on (look-alikes, "
                              "where raw pixels are weak) or a fixed random choice (easier: raw pixels near the ceiling)")

@@ -5,8 +5,8 @@ ImageNet weights cannot be downloaded everywhere REIR runs, and the original's r
 from a pretrained backbone. The source here is large and diverse and builds from registry packages
 alone: ``fonts-noto-core`` draws about 24,000 characters of some 100 scripts (cuneiform, Egyptian and
 Anatolian hieroglyphs, Yi, Tangut, Bamum, Ethiopic, Canadian syllabics, Indic and South-East Asian
-scripts, musical and other symbols) that matplotlib's DejaVu and STIX fonts, the fonts every character
-target is drawn from (reir/data/glyphs.py, reir/data/fonts.py), do not map. One class is one
+scripts, musical and other symbols) that matplotlib's DejaVu and STIX fonts do not map, and every character
+target's classes are characters these fonts map (reir/data/glyphs.py, fonts.py, typefaces.py). One class is one
 character, so the classes are many and fine-grained, as ImageNet's are for photographs.
 
 Left out, so no target class is ever a pretraining class:
@@ -75,6 +75,8 @@ from reir.data.glyphs import (
     render,
 )
 from reir.data.glyphs import FONTS as TARGET_FONTS
+from reir.data.typefaces import LIBERATION, matplotlib_dejavu
+from reir.data.typefaces import candidate_characters as typeface_characters
 from reir.errors import ReirError
 from reir.fileio import atomic_files, load_tensors, save_tensors
 from reir.training.recipe import SCRATCH
@@ -90,10 +92,18 @@ BATCH_SIZE = 256
 def target_classes() -> dict[str, set[int]]:
     """The classes each character target can have, from the targets' own code: glyphs' are characters its
     fonts draw (any of them, whatever the font count), the unseen-typeface set's are its training fonts'
-    shared characters and the letters and digits; the digits' are the ten digits."""
+    shared characters and the letters and digits, the many-class one's the characters both its font sets
+    map (without Debian's Liberation fonts, its training fonts' shared characters: a superset); the
+    digits' are the ten digits."""
     folder = font_folder()
+    dejavu = matplotlib_dejavu()
+    try:
+        typefaces = set(typeface_characters(dejavu, LIBERATION))
+    except ReirError:  # fonts-liberation not installed here
+        typefaces = set(shared_characters(dejavu.folder, dejavu.names))
     return {"glyphs": set(candidate_characters(font_characters(folder), 1)),
             "fonts": set(shared_characters(folder, TRAIN_FONTS)) | set(TEST_CHARACTERS),
+            "typefaces": typefaces,
             "digits": set(map(ord, "0123456789"))}
 
 

@@ -157,7 +157,8 @@ def test_prepare_without_benchmarks_lists_the_embedded_datasets_found_or_buildab
     assert "no benchmark under" in lines[0]
     assert lines[1:] == [f"  digits: ready in {tmp_path / 'digits' / 'splits_uncropped.json'}",
                          "  glyphs: not built yet: python data_utils.py --data_name glyphs",
-                         "  fonts: not built yet: python data_utils.py --data_name fonts"]
+                         "  fonts: not built yet: python data_utils.py --data_name fonts",
+                         "  typefaces: not built yet: python data_utils.py --data_name typefaces"]
 
 
 def test_missing_annotation_file(tmp_path, capsys):

@@ -34,6 +34,7 @@ OTHERS = {
     "digits": DatasetInfo("digits", None, None, (1, 2, 4, 8)),
     "glyphs": DatasetInfo("glyphs", None, None, (1, 2, 4, 8)),
     "fonts": DatasetInfo("fonts", None, None, (1, 2, 4, 8)),
+    "typefaces": DatasetInfo("typefaces", None, None, (1, 2, 4, 8)),
     "custom": DatasetInfo("custom", None, None, (1, 2, 4, 8), croppable=True),
 }
 DATA_NAMES = tuple(BENCHMARKS) + tuple(OTHERS)

@@ -11,11 +11,13 @@ from reir.data.fonts import prepare_fonts
 from reir.data.glyphs import prepare_glyphs
 from reir.data.registry import BENCHMARKS, dataset_info
 from reir.data.splits import SplitList, load_split_list, split_list_path
+from reir.data.typefaces import prepare_typefaces
 from reir.errors import ReirError
 
 log = logging.getLogger(__name__)
-# Datasets generated on first use, with no download.
-EMBEDDED = {"digits": prepare_digits, "glyphs": prepare_glyphs, "fonts": prepare_fonts}
+# Datasets generated on first use, with no download (typefaces: from Debian's fonts-liberation, installed).
+EMBEDDED = {"digits": prepare_digits, "glyphs": prepare_glyphs, "fonts": prepare_fonts,
+            "typefaces": prepare_typefaces}
 
 
 def load_dataset(data_name: str, data_path: str | Path, crop_type: str, image_size: int | None = None) -> SplitList:
