@@ -57,7 +57,8 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from reir import cli
+from reir.cli.train import get_args_parser as train_parser
+from reir.cli.train import given_flags
 from reir.data.custom import load_custom
 from reir.data.fonts import prepare_fonts
 from reir.data.glyphs import SPLIT_SEED, prepare_glyphs, write_subset_csv
@@ -70,7 +71,9 @@ from reir.model.network import ModelConfig, build_backbone
 from reir.retrieval.baselines import label_ids, network_features, raw_pixel_features, untrained_features
 from reir.retrieval.database import load_database
 from reir.retrieval.metrics import retrieval_metrics
+from reir.training.config import TrainConfig
 from reir.training.recipe import RECIPES, recipe_for
+from reir.training.train import train
 
 FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 RECALLS = (1, 2, 4, 8)
@@ -89,12 +92,29 @@ REIR_VARIANTS = {
     "REIR + MultiSimilarity": ("--pair_loss", "multisimilarity", "--samples_per_class", "{m}"),
     "REIR random labels": ("--label_type", "random"),
     "REIR original recipe": ("--recipe", "original"),
+    "REIR original recipe batch 10": ("--recipe", "original", "--batch_size", "10"),
+    "REIR scratch recipe": ("--recipe", "scratch"),
+    # The meta-class count as a function of the training classes (the original: 12 for ~100 classes,
+    # 192 for 3,997, 512 for 11,318).
+    "REIR meta classes = classes/16": ("--meta_class_size", "{classes/16}"),
+    "REIR meta classes = classes/8": ("--meta_class_size", "{classes/8}"),
+    "REIR meta classes = classes/4": ("--meta_class_size", "{classes/4}"),
+    # REIR as the original builds it: branches that own their deeper stages (fewer of them: each costs a
+    # network's worth of those stages).
+    "REIR layer3 x8": ("--share_type", "layer3", "--ensemble_size", "8"),
+    "REIR layer2 x8": ("--share_type", "layer2", "--ensemble_size", "8"),
+    "REIR layer1 x4": ("--share_type", "layer1", "--ensemble_size", "4"),
 }
+# Rows run only when named in --methods: settled earlier, or costly.
+OPT_IN = ("REIR random labels", "REIR original recipe", "REIR original recipe batch 10", "REIR scratch recipe",
+          "REIR meta classes = classes/16",
+          "REIR meta classes = classes/8", "REIR meta classes = classes/4", "REIR layer3 x8", "REIR layer2 x8",
+          "REIR layer1 x4")
 PEERS = ("softmax", "normalized softmax", "ProxyAnchor", "MultiSimilarity")
 BEST_BRANCH = "REIR best single branch"
 METHODS = BASELINES + tuple(REIR_VARIANTS) + (BEST_BRANCH,) + PEERS
-# The grid the docs report: every method but the two rows the earlier tables already settled.
-DEFAULT_METHODS = tuple(m for m in METHODS if m not in ("REIR random labels", "REIR original recipe"))
+# The grid the 24 + 24 class tables report: every method but the opt-in rows.
+DEFAULT_METHODS = tuple(m for m in METHODS if m not in OPT_IN)
 ENSEMBLE_SIZES = (1, 2, 4, 8, 16, 48)
 EMBEDDING_SIZE = 512
 SAMPLES_PER_CLASS = 4
@@ -169,18 +189,44 @@ def slug(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
 
 
+class EpochClock:
+    """Process CPU seconds a ``reir train`` run spends in its training steps, from its ``step`` events: a
+    step costs the gap since the step before it; an epoch's first step, whose gap also holds the previous
+    epoch's evaluation and saving, is counted at the mean step. The rest of the run is evaluation and saving."""
+
+    def __init__(self):
+        self.last, self.train, self.timed_steps, self.first_steps = time.process_time(), 0.0, 0, 0
+
+    def __call__(self, event) -> None:
+        now = time.process_time()
+        if event.kind == "step":
+            if event.step == 1:
+                self.first_steps += 1
+            else:
+                self.train += now - self.last
+                self.timed_steps += 1
+        self.last = now
+
+    def train_seconds(self) -> float:
+        return self.train * (1 + self.first_steps / max(self.timed_steps, 1))
+
+
 def train_cli(source: Path, output: Path, args, *options: str) -> tuple[dict, Path]:
-    """``reir train`` (in this process); the best epoch's row of its statistics and its database."""
-    argv = ["train", "--data_name", "custom", "--data_path", str(source), "--output_dir", str(output),
+    """``reir train`` (its parser and :func:`reir.training.train.train`, in this process); the best epoch's
+    row of its statistics, its database and the CPU seconds of its training steps."""
+    argv = ["--data_name", "custom", "--data_path", str(source), "--output_dir", str(output),
             "--weights", args.weights, "--recipe", args.recipe, "--image_size", str(args.image_size),
             "--batch_size", str(args.batch_size),
             "--num_epochs", str(args.epochs), "--num_workers", "0", "--seed", str(args.seed), "--device", "cpu",
             "--nmi_every", "0", *options]
-    log = io.StringIO()
-    with contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
-        code = cli.main(argv)
-    if code:
-        raise SystemExit(f"error: reir {' '.join(argv)} failed:\n{log.getvalue()[-3000:]}")
+    parser = train_parser()
+    config = TrainConfig.from_args(parser.parse_args(argv), given_flags(parser, argv))
+    log, clock = io.StringIO(), EpochClock()
+    try:
+        with contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
+            train(config, callbacks=[clock])
+    except ReirError as error:
+        raise SystemExit(f"error: reir train {' '.join(argv)} failed: {error}\n{log.getvalue()[-3000:]}") from None
     (statistics,) = (output / "statistics").glob("*_results.csv")
     with open(statistics, newline="") as handle:
         rows = list(csv.DictReader(handle))
@@ -188,7 +234,8 @@ def train_cli(source: Path, output: Path, args, *options: str) -> tuple[dict, Pa
     metrics = {key[len("test_"):]: float(value) for key, value in best.items()
                if key.startswith("test_") and value not in ("", None) and key != "test_nmi"}
     (database,) = (output / "results").glob("*_data_base.safetensors")
-    return {"metrics": metrics, "last_recall": float(rows[-1]["test_recall@1"])}, database
+    return {"metrics": metrics, "last_recall": float(rows[-1]["test_recall@1"]),
+            "train_cpu_seconds": clock.train_seconds()}, database
 
 
 class Embedder(nn.Module):
@@ -255,8 +302,9 @@ def train_embedder(split_list, method: str, args) -> dict:
     loader = torch.utils.data.DataLoader(train_set, batch_size=args.batch_size, sampler=sampler,
                                          shuffle=sampler is None, drop_last=True)
     labels = label_ids(split_list, "test")
-    best, last = None, None
+    best, last, train_seconds = None, None, 0.0
     for _ in range(args.epochs):
+        started = time.process_time()
         model.train()
         for images, batch_targets in loader:
             embeddings = model(images)[:, 0]
@@ -266,10 +314,11 @@ def train_embedder(split_list, method: str, args) -> dict:
             loss.backward()
             optimizer.step()
         scheduler.step()
+        train_seconds += time.process_time() - started
         last = scores(network_features(model, split_list, "test", args.image_size), labels)
         if best is None or last["recall@1"] > best["recall@1"]:
             best = last
-    return {"metrics": best, "last_recall": last["recall@1"]}
+    return {"metrics": best, "last_recall": last["recall@1"], "train_cpu_seconds": train_seconds}
 
 
 def branch_subsets(features: torch.Tensor, labels: torch.Tensor) -> tuple[list, list]:
@@ -283,9 +332,10 @@ def branch_subsets(features: torch.Tensor, labels: torch.Tensor) -> tuple[list, 
 
 def reir_options(method: str, args) -> list[str]:
     """The row's ``reir train`` flags, with the dataset's meta classes and m-per-class filled in."""
-    more_meta = min(2 * args.meta_class_size, args.train_class_count - 1)
-    fill = {"{meta2}": str(more_meta), "{m}": str(samples_per_class(args.train_class_count,
-                                                                                     args.batch_size))}
+    classes = args.train_class_count
+    fill = {"{meta2}": str(min(2 * args.meta_class_size, classes - 1)),
+            "{m}": str(samples_per_class(classes, args.batch_size)),
+            **{f"{{classes/{n}}}": str(max(2, classes // n)) for n in (4, 8, 16)}}
     options = ["--share_type", args.share_type, "--ensemble_size", str(args.ensemble_size),
                "--meta_class_size", str(args.meta_class_size)]
     return options + [fill.get(value, value) for value in REIR_VARIANTS[method]]
@@ -315,14 +365,18 @@ def measure(unit: dict, source: Path, work: Path, args) -> dict:
     elif method in REIR_VARIANTS:
         output = work / f"{unit['epochs']}-{unit['seed']}-{slug(method)}"
         result, database = train_cli(source, output, args, *reir_options(method, args))
+    else:
+        result = train_embedder(split_list, method, args)
+    # The run's cost: what follows is the benchmark's own analysis, not the method's.
+    timing = {"seconds": time.perf_counter() - start, "cpu_seconds": time.process_time() - cpu}
+    if "train_cpu_seconds" in result:
+        result["train_images"] = unit["epochs"] * len(split_list.splits["train"])
+    if method in REIR_VARIANTS:
         if method == "REIR":
             subsets, singles = branch_subsets(load_database(database).features["test"], labels)
             extra = {"subsets": subsets, "singles": singles}
         shutil.rmtree(output)  # its model, database and checkpoint: ~0.2 GB a run, hundreds of runs
-    else:
-        result = train_embedder(split_list, method, args)
-    return {**unit, **result, **extra, "seconds": time.perf_counter() - start,
-            "cpu_seconds": time.process_time() - cpu}
+    return {**unit, **result, **extra, **timing}
 
 
 def prepare_dataset(name: str, work: Path, data_path: Path, args) -> tuple[Path, argparse.Namespace, str]:
@@ -383,10 +437,15 @@ def mean_spread(values: list[float]) -> str:
     return f"{np.mean(values):.1f} ± {np.std(values, ddof=1):.1f}"
 
 
+def cpu_seconds(value: float) -> str:
+    """Whole seconds, or tenths below 10 (a tiny run's training)."""
+    return f"{value:.0f}" if value >= 10 else f"{value:.1f}"
+
+
 def method_table(records: list[dict], epochs: int, methods: list[str]) -> str:
     """One row per method: R@1 and MAP@R (mean ± std over seeds), last-epoch R@1, seeds, seconds."""
-    lines = ["| method | R@1 | MAP@R | last-epoch R@1 | seeds | seconds | CPU seconds |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| method | R@1 | MAP@R | last-epoch R@1 | seeds | seconds | CPU seconds | training CPU s | "
+             "training images / CPU s |", "|---|---|---|---|---|---|---|---|---|"]
     for method in METHODS:
         if method not in methods:
             continue
@@ -401,8 +460,11 @@ def method_table(records: list[dict], epochs: int, methods: list[str]) -> str:
         recall = mean_spread([r["metrics"]["recall@1"] for r in rows])
         map_r = mean_spread([r["metrics"]["map@r"] for r in rows])
         last = [r["last_recall"] for r in rows if r.get("last_recall") is not None]
-        timing = (f"{np.mean([r['seconds'] for r in rows]):.0f} | {np.mean([r['cpu_seconds'] for r in rows]):.0f}"
+        timing = (f"{np.mean([r['seconds'] for r in rows]):.0f} | {cpu_seconds(np.mean([r['cpu_seconds'] for r in rows]))}"
                   if "seconds" in rows[0] else "(in REIR) | ")
+        trained = [r for r in rows if r.get("train_cpu_seconds")]
+        timing += (f" | {cpu_seconds(np.mean([r['train_cpu_seconds'] for r in trained]))} | "
+                   f"{np.mean([r['train_images'] / r['train_cpu_seconds'] for r in trained]):.0f}" if trained else " | | ")
         lines.append(f"| {method} | {recall} | {map_r} | {mean_spread(last) if last else ''} | {len(rows)} | "
                      f"{timing} |")
     return "\n".join(lines)
@@ -461,10 +523,31 @@ def summary_tables(records: list[dict], names: list[str], args) -> str:
     return "\n".join(lines)
 
 
+def compute_table(records: list[dict]) -> str:
+    """Every trained (method, epochs) of one dataset, cheapest training first: R@1 against the CPU seconds of
+    training, so methods compare at equal training compute as well as at equal epochs."""
+    groups: dict[tuple[str, int], list[dict]] = {}
+    for record in records:
+        if record.get("train_cpu_seconds"):
+            groups.setdefault((record["method"], record["epochs"]), []).append(record)
+    if not groups:
+        return ""
+    lines = ["| method | epochs | training CPU s | R@1 | MAP@R | seeds |", "|---|---|---|---|---|---|"]
+    for (method, epochs), rows in sorted(groups.items(), key=lambda item: np.mean(
+            [r["train_cpu_seconds"] for r in item[1]])):
+        lines.append(f"| {method} | {epochs} | {cpu_seconds(np.mean([r['train_cpu_seconds'] for r in rows]))} | "
+                     f"{mean_spread([r['metrics']['recall@1'] for r in rows])} | "
+                     f"{mean_spread([r['metrics']['map@r'] for r in rows])} | {len(rows)} |")
+    return "\n".join(lines)
+
+
 def report(records: list[dict], names: list[str], described: dict[str, str], args) -> str:
     sections = [summary_tables(records, names, args)]
     for name in names:
         mine = [r for r in records if r["dataset"] == name]
+        compute = compute_table(mine)
+        if compute:
+            sections.append(f"### {name}: R@1 against training compute (every budget)\n\n{compute}")
         for epochs in args.epochs:
             seeds = sorted({r["seed"] for r in mine if r["epochs"] == epochs})
             sections.append("\n".join([f"### {name}, {epochs} epochs", "", f"{described[name]}; {epochs} epochs, "

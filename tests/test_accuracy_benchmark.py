@@ -45,15 +45,21 @@ def test_every_method_yields_a_complete_row(accuracy, glyphs_root, tmp_path):
                           "--methods", ",".join(methods), "--markdown", str(markdown),
                           "--plot", str(plot)]) == 0
     sections = table_rows(markdown)
-    assert set(sections) == {"glyphs, 1 epochs"}
-    for rows in sections.values():
-        for method in methods:
-            cells = rows[method]
-            assert len(cells) == 6 and 0 <= float(cells[0]) <= 100 and 0 <= float(cells[1]) <= 100
-        trained = [m for m in accuracy.METHODS if m not in (*accuracy.BASELINES, accuracy.BEST_BRANCH)]
-        assert all(rows[method][2] and rows[method][3] == "1" for method in trained)
-        assert [name for name in rows if name.startswith("first")] == ["first 1", "first 2", "first 3"]
-        assert "each branch alone (min / mean / max)" in rows
+    assert set(sections) == {"glyphs, 1 epochs", "glyphs: R@1 against training compute (every budget)"}
+    rows = sections["glyphs, 1 epochs"]
+    trained = [m for m in accuracy.METHODS if m not in (*accuracy.BASELINES, accuracy.BEST_BRANCH)]
+    for method in methods:
+        cells = rows[method]
+        assert len(cells) == 8 and 0 <= float(cells[0]) <= 100 and 0 <= float(cells[1]) <= 100
+    for method in trained:  # training's CPU seconds, a part of the run's, and its images per CPU second
+        _, _, last, seeds, _, cpu, training, speed = rows[method]
+        assert last and seeds == "1" and 0 < float(training) <= float(cpu) and float(speed) > 0
+    compute = sections["glyphs: R@1 against training compute (every budget)"]
+    assert set(compute) - {"method"} == set(trained)
+    costs = [float(cells[1]) for method, cells in compute.items() if method != "method"]
+    assert costs == sorted(costs)  # cheapest training first
+    assert [name for name in rows if name.startswith("first")] == ["first 1", "first 2", "first 3"]
+    assert "each branch alone (min / mean / max)" in rows
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
