@@ -1,4 +1,4 @@
-"""Which devices a command runs on: ``--device`` and ``--gpu_ids`` checked once, for every command."""
+"""Which devices a command runs on: ``device`` and ``gpu_ids`` checked once, for every command."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import logging
 
 import torch
 
-from reir.errors import ReirError
+from reir.errors import UsageError
 
 log = logging.getLogger(__name__)
 
@@ -17,20 +17,20 @@ def parse_device(requested: str | None, default: str = "cpu") -> torch.device:
     try:
         device = torch.device(text)
     except RuntimeError:
-        raise ReirError(f"--device {text!r} is not a device; use cpu, cuda or cuda:N", 2) from None
+        raise UsageError(f"`device` {text!r} is not a device; use cpu, cuda or cuda:N") from None
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise ReirError("--device cuda requested but no CUDA GPU is available; use --device cpu", 2)
+            raise UsageError("`device` cuda requested but no CUDA GPU is available; use `device` cpu")
         if device.index is not None and device.index >= torch.cuda.device_count():
-            raise ReirError(f"--device {text} does not exist: {torch.cuda.device_count()} GPU(s) visible; "
-                            "use cuda:0 up to the last one", 2)
+            raise UsageError(f"`device` {text} does not exist: {torch.cuda.device_count()} GPU(s) visible; "
+                             "use cuda:0 up to the last one")
     return device
 
 
 def training_devices(requested: str | None, gpu_ids: list[int]) -> list[torch.device]:
     """The devices a model's branches are split over; the first also holds the stem.
 
-    ``cuda:N`` means that GPU alone. ``cuda`` (or no ``--device`` on a GPU machine) means every GPU
+    ``cuda:N`` means that GPU alone. ``cuda`` (or no ``device`` on a GPU machine) means every GPU
     in ``gpu_ids`` that exists, as in the original; missing ids are dropped with a note.
     """
     if requested is None and not torch.cuda.is_available():

@@ -3,7 +3,7 @@
 ``torchrun --nproc_per_node N train.py ...`` starts N processes; each sees ``RANK``, ``WORLD_SIZE``
 and ``LOCAL_RANK``. Every rank builds the same model from the same seed and the same meta labels
 (rank 0's, broadcast), trains on its own share of each epoch's images, and DDP averages the
-gradients. ``--batch_size`` is per process, so the global batch is ``batch_size * world_size``.
+gradients. ``batch_size`` is per process, so the global batch is ``batch_size * world_size``.
 Evaluation, saving and progress output happen on rank 0 only.
 """
 
@@ -19,7 +19,7 @@ from typing import TypeVar
 import torch
 import torch.distributed as dist
 
-from reir.errors import ReirError
+from reir.errors import UsageError
 
 T = TypeVar("T")
 # Rank 0 evaluates alone while the others wait at the next collective; allow long evaluations.
@@ -57,8 +57,8 @@ def setup(device_request: str | None) -> tuple[Context, torch.device | None]:
     wants_cpu = device_request is not None and torch.device(device_request).type == "cpu"
     if torch.cuda.is_available() and not wants_cpu:
         if context.local_rank >= torch.cuda.device_count():
-            raise ReirError(f"local rank {context.local_rank} has no GPU ({torch.cuda.device_count()} visible); "
-                            "start at most one process per GPU with --nproc_per_node", 2)
+            raise UsageError(f"local rank {context.local_rank} has no GPU ({torch.cuda.device_count()} visible); "
+                             "start at most one process per GPU with --nproc_per_node")
         device = torch.device("cuda", context.local_rank)
         torch.cuda.set_device(device)
         backend = "nccl"

@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from safetensors import SafetensorError, safe_open
 
-from reir.errors import ReirError
+from reir.errors import ReirError, UsageError
 
 METADATA_KEY = "reir"
 # The safetensors layout: an 8-byte little-endian header length, a JSON header, then the tensors' bytes.
@@ -48,7 +48,7 @@ def ensure_dir(path: str | os.PathLike) -> Path:
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise ReirError(f"cannot create folder {path}: {exc.strerror}; choose a writable --output_dir") from None
+        raise ReirError(f"cannot create folder {path}: {exc.strerror}; choose a writable `output_dir`") from None
     return path
 
 
@@ -223,14 +223,14 @@ def claim_output(output: str | os.PathLike, formats: Iterable[str], *, inputs: I
         inside = source.is_dir() and Path(os.path.realpath(target)).is_relative_to(os.path.realpath(source))
         if same or inside:
             where = "is" if same else "lies inside"
-            raise ReirError(f"output {output} {where} the input {source}; choose an output outside the inputs", 2)
+            raise UsageError(f"output {output} {where} the input {source}; choose an output outside the inputs")
     record = Path(record) if record is not None else output
     if (output.exists() or record.exists()) and not overwrite:
         found = recorded_format(record) if record.exists() else None
         if found not in set(formats):
             kind = f"a {found} file" if found else "not a file this command wrote"
-            raise ReirError(f"{output} already exists and is {kind}; set {setting} to replace it "
-                            "or choose another output", 2)
+            raise UsageError(f"{output} already exists and is {kind}; set {setting} to replace it "
+                             "or choose another output")
     return output
 
 
@@ -261,8 +261,8 @@ class OutputLock:
                 if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
                     raise ReirError(f"cannot lock {self.path}: {exc.strerror}; choose a writable folder") from None
                 self._remove_made_folders()
-                raise ReirError(f"{self.what} is being written by another process (pid {holder}, holding "
-                                f"{self.path}); wait for it to finish or choose another output", 2) from None
+                raise UsageError(f"{self.what} is being written by another process (pid {holder}, holding "
+                                 f"{self.path}); wait for it to finish or choose another output") from None
             try:
                 same = os.fstat(fd).st_ino == os.stat(self.path).st_ino
             except FileNotFoundError:

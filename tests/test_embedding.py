@@ -121,5 +121,5 @@ def test_training_images_go_through_the_reader(small_digits_root, monkeypatch):
     images = ImageList(split_list, "train", build_transform(8, [0.5] * 3, [0.5] * 3, False))
     assert images[0][0].shape == (3, 8, 8)
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 10)  # 8x8 digits exceed twice this
-    with pytest.raises(ReirError, match="too many pixels to decode safely; replace it or prepare with --skip_bad"):
+    with pytest.raises(ReirError, match="too many pixels to decode safely; replace it or prepare with `skip_bad`"):
         images[0]

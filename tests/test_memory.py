@@ -173,6 +173,7 @@ def test_a_configuration_that_cannot_fit_stops_before_the_model_is_built(tmp_pat
     import re
     from dataclasses import replace
 
+    from reir.cli.common import exit_code
     from reir.errors import ReirError
     from reir.model import network
     from reir.training import memory
@@ -189,11 +190,11 @@ def test_a_configuration_that_cannot_fit_stops_before_the_model_is_built(tmp_pat
     with pytest.raises(ReirError) as error:
         train(config)
     message = str(error.value)
-    assert "\n" not in message and error.value.exit_code == 2
+    assert "\n" not in message and exit_code(error.value) == 2
     assert f"{needs.total_bytes / 2**30:.2f} GiB" in message and f"{free / 2**30:.2f} GiB free" in message
     assert not (tmp_path / "out").exists()
-    share = re.search(r"--share_type (\w+)", message).group(1)
-    branches = int(re.search(r"--ensemble_size (\d+)", message).group(1))
+    share = re.search(r"`share_type` (\w+)", message).group(1)
+    branches = int(re.search(r"`ensemble_size` (\d+)", message).group(1))
     assert memory.estimate(replace(config.model, share_type=share), 64, 8, "auto", "none", "loop").total_bytes <= free
     smaller = memory.estimate(replace(config.model, ensemble_size=branches), 64, 8, "auto", "none", "loop")
     larger = memory.estimate(replace(config.model, ensemble_size=branches + 1), 64, 8, "auto", "none", "loop")

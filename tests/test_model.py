@@ -152,7 +152,7 @@ def test_offline_imagenet_weights_error_names_file_and_fix(monkeypatch, tmp_path
     with pytest.raises(ReirError) as info:
         create_model(ModelConfig("resnet34", "layer1", 2, 3), weights="imagenet")
     message = str(info.value)
-    assert "resnet34-b627a593.pth" in message and str(tmp_path) in message and "--weights none" in message
+    assert "resnet34-b627a593.pth" in message and str(tmp_path) in message and "`weights` none" in message
 
 
 def test_weights_from_a_state_dict_file(tmp_path):

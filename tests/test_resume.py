@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from conftest import run_reir, run_script, tiny_args
+from reir.cli.common import exit_code
 from reir.fileio import load_tensors
 from reir.training.checkpoint import pack, unpack
 from reir.training.signals import StopRequest, TrainingStopped
@@ -99,7 +100,7 @@ def test_a_signal_before_training_stops_at_once_and_during_training_after_the_st
             os.kill(os.getpid(), signal.SIGINT)
     assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
     error = stop.error(Path("x.safetensors"), "after epoch 1")
-    assert error.exit_code == 143 and "resume with" in str(error)
+    assert exit_code(error) == 128 + signal.SIGTERM == 143 and "plus `resume` auto" in str(error)
 
 
 def test_optimizer_and_scheduler_states_survive_the_json_round_trip():
@@ -220,9 +221,11 @@ def test_every_setting_has_a_resume_rule_and_the_run_defining_ones_must_match():
 
 
 @pytest.mark.parametrize("name", must_match_settings())
-def test_a_resume_with_any_must_match_setting_changed_is_refused_naming_the_flag_and_both_values(tiny_checkpoint,
-                                                                                                  name):
-    """The train entry point refuses before it reads any data or builds the network."""
+def test_a_resume_with_any_must_match_setting_changed_is_refused_naming_the_setting_and_both_values(
+        tiny_checkpoint, name):
+    """The train entry point refuses before it reads any data or builds the network; the command line shows
+    the setting as its flag."""
+    from reir.cli.common import as_flags
     from reir.errors import UsageError
     from reir.training.train import train
 
@@ -232,7 +235,9 @@ def test_a_resume_with_any_must_match_setting_changed_is_refused_naming_the_flag
     with pytest.raises(UsageError) as error:
         train(changed)
     message = str(error.value)
-    assert f"--{name} {saved!r} (not {getattr(changed, name)!r})" in message and "\n" not in message, message
+    values = f"{saved!r} (not {getattr(changed, name)!r})"
+    assert f"`{name}` {values}" in message and "\n" not in message, message
+    assert f"--{name} {values}" in as_flags(message)
 
 
 def test_the_checks_of_a_resume(tiny_checkpoint, tmp_path):

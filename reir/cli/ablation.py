@@ -11,7 +11,7 @@ import torch
 
 from reir.argtypes import positive_int
 from reir.cli.common import ArgumentParser, reports_errors
-from reir.errors import ReirError
+from reir.errors import ReirError, UsageError
 from reir.fileio import claim_output, write_json
 from reir.retrieval.ablation import (
     ABLATION_FORMAT,
@@ -56,8 +56,8 @@ def main(argv: list[str] | None = None, prog: str = "ablation.py") -> int:
     args = get_args_parser(prog).parse_args(argv)
     paths = tuple(find_or_convert_database(n, args.output_dir) for n in (args.better_data_base, args.worse_data_base))
     if paths[0].resolve() == paths[1].resolve():
-        raise ReirError(f"--better_data_base and --worse_data_base are the same file {paths[0]}; "
-                        "compare two different runs", 2)
+        raise UsageError(f"--better_data_base and --worse_data_base are the same file {paths[0]}; "
+                         "compare two different runs")
     folder = (Path(args.output_dir) / "results"
               / f"ablation_{run_stem(paths[0])}_vs_{run_stem(paths[1])}_{args.data_type}")
     if args.save_results:

@@ -1,21 +1,94 @@
-"""Command-line plumbing shared by every entry point: one-line errors, exit codes, what reaches the terminal."""
+"""Command-line plumbing shared by every entry point: one-line errors, exit codes, what reaches the terminal.
+
+The library names a setting in its messages as `` `name` ``; this is the one place that shows such a name as
+the flag of the command running, and the one place that turns an error's type into an exit code.
+"""
 
 from __future__ import annotations
 
 import argparse
 import functools
+import importlib
 import logging
+import re
+import signal
 import sys
 from collections.abc import Callable
+from typing import Any
 
-from reir.errors import ReirError
+from reir.errors import ReirError, StoppedBySignal, UsageError
+
+# A setting named in a library message: its Python name in backticks (reir/errors.py).
+SETTING_MARK = re.compile(r"`([A-Za-z_][A-Za-z0-9_]*)`")
+
+# The exit code of each kind of failure, a subclass before its base: the first type the error is an instance of
+# decides. A signal's stop exits as a shell reports a process the signal killed, 128 + its number.
+EXIT_CODES: dict[type[BaseException], Callable[[Any], int]] = {
+    StoppedBySignal: lambda exc: 128 + exc.signum,
+    KeyboardInterrupt: lambda exc: 128 + signal.SIGINT,
+    UsageError: lambda exc: 2,
+    ReirError: lambda exc: 1,
+}
+
+# setting (an option's ``dest``) -> its flag, for the options of the command running (filled as it parses)
+_command_flags: dict[str, str] = {}
+
+
+def flag_name(setting_name: str) -> str:
+    """The command-line flag of a declared setting (:mod:`reir.settings`): the one place the two names are tied."""
+    return f"--{setting_name}"
+
+
+def flags_of(parser: argparse.ArgumentParser) -> dict[str, str]:
+    """Each option's setting (its ``dest``) and its long flag, which may be named otherwise (``--format``
+    sets ``export_format``)."""
+    return {action.dest: long[0] for action in parser._actions
+            if (long := [option for option in action.option_strings if option.startswith("--")])}
+
+
+@functools.cache
+def every_command_flag() -> dict[str, str]:
+    """The options of every ``reir`` command (those in :data:`reir.cli.COMMANDS` with a ``get_args_parser``):
+    a message may point to another command's flag, as ``prepare with `skip_bad` ``."""
+    from reir.cli import COMMANDS
+
+    flags: dict[str, str] = {}
+    for module_name in sorted({target.partition(":")[0] for target, _ in COMMANDS.values()}):
+        build = getattr(importlib.import_module(module_name), "get_args_parser", None)
+        if build is not None:
+            flags |= {name: flag for name, flag in flags_of(build()).items() if name not in flags}
+    return flags
+
+
+def as_flags(message: str) -> str:
+    """A library message as the command line shows it: each `` `setting` `` becomes its flag, the running
+    command's own if it has one, else the flag of that name another command has; other backticked text
+    (a name no command has a flag for) stays as it is."""
+
+    def flag(mark: re.Match) -> str:
+        name = mark.group(1)
+        if name in _command_flags:
+            return _command_flags[name]
+        return every_command_flag().get(name, mark.group(0))
+
+    return SETTING_MARK.sub(flag, message)
+
+
+def exit_code(exc: BaseException) -> int:
+    """The exit code :data:`EXIT_CODES` gives ``exc``."""
+    return next(code(exc) for kind, code in EXIT_CODES.items() if isinstance(exc, kind))
 
 
 class ArgumentParser(argparse.ArgumentParser):
-    """argparse, but a usage error is one line on stderr and exit code 2."""
+    """argparse, but a usage error is one line on stderr and exit code 2; the options it parses are the
+    flags :func:`as_flags` shows settings as."""
 
     def error(self, message: str):
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+        self.exit(exit_code(UsageError(message)), f"{self.prog}: error: {message} (see --help)\n")
+
+    def parse_known_args(self, args=None, namespace=None):
+        _command_flags.update(flags_of(self))
+        return super().parse_known_args(args, namespace)
 
 
 def one_line(exc: ReirError) -> str:
@@ -42,11 +115,18 @@ class _TerminalHandler(logging.StreamHandler):
         pass  # always the current sys stream
 
 
+class _ProgressFormatter(logging.Formatter):
+    """The message, settings shown as flags."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return as_flags(super().format(record))
+
+
 class _WarningFormatter(logging.Formatter):
     """``warning: ...``; a warning logged with ``extra={"loud": True}`` stands out between blank lines."""
 
     def format(self, record: logging.LogRecord) -> str:
-        text = record.getMessage()
+        text = as_flags(record.getMessage())
         return f"\n*** WARNING: {text}\n" if getattr(record, "loud", False) else f"warning: {text}"
 
 
@@ -58,6 +138,7 @@ def configure_logging(level: int = logging.INFO) -> None:
         return
     progress = _TerminalHandler("stdout")
     progress.addFilter(lambda record: record.levelno < logging.WARNING)
+    progress.setFormatter(_ProgressFormatter())
     problems = _TerminalHandler("stderr")
     problems.setLevel(logging.WARNING)
     problems.setFormatter(_WarningFormatter())
@@ -67,18 +148,19 @@ def configure_logging(level: int = logging.INFO) -> None:
 
 def reports_errors(main: Callable[..., int | None]) -> Callable[..., int]:
     """Wrap a ``main``: library messages reach the terminal, a :class:`ReirError` becomes one stderr line
-    and its exit code."""
+    (settings shown as flags) and the exit code :data:`EXIT_CODES` gives it."""
 
     @functools.wraps(main)
     def wrapper(*args, **kwargs) -> int:
         configure_logging()
+        _command_flags.clear()
         try:
             return main(*args, **kwargs) or 0
-        except ReirError as exc:
-            print(f"error: {one_line(exc)}", file=sys.stderr)
-            return exc.exit_code
-        except KeyboardInterrupt:
-            print("error: interrupted", file=sys.stderr)
-            return 130
+        except (ReirError, KeyboardInterrupt) as exc:
+            text = as_flags(one_line(exc)) if isinstance(exc, ReirError) else "interrupted"
+            print(f"error: {text}", file=sys.stderr)
+            return exit_code(exc)
+        finally:
+            _command_flags.clear()  # a library call after the command names settings again
 
     return wrapper

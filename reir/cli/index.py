@@ -13,7 +13,7 @@ from pathlib import Path
 
 from reir.argtypes import positive_int
 from reir.cli.common import ArgumentParser, reports_errors
-from reir.errors import ReirError
+from reir.errors import UsageError
 from reir.fileio import OutputLock, claim_output
 from reir.retrieval.database import resolve_database_path
 from reir.retrieval.index import EXACT_FACTORY, INDEX_FORMAT, Index, id_map_path
@@ -32,7 +32,7 @@ def parse_index_params(text: str | None) -> dict:
     for item in filter(None, (text or "").split(",")):
         name, _, value = item.partition("=")
         if not name.strip() or not value.strip():
-            raise ReirError(f"--index_params {text!r}: write name=value pairs such as M=32,efConstruction=200", 2)
+            raise UsageError(f"--index_params {text!r}: write name=value pairs such as M=32,efConstruction=200")
         value = value.strip()
         parameters[name.strip()] = int(value) if value.lstrip("-").isdigit() else value
     return parameters
@@ -73,10 +73,10 @@ def build_milvus(args, database_path: Path, splits: list[str] | None):
     from reir.retrieval.milvus import MilvusIndex
 
     if args.factory != EXACT_FACTORY:
-        raise ReirError("--factory is FAISS's; with --backend milvus choose --index_type and --index_params", 2)
+        raise UsageError("--factory is FAISS's; with --backend milvus choose --index_type and --index_params")
     if not args.uri:
-        raise ReirError("--backend milvus needs --uri: a Milvus Lite file such as reir.milvus.db, "
-                        "or http://HOST:19530", 2)
+        raise UsageError("--backend milvus needs --uri: a Milvus Lite file such as reir.milvus.db, "
+                         "or http://HOST:19530")
     index = MilvusIndex.from_database(database_path, splits, args.index_type, uri=args.uri,
                                       collection=args.collection, parameters=parse_index_params(args.index_params))
     index.info["database"] = str(database_path.resolve())
@@ -89,11 +89,11 @@ def main(argv: list[str] | None = None) -> int:
     database_path = resolve_database_path(args.data_base, args.output_dir)
     requested = [s for s in args.splits.split(",") if s] if args.splits else None
     if args.backend == "faiss" and (args.uri or args.index_params or args.index_type != "FLAT"):
-        raise ReirError("--uri, --index_type and --index_params are for --backend milvus", 2)
+        raise UsageError("--uri, --index_type and --index_params are for --backend milvus")
     if args.backend == "faiss":
         output = Path(args.output) if args.output else default_output(database_path, args.factory)
         if output.is_dir():
-            raise ReirError(f"--output {output} is a folder; give a file name such as {output}/collection.faiss", 2)
+            raise UsageError(f"--output {output} is a folder; give a file name such as {output}/collection.faiss")
         # one writer per index file: a second reir index onto it is refused at once, before it builds anything
         with OutputLock(output.with_name(output.name + ".lock"), f"index {output}"):
             for part, record in ((output, id_map_path(output)), (id_map_path(output), id_map_path(output))):

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from reir.argtypes import positive_int
 from reir.cli.common import ArgumentParser, reports_errors
-from reir.errors import ReirError
+from reir.errors import ReirError, UsageError
 from reir.fileio import atomic_write, claim_output
 from reir.plots.report import REPORT_FORMAT, build_report, find_statistics
 from reir.retrieval.database import load_database, resolve_database_path
@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
         raise ReirError(f"database {db_path} holds no embeddings")
     statistics = Path(args.statistics) if args.statistics else find_statistics(db, db_path)
     if statistics is not None and not statistics.is_file():
-        raise ReirError(f"--statistics {statistics} does not exist; pass the run's statistics/*_results.csv", 2)
+        raise UsageError(f"--statistics {statistics} does not exist; pass the run's statistics/*_results.csv")
     atomic_write(output, build_report(db, db_path, statistics, args.k, args.queries))
     print(f"Wrote {output} ({output.stat().st_size / 1024:.0f} KiB)")
     return 0

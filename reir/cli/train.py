@@ -4,18 +4,46 @@ from __future__ import annotations
 
 import argparse
 import copy
-from dataclasses import replace
+from collections.abc import Callable
+from dataclasses import fields, replace
+from typing import Any
 
 import torch
 
-from reir.argtypes import positive_int
-from reir.cli.common import ArgumentParser, reports_errors
+from reir.argtypes import at_least, positive_int
+from reir.cli.common import ArgumentParser, flag_name, reports_errors
 from reir.data.registry import BENCHMARKS
 from reir.model.branches import resolve_batching
 from reir.model.network import MODEL_TYPES, ModelConfig, count_parameters
-from reir.training.config import MODEL_FLAGS, TrainConfig, add_flags
+from reir.settings import default_of
+from reir.training.config import LIST_PARSERS, MODEL_FLAGS, TrainConfig
 from reir.training.memory import HOST_OVERHEAD, estimate, gib
 from reir.training.train import claim_run_outputs, train
+
+# The title of each group of flags, named by a setting's ``group`` (reir.settings.setting).
+GROUPS = {"original": "flags of the original train.py", "extra": "REIR extras",
+          "heads": "branch heads and loss terms (defaults: the original's)",
+          "speed": "speed and scale-out (none changes what is computed in fp32)"}
+
+
+def add_flags(parser: argparse.ArgumentParser, names: tuple[str, ...] | None = None) -> argparse.ArgumentParser:
+    """One flag per :class:`TrainConfig` field (or per field in ``names``), in groups, from the fields' metadata."""
+    groups: dict[str, argparse._ArgumentGroup] = {}
+    for f in fields(TrainConfig):
+        if names is not None and f.name not in names:
+            continue
+        meta = f.metadata
+        if meta["group"] not in groups:
+            groups[meta["group"]] = parser.add_argument_group(GROUPS[meta["group"]])
+        default = default_of(f)
+        if isinstance(default, bool):
+            groups[meta["group"]].add_argument(flag_name(f.name), action="store_true", help=meta["help"])
+            continue
+        parse: Callable[[str], Any] = LIST_PARSERS.get(f.name) or (
+            float if isinstance(default, float) else str if meta["minimum"] is None else at_least(meta["minimum"]))
+        groups[meta["group"]].add_argument(flag_name(f.name), default=default, type=parse, choices=meta["choices"],
+                                           metavar=meta["metavar"], help=meta["help"])
+    return parser
 
 
 def get_args_parser(add_help: bool = True) -> ArgumentParser:

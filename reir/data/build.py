@@ -164,7 +164,7 @@ def build_split_list(records: list[Record], *, data_name: str, crop_type: str, t
                     message = f"image {record.source} ({record.where}) {outcome[1]}"
                     if not skip_bad:
                         hint = ("fix the box" if outcome[0] == "box" else "restore or replace it")
-                        raise ReirError(f"{message}; {hint}, or prepare with --skip_bad to leave it out")
+                        raise ReirError(f"{message}; {hint}, or prepare with `skip_bad` to leave it out")
                     skipped.append(message)
                     continue
                 clamped += outcome[1]
@@ -263,7 +263,7 @@ def report(result: Result, published, label: str) -> None:
     for message in result.skipped[:5]:
         log.warning("skipped %s", message)
     if result.skipped:
-        log.warning("%s: skipped %d unreadable images (--skip_bad)", label, len(result.skipped))
+        log.warning("%s: skipped %d unreadable images (`skip_bad`)", label, len(result.skipped))
     if result.clamped:
         log.warning("%s: %d bounding boxes reached outside their image and were clamped", label, result.clamped)
     mismatch = summarize(result.split_list, published, label)

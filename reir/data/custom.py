@@ -111,8 +111,8 @@ def read_source(source: Path) -> tuple[list[Record], bool]:
         return read_csv(source)
     if source.is_dir():
         return read_folder(source), False
-    raise ReirError(f"custom data {source} does not exist: give --data_path a CSV file (path,label,split) "
-                    "or a folder with train/ and test/ class folders", 2)
+    raise UsageError(f"custom data {source} does not exist: give `data_path` a CSV file (path,label,split) "
+                     "or a folder with train/ and test/ class folders")
 
 
 def cache_bases(source: Path) -> list[Path]:
@@ -148,8 +148,8 @@ def prepare_custom(source: str | Path, crop_type: str, resize: int = 0, skip_bad
     else:
         boxed = all(r.box is not None for r in records)
     if crop_type == "cropped" and not boxed:
-        raise UsageError(f"--crop_type cropped needs a bounding box x1,y1,x2,y2 on every row of a CSV; {source} "
-                         "has none (or not on every row): use --crop_type uncropped")
+        raise UsageError(f"`crop_type` cropped needs a bounding box x1,y1,x2,y2 on every row of a CSV; {source} "
+                         "has none (or not on every row): use `crop_type` uncropped")
     base = next((b for b in cache_bases(source) if probe_writable(b)), None)
     if base is None:
         raise ReirError(f"no writable place for the prepared list of {source}; set REIR_CACHE_DIR to a writable folder")
@@ -196,15 +196,15 @@ def load_custom(source: str | Path, crop_type: str) -> SplitList:
         listed = sum(len(split) for split in stale.splits.values())
         log.warning("custom data %s changed since it was prepared (images added, removed, relabelled or modified: "
                     "%d listed then, %d now); preparing it again with the options it was prepared with (%s). "
-                    "To choose others, run data_utils.py --data_name custom first", source, listed, len(records),
+                    "To choose others, run data_utils.py `data_name` custom first", source, listed, len(records),
                     option_flags(options))
     log.info("Preparing custom data %s (%s)", source, crop_type)
     return prepare_custom(source, crop_type, records=records, **options)
 
 
 def option_flags(options: dict) -> str:
-    """``{"resize": 40, "imagenet_norm": True}`` as the data_utils.py flags that give it."""
-    flags = [f"--{name} {value}" if not isinstance(value, bool) else f"--{name}"
+    """``{"resize": 40, "imagenet_norm": True}`` as the data_utils.py settings that give it."""
+    flags = [f"`{name}` {value}" if not isinstance(value, bool) else f"`{name}`"
              for name, value in options.items() if value]
     return " ".join(flags) or "no options"
 

@@ -146,7 +146,7 @@ def write_images(root: Path, rendered: dict[str, dict[int, dict[str, np.ndarray]
     try:
         scratch = Path(tempfile.mkdtemp(prefix=".images.", dir=root))
     except OSError as exc:
-        raise ReirError(f"cannot write in {root}: {exc.strerror}; choose a writable --data_path") from None
+        raise ReirError(f"cannot write in {root}: {exc.strerror}; choose a writable `data_path`") from None
     splits = {split: Split([], []) for split in rendered}
     try:
         for split, characters in rendered.items():
@@ -163,7 +163,7 @@ def write_images(root: Path, rendered: dict[str, dict[int, dict[str, np.ndarray]
         os.replace(scratch, final)
     except OSError as exc:
         raise ReirError(f"cannot write the {what} images under {root}: {exc.strerror}; "
-                        "free space or choose another --data_path") from None
+                        "free space or choose another `data_path`") from None
     finally:
         if scratch.exists():
             shutil.rmtree(scratch, ignore_errors=True)
@@ -195,7 +195,7 @@ def prepare_glyphs(data_path: str | Path, limit: int | None = None) -> SplitList
 
 def write_subset_csv(split_list: SplitList, target: str | Path, train_classes: int, test_classes: int,
                      seed: int | None = SPLIT_SEED) -> Path:
-    """A CSV (``path,label,split``, for ``--data_name custom``) over some classes of each split: a
+    """A CSV (``path,label,split``, for ``data_name='custom'``) over some classes of each split: a
     smaller run on the same images, for a CPU's time budget.
 
     ``seed``: a seeded random choice of classes; ``None``: the classes with the lowest code points,

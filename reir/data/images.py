@@ -136,6 +136,6 @@ class ImageList(Dataset):
         try:
             image = read_image(self.paths[item])
         except ImageError as exc:
-            fix = "prepare the dataset again" if exc.kind == "missing" else "replace it or prepare with --skip_bad"
+            fix = "prepare the dataset again" if exc.kind == "missing" else "replace it or prepare with `skip_bad`"
             raise ReirError(f"{exc}; {fix}") from None
         return self.transform(image), self.targets[item]

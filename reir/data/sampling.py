@@ -1,7 +1,7 @@
 """Which images an epoch sees, in which order, with which augmentation seed: replayable on any machine.
 
 Each training image's augmentation is seeded by ``(seed, epoch, image)`` (:class:`ReplayableSampler`
-+ :class:`SeededItems`), so an epoch gives the same batches whatever ``--num_workers`` is, can be
++ :class:`SeededItems`), so an epoch gives the same batches whatever ``num_workers`` is, can be
 continued from any batch after a resume, and splits into the same global batches over DDP ranks
 (:class:`RankSampler`).
 """

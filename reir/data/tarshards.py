@@ -29,7 +29,7 @@ MEMBER_SEPARATOR = "::"  # a sample's path: <tar file>::<sample key>
 
 
 def is_shard_pattern(text: str) -> bool:
-    """Whether ``--images`` names tar shards (one file, a brace range or a glob) rather than a folder or CSV."""
+    """Whether a collection's ``images`` names tar shards (one file, a brace range or a glob), not a folder or CSV."""
     return text.rstrip("}").endswith(".tar") or (".tar" in text and any(c in text for c in "{*?["))
 
 
@@ -43,11 +43,11 @@ def expand_shards(pattern: str) -> list[Path]:
         files += [Path(m) for m in matches]
     missing = [f for f in files if not f.is_file()]
     if missing:
-        raise ReirError(f"--images {pattern}: shard {missing[0]} does not exist"
+        raise ReirError(f"`images` {pattern}: shard {missing[0]} does not exist"
                         + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
                         + "; check the brace range or glob")
     if not files:
-        raise ReirError(f"--images {pattern} names no tar file; give e.g. 'shards/{{000000..000099}}.tar'")
+        raise ReirError(f"`images` {pattern} names no tar file; give e.g. 'shards/{{000000..000099}}.tar'")
     return files
 
 

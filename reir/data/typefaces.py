@@ -73,8 +73,9 @@ def distinct_characters(points, train: FontSet, test: FontSet) -> dict[int, dict
     seen: dict[str, set[bytes]] = {side: set() for side in sides}
     kept = {}
     for point in points:
-        drawn = {side: [render(face, point) for face in faces[side]] for side in sides}
-        if any(pixels is None for images in drawn.values() for pixels in images):
+        rendered = {side: [render(face, point) for face in faces[side]] for side in sides}
+        drawn = {side: [pixels for pixels in images if pixels is not None] for side, images in rendered.items()}
+        if any(len(drawn[side]) < len(rendered[side]) for side in sides):  # some font draws it blank
             continue
         signatures = {side: b"".join(pixels.tobytes() for pixels in images) for side, images in drawn.items()}
         if any(signatures[side] in seen[side] for side in sides):

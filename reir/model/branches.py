@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.models.resnet import BasicBlock, Bottleneck
 
-from reir.errors import ReirError
+from reir.errors import ReirError, UsageError
 from reir.model.heads import CosineHead, grouped_cosine
 
 BATCHING_MODES = ("auto", "loop", "grouped")
@@ -32,7 +32,7 @@ Layer = TypeVar("Layer", bound=nn.Module)
 def resolve_batching(mode: str, device: torch.device) -> str:
     """``auto`` becomes the measured faster mode for the device type."""
     if mode not in BATCHING_MODES:
-        raise ReirError(f"unknown branch batching {mode!r}; choose one of {', '.join(BATCHING_MODES)}", 2)
+        raise UsageError(f"unknown branch batching {mode!r}; choose one of {', '.join(BATCHING_MODES)}")
     return DEFAULT_BATCHING.get(torch.device(device).type, "loop") if mode == "auto" else mode
 
 
@@ -91,7 +91,7 @@ def _grouped(layers: list[nn.Module], x: torch.Tensor) -> torch.Tensor:
         return x.flatten(1)
     if isinstance(first, (nn.ReLU, nn.MaxPool2d, nn.AdaptiveAvgPool2d)):
         return first(x)  # channel-wise: the same for every branch
-    raise ReirError(f"--branch_batching grouped cannot batch {type(first).__name__}; use --branch_batching loop")
+    raise ReirError(f"`branch_batching` grouped cannot batch {type(first).__name__}; use `branch_batching` loop")
 
 
 def _alike(layers: list[nn.Module], kind: type[Layer]) -> list[Layer]:

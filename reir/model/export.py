@@ -7,7 +7,7 @@ embeddings ``[batch, ensemble, meta]``, every branch L2-normalised, exactly what
 (onnxruntime for ONNX, after linking or copying the files to another folder, so an ONNX file whose
 weights lie in ``<output>.data`` beside it is checked as it will be deployed) and run on a batch of a
 different size than the export used; the largest absolute difference from PyTorch is printed and
-must stay under ``--tolerance``.
+must stay under the command's tolerance.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from reir.errors import ReirError
+from reir.errors import ReirError, UsageError
 from reir.fileio import atomic_files, file_sha256
 from reir.model.files import Model
 from reir.model.network import embedding_from_logits
@@ -145,7 +145,7 @@ def export(model: Model, export_format: str, output: Path,
     seen as a JSON that does not describe the network beside it.
     """
     if export_format not in FORMATS:
-        raise ReirError(f"--format {export_format!r} is unknown; choose {' or '.join(FORMATS)}", 2)
+        raise UsageError(f"`export_format` {export_format!r} is unknown; choose {' or '.join(FORMATS)}")
     wrapper = EmbeddingNetwork(model.network.cpu()).eval()
     example, check = example_images(model, 2, 0), example_images(model, 5, 1)
     record = Path(f"{output}.json")

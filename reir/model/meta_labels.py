@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from reir.errors import ReirError
+from reir.errors import ReirError, UsageError
 from reir.fileio import read_json, write_json
 
 LABEL_TYPES = ("fixed", "random")
@@ -99,16 +99,16 @@ def assign_meta_labels(num_classes: int, ensemble_size: int, meta_class_size: in
 
 def check_sizes(num_classes: int, ensemble_size: int, meta_class_size: int, label_type: str) -> None:
     if label_type not in LABEL_TYPES:
-        raise ReirError(f"unknown label_type {label_type!r}; choose fixed or random", 2)
+        raise UsageError(f"unknown label_type {label_type!r}; choose fixed or random")
     if meta_class_size >= num_classes:
-        raise ReirError(f"meta_class_size {meta_class_size} must be smaller than the {num_classes} training "
-                        f"classes; use --meta_class_size {max(2, num_classes // 2)} or less", 2)
+        raise UsageError(f"meta_class_size {meta_class_size} must be smaller than the {num_classes} training "
+                         f"classes; use `meta_class_size` {max(2, num_classes // 2)} or less")
     if meta_class_size < 2:
-        raise ReirError("meta_class_size must be at least 2; raise --meta_class_size", 2)
+        raise UsageError("meta_class_size must be at least 2; raise `meta_class_size`")
     if label_type == "fixed" and float(meta_class_size) ** ensemble_size < num_classes:
-        raise ReirError(f"fixed labels need meta_class_size ** ensemble_size >= {num_classes} classes, "
-                        f"but {meta_class_size} ** {ensemble_size} is smaller; raise --ensemble_size or "
-                        "--meta_class_size, or use --label_type random", 2)
+        raise UsageError(f"fixed labels need meta_class_size ** ensemble_size >= {num_classes} classes, "
+                         f"but {meta_class_size} ** {ensemble_size} is smaller; raise `ensemble_size` or "
+                         "`meta_class_size`, or use `label_type` random")
 
 
 def balanced_groupings(num_classes: int, meta_class_size: int) -> int:
@@ -128,11 +128,11 @@ def grouping_room(num_classes: int, ensemble_size: int, meta_class_size: int) ->
         return (f"meta classes have no room: {num_classes} classes in {meta_class_size} meta classes allow only "
                 f"{distinct} different groupings, so {ensemble_size - distinct} of the {ensemble_size} branches "
                 "repeat another's task; REIR's ensemble adds little with so few training classes (docs/ACCURACY.md: "
-                "few classes); prefer more classes, or add --pair_loss multisimilarity --samples_per_class 4")
+                "few classes); prefer more classes, or add `pair_loss` multisimilarity `samples_per_class` 4")
     if num_classes < 2 * meta_class_size:
         return (f"meta classes have no room: {num_classes} classes in {meta_class_size} meta classes leave "
                 f"{2 * meta_class_size - num_classes} meta classes with a single class, so every branch is close to "
-                f"a plain classifier; use --meta_class_size {max(2, num_classes // 4)} or less")
+                f"a plain classifier; use `meta_class_size` {max(2, num_classes // 4)} or less")
     return None
 
 
@@ -159,20 +159,20 @@ def save_ids(path: Path, codes: np.ndarray, classes: list[str], label_type: str,
 def load_ids(path: Path, classes: list[str], ensemble_size: int, meta_class_size: int,
              label_type: str) -> tuple[np.ndarray, int]:
     if not Path(path).is_file():
-        raise ReirError(f"--load_ids: no saved ids at {path}; run once without --load_ids to create them")
+        raise ReirError(f"`load_ids`: no saved ids at {path}; run once without `load_ids` to create them")
     data = read_json(path, "ids file")
     if not isinstance(data, dict) or label_type not in data:
-        raise ReirError(f"--load_ids: {path} holds no {label_type} ids; run once without --load_ids")
+        raise ReirError(f"`load_ids`: {path} holds no {label_type} ids; run once without `load_ids`")
     try:
         codes = np.asarray(data[label_type]["ids"], dtype=np.int64)
         saved_classes = data["classes"]
         distance = int(data[label_type]["min_hamming_distance"])
     except (KeyError, TypeError, ValueError):
-        raise ReirError(f"ids file {path} is malformed; delete it and run without --load_ids") from None
+        raise ReirError(f"ids file {path} is malformed; delete it and run without `load_ids`") from None
     if codes.ndim != 2 or codes.shape != (ensemble_size, len(classes)) or list(saved_classes) != list(classes):
         raise ReirError(f"ids file {path} is for {len(saved_classes)} other classes or another ensemble; "
-                        "run without --load_ids to draw new ids")
+                        "run without `load_ids` to draw new ids")
     if codes.min() < 0 or codes.max() >= meta_class_size:
         raise ReirError(f"ids file {path} has meta classes outside 0..{meta_class_size - 1}; "
-                        "run without --load_ids")
+                        "run without `load_ids`")
     return codes, distance

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision import models
 
-from reir.errors import ReirError
+from reir.errors import ReirError, UsageError
 from reir.model.branches import RUNNERS
 from reir.model.heads import HEADS, CosineHead
 from reir.model.sharding import split_evenly
@@ -111,13 +111,13 @@ class REIRNet(nn.Module):
     @branch_batching.setter
     def branch_batching(self, mode: str) -> None:
         if mode not in RUNNERS:
-            raise ReirError(f"unknown branch batching {mode!r}; choose one of {', '.join(RUNNERS)}", 2)
+            raise UsageError(f"unknown branch batching {mode!r}; choose one of {', '.join(RUNNERS)}")
         self._branch_batching = mode
 
     def shard(self, devices: list[torch.device]) -> REIRNet:
         """The stem on ``devices[0]``, the branches split evenly over ``devices``: the original's model parallelism."""
         if not devices:
-            raise ReirError("no device to place the model on; list at least one in --gpu_ids", 2)
+            raise UsageError("no device to place the model on; list at least one in `gpu_ids`")
         devices = [torch.device(d) for d in devices]
         groups = [group for group in split_evenly(len(self.branches), len(devices)) if len(group)]
         self.stem.to(devices[0])
@@ -193,7 +193,7 @@ def _imagenet_file(model_type: str) -> Path:
         except Exception as exc:  # noqa: BLE001 - every failure to fetch has the same remedy
             reason = (str(exc).splitlines() or [type(exc).__name__])[0][:120]
             raise ReirError(f"cannot download ImageNet weights {url} ({reason}); put that file at {target} "
-                            "or use --weights none (random init)") from None
+                            "or use `weights` none (random init)") from None
     return target
 
 
@@ -221,7 +221,7 @@ def _imagenet_backbone(model_type: str) -> tuple[nn.Module, dict]:
         backbone.load_state_dict(state)
     except Exception as exc:  # noqa: BLE001 - unreadable or not this backbone's: either way the file is wrong
         raise ReirError(f"ImageNet weights at {target} are corrupt or not {model_type}'s "
-                        f"({type(exc).__name__}); delete the file and download it again, or use --weights none"
+                        f"({type(exc).__name__}); delete the file and download it again, or use `weights` none"
                         ) from None
     published = torch.hub.HASH_REGEX.search(target.name)
     origin = {"weights": "imagenet", "torchvision": f"{type(enum).__name__}.{enum.name}", "url": enum.url,
@@ -241,7 +241,7 @@ def load_backbone(model_type: str, weights: str = "imagenet") -> tuple[nn.Module
     state-dict file; the record names the source, the file and the SHA-256 of its bytes.
     """
     if model_type not in MODEL_TYPES:
-        raise ReirError(f"unknown model_type {model_type!r}; choose one of {', '.join(MODEL_TYPES)}", 2)
+        raise UsageError(f"unknown model_type {model_type!r}; choose one of {', '.join(MODEL_TYPES)}")
     if weights == "imagenet":
         return _imagenet_backbone(model_type)
     backbone = models.get_model(model_type, weights=None)
@@ -252,13 +252,13 @@ def load_backbone(model_type: str, weights: str = "imagenet") -> tuple[nn.Module
     try:
         missing, unexpected = backbone.load_state_dict(state, strict=False)
     except RuntimeError:  # tensors of other shapes: another architecture's weights
-        raise ReirError(f"--weights {weights} is not a {model_type} state dict (its tensors have other shapes); "
-                        "pass a matching torchvision state dict or --weights none", 2) from None
+        raise UsageError(f"`weights` {weights} is not a {model_type} state dict (its tensors have other shapes); "
+                         "pass a matching torchvision state dict or `weights` none") from None
     missing = [k for k in missing if not k.startswith("fc.")]
     if missing or unexpected:
-        raise ReirError(f"--weights {weights} is not a {model_type} state dict "
-                        f"({len(missing)} missing, {len(unexpected)} unexpected keys); "
-                        "pass a matching torchvision state dict or --weights none", 2)
+        raise UsageError(f"`weights` {weights} is not a {model_type} state dict "
+                         f"({len(missing)} missing, {len(unexpected)} unexpected keys); "
+                         "pass a matching torchvision state dict or `weights` none")
     return backbone, {"weights": weights, "file": str(Path(weights).resolve()), "sha256": digest}
 
 
@@ -270,16 +270,16 @@ def build_backbone(model_type: str, weights: str = "imagenet") -> nn.Module:
 def load_state_dict_file(path: str) -> tuple[dict[str, torch.Tensor], str]:
     """A backbone state dict from safetensors or a torch file, and the SHA-256 of the file's bytes."""
     if not Path(path).is_file():
-        raise ReirError(f"--weights {path} does not exist; use imagenet, none or a state-dict file", 2)
+        raise UsageError(f"`weights` {path} does not exist; use imagenet, none or a state-dict file")
     try:
         state, digest = _read_state_dict(Path(path))
     except Exception as exc:  # noqa: BLE001 - any failure here means "not a safe state dict"
-        raise ReirError(f"--weights {path} cannot be loaded safely ({type(exc).__name__}); "
-                        "pass a plain state dict (.pth with tensors only, or .safetensors)", 2) from None
+        raise UsageError(f"`weights` {path} cannot be loaded safely ({type(exc).__name__}); "
+                         "pass a plain state dict (.pth with tensors only, or .safetensors)") from None
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ReirError(f"--weights {path} holds no state dict of tensors; pass a backbone state dict", 2)
+        raise UsageError(f"`weights` {path} holds no state dict of tensors; pass a backbone state dict")
     return state, digest
 
 

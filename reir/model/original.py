@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from reir.data.registry import BENCHMARKS, IMAGENET_MEAN, IMAGENET_STD
-from reir.errors import ReirError
+from reir.errors import ReirError, UsageError
 from reir.model.files import save_model
 from reir.model.network import _SHARED_UP_TO, _STAGES, MODEL_TYPES, SHARE_TYPES, ModelConfig, create_model
 
@@ -137,11 +137,11 @@ def state_dict_settings(state: dict[str, torch.Tensor], settings: dict, path: Pa
              "share_type": share}
     for key, value in found.items():
         if settings.get(key, value) != value:
-            raise ReirError(f"{path} holds {key} {value} but its name or flags say {settings[key]}; "
-                            f"drop the flag or pass --{key} {value}", 2)
+            raise UsageError(f"{path} holds {key} {value} but its name or flags say {settings[key]}; "
+                             f"drop the flag or pass `{key}` {value}")
     if "model_type" not in settings:
-        raise ReirError(f"{path}: the file name does not say the backbone; pass --model_type "
-                        f"({', '.join(MODEL_TYPES)})", 2)
+        raise UsageError(f"{path}: the file name does not say the backbone; pass `model_type` "
+                         f"({', '.join(MODEL_TYPES)})")
     return {**settings, **found}
 
 
@@ -157,12 +157,12 @@ def map_state_dict(state: dict[str, torch.Tensor], config: ModelConfig, path: Pa
         name = _reir_key(key, cut, classifier, target)
         if name is None:
             raise ReirError(f"{path}: key {key!r} has no place in a {config.model_type} with share_type "
-                            f"{config.share_type}; refused, nothing written (is --model_type right?)")
+                            f"{config.share_type}; refused, nothing written (is `model_type` right?)")
         if name in mapped:
             raise ReirError(f"{path}: key {key!r} repeats the weights of another key ({name}); refused")
         if tuple(tensor.shape) != tuple(target[name].shape):
             raise ReirError(f"{path}: key {key!r} has shape {tuple(tensor.shape)}, a {config.model_type} needs "
-                            f"{tuple(target[name].shape)}; pass the right --model_type")
+                            f"{tuple(target[name].shape)}; pass the right `model_type`")
         mapped[name] = tensor.detach().to(target[name].dtype)
     for name in target:  # absent from files of PyTorch < 0.4.1; BatchNorm reads it only in training
         if name.endswith("num_batches_tracked") and name not in mapped:

@@ -43,7 +43,7 @@ def check_compatible(better: Database, worse: Database, names: tuple[str, str], 
     for split in dict.fromkeys(splits):
         for db, name in zip((better, worse), names):
             if split not in db.features:
-                raise ReirError(f"database {name} has no {split} split; use the other --data_type")
+                raise ReirError(f"database {name} has no {split} split; use the other `data_type`")
         if (_relative(better.paths(split)) != _relative(worse.paths(split))
                 or better.labels(split) != worse.labels(split)):
             raise ReirError(f"{names[0]} and {names[1]} hold different {split} image lists; "

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 
 import torch
 
-from reir.errors import ReirError
+from reir.errors import ReirError, UsageError
 from reir.retrieval.index import EXACT_FACTORY, Index
 from reir.retrieval.index_common import SearchIndex
 from reir.retrieval.milvus import MilvusIndex
@@ -22,7 +22,7 @@ BACKENDS = ("faiss", "milvus")
 
 def check_backend(backend: str) -> str:
     if backend not in BACKENDS:
-        raise ReirError(f"unknown index backend {backend!r}; use faiss or milvus", 2)
+        raise UsageError(f"unknown index backend {backend!r}; use faiss or milvus")
     return backend
 
 
@@ -58,7 +58,7 @@ def open_index(backend: str = "faiss", path: str | os.PathLike | None = None, *,
     """A saved index: a FAISS file (``path``) or a Milvus collection (``uri``, ``collection``)."""
     if check_backend(backend) == "milvus":
         if not uri:
-            raise ReirError("the milvus backend needs --uri (a Milvus Lite *.db file or http://HOST:19530)", 2)
+            raise UsageError("the milvus backend needs `uri` (a Milvus Lite *.db file or http://HOST:19530)")
         return MilvusIndex.load(uri, collection)
     if path is None:
         raise ReirError("the faiss backend opens an index file; give its path")

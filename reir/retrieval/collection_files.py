@@ -69,7 +69,7 @@ class CollectionFiles:
         problem = root_problem(chosen) if chosen else None
         if problem:
             raise ReirError(f"{what} cannot be served: {problem}; rebuild it from a folder of images "
-                            "(reir embed --images FOLDER, then reir index)")
+                            "(reir embed `images` FOLDER, then reir index)")
         # no root at all (no paths, or paths sharing no folder): no image is handed out
         self.root = os.path.realpath(chosen) if chosen else None
 

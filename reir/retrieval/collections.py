@@ -13,7 +13,7 @@ import torch
 
 from reir.data.images import image_files
 from reir.data.tarshards import expand_shards, iter_samples, shard_fingerprint
-from reir.errors import ReirError
+from reir.errors import ReirError, UsageError
 from reir.model.embedding import embed
 from reir.model.files import Model
 from reir.retrieval.collection_files import recorded_root
@@ -120,12 +120,12 @@ def by_split(features: torch.Tensor, splits: list[str], paths: list[str], labels
 def from_folder(folder: Path, split: str, labels_from_folders: bool) -> Collection:
     files = image_files(folder)
     if not files:
-        raise ReirError(f"folder {folder} holds no image files; pass a folder of images, a CSV or --data_name")
+        raise ReirError(f"folder {folder} holds no image files; pass a folder of images, a CSV or `data_name`")
     labels = [UNLABELLED] * len(files)
     if labels_from_folders:
         loose = [f for f in files if len(f.relative_to(folder).parts) < 2]
         if loose:
-            raise ReirError(f"{loose[0]} is not inside a class folder; with --labels_from_folders every image "
+            raise ReirError(f"{loose[0]} is not inside a class folder; with `labels_from_folders` every image "
                             f"must be in {folder}/<class>/")
         labels = [f.relative_to(folder).parts[0] for f in files]
     return Collection([split] * len(files), [str(f.resolve()) for f in files], labels, str(folder.resolve()),
@@ -159,7 +159,7 @@ def from_dataset(data_name: str, data_path: str, crop_type: str, image_size: int
     chosen = splits or list(split_list.splits)
     unknown = [s for s in chosen if s not in split_list.splits]
     if unknown:
-        raise ReirError(f"dataset {data_name} has no split {unknown[0]}; it has {', '.join(split_list.splits)}", 2)
+        raise UsageError(f"dataset {data_name} has no split {unknown[0]}; it has {', '.join(split_list.splits)}")
     names, paths, labels = [], [], []
     for split in chosen:
         names += [split] * len(split_list.splits[split])

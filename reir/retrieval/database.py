@@ -183,7 +183,7 @@ def read_manifest(folder: str | os.PathLike) -> dict:
     manifest = read_json(Path(folder) / MANIFEST, "database manifest")
     if not isinstance(manifest, dict) or manifest.get("format") != SHARDED_FORMAT:
         raise ReirError(f"{folder} is not a sharded REIR database (no {MANIFEST} of format {SHARDED_FORMAT}); "
-                        "write one with reir embed --shard_output")
+                        "write one with reir embed `shard_output`")
     return manifest
 
 

@@ -1,14 +1,14 @@
 """A model and a collection of images -> a feature database, resumable and shardable (``reir embed``).
 
 The collection is a folder, a CSV (``path[,label]``), a prepared dataset or WebDataset tar
-shards (``'shards/{000000..000099}.tar'``). Work is cut into fixed shards (``--shard_size``
+shards (``'shards/{000000..000099}.tar'``). Work is cut into fixed shards (``shard_size``
 images, or one tar file each); each finished shard is written atomically under
 ``<output>.parts/`` as a database shard, so a killed run started again skips what is done and
 ends with the same database as an uninterrupted one; started again with other arguments
 (:class:`JobArguments`: model, inputs, splits, labels, image size, shard and batch size) it starts
 afresh, so a database never mixes two jobs. Under ``torchrun`` rank ``r`` embeds shards
 ``r, r + W, ...``. At the end rank 0 either concatenates the shards into one file or, with
-``--shard_output`` or when one file would pass ``--max_file_gb``, writes a manifest and moves the
+``shard_output`` or when one file would pass ``max_file_gb``, writes a manifest and moves the
 folder of shards into place: then no process ever holds more than one shard. Images that cannot
 be read are skipped, counted and listed, never fatal.
 """
@@ -173,7 +173,7 @@ def shard_summary(parts: Path, shard_count: int) -> tuple[dict[str, int], list[l
 
 def merge(model: Model, collection, parts: Path, shard_count: int, skipped: list[list],
           counts: dict[str, int]) -> Database:
-    """All shards, in order, into one in-memory database (for outputs under ``--max_file_gb``)."""
+    """All shards, in order, into one in-memory database (for outputs under ``max_file_gb``)."""
 
     def slices():
         for shard in range(shard_count):
@@ -201,7 +201,7 @@ def publish_sharded(model: Model, collection, parts: Path, output: Path, shard_c
         replace(parts, output)
         return
     if not output.is_dir():
-        raise UsageError(f"--output {output} is a single-file database; remove it or write the sharded one elsewhere")
+        raise UsageError(f"`output` {output} is a single-file database; remove it or write the sharded one elsewhere")
     names = []
     for shard in range(shard_count):
         name = f"shard-{shard:06d}-{file_sha256(parts / shard_name(shard))[:16]}.safetensors"
@@ -256,7 +256,7 @@ def _run(model: Model, collection, output: Path, context: distributed.Context, *
         publish_sharded(model, collection, parts, output, shard_count, skipped, counts)
     else:
         if output.is_dir():
-            raise UsageError(f"--output {output} is a sharded database; pass --shard_output to replace it")
+            raise UsageError(f"`output` {output} is a sharded database; pass `shard_output` to replace it")
         merge(model, collection, parts, shard_count, skipped, counts).save(output)
     listing = output.with_name(output.name + ".skipped.txt")
     ours = not listing.exists() or _is_skipped_listing(listing)

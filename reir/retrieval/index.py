@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from reir.errors import ReirError
+from reir.errors import ReirError, UsageError
 from reir.fileio import atomic_write, file_sha256, read_json, replace
 from reir.retrieval.database import UNLABELLED
 from reir.retrieval.faiss_layout import check_faiss_layout
@@ -149,7 +149,7 @@ class Index:
             try:
                 space.set_index_parameter(self.faiss_index, name, value)
             except RuntimeError as exc:
-                raise ReirError(f"{self.factory} has no search parameter {name} ({_faiss_message(exc)})", 2) from None
+                raise UsageError(f"{self.factory} has no search parameter {name} ({_faiss_message(exc)})") from None
 
     def search(self, queries: torch.Tensor, k: int = 10) -> Results:
         """The top ``k`` per query, best first, with this index's labels; ids ``-1`` pad rows an approximate
@@ -293,8 +293,8 @@ def _new_faiss_index(dim: int, factory: str):
     try:
         return faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
     except RuntimeError as exc:
-        raise ReirError(f"--factory {factory!r} is not a FAISS factory string ({_faiss_message(exc)}); "
-                        "try Flat, HNSW32, IVF1024,Flat or IVF4096,PQ48", 2) from None
+        raise UsageError(f"`factory` {factory!r} is not a FAISS factory string ({_faiss_message(exc)}); "
+                         "try Flat, HNSW32, IVF1024,Flat or IVF4096,PQ48") from None
 
 
 def id_map_path(index_path: str | os.PathLike) -> Path:

@@ -47,7 +47,7 @@ def locate_query(db: Database, name: str, data_type: str) -> tuple[str, int] | N
     if matches:
         raise ReirError(f"query {name} does not exist and {len(matches)} database images are named {base}; "
                         "pass the full path of the image as stored in the database")
-    raise ReirError(f"query {name} is neither an image file nor in the database; check --query_img_name")
+    raise ReirError(f"query {name} is neither an image file nor in the database; check `query_img_name`")
 
 
 def model_path(db: Database, db_path: Path) -> Path:
@@ -76,7 +76,7 @@ def embed_image(db: Database, db_path: Path, image_path: str, max_pixels: int = 
         image = read_image(image_path, max_pixels)
     except ImageError as exc:
         if exc.kind == "too_large":
-            raise ReirError(f"{exc}; raise the limit with --max_pixels if this image is wanted") from None
+            raise ReirError(f"{exc}; raise the limit with `max_pixels` if this image is wanted") from None
         raise
     features = embed(load_model(model_path(db, db_path)), [image])
     stored = next(iter(db.features.values())).shape[1:]

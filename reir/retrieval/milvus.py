@@ -32,7 +32,7 @@ from typing import Any
 
 import torch
 
-from reir.errors import ReirError
+from reir.errors import ReirError, UsageError
 from reir.retrieval.database import UNLABELLED
 from reir.retrieval.index_common import as_vectors, common_folder, database_chunks
 from reir.retrieval.results import Results
@@ -62,7 +62,7 @@ def _pymilvus():
 def required_uri(uri: str | None) -> str:
     """``uri``, refused when missing: every Milvus index lives at one."""
     if not uri:
-        raise ReirError("the milvus backend needs a URI: a Milvus Lite *.db file or http://HOST:19530", 2)
+        raise UsageError("the milvus backend needs a URI: a Milvus Lite *.db file or http://HOST:19530")
     return uri
 
 
@@ -76,8 +76,8 @@ def connect(uri: str):
     logging.getLogger("pymilvus").setLevel(logging.CRITICAL)
     is_local = not uri.startswith(SERVER_SCHEMES)
     if is_local and not uri.endswith(".db"):
-        raise ReirError(f"URI {uri} is neither a Milvus Lite file (name it *.db) nor a server "
-                        "(http://HOST:19530)", 2)
+        raise UsageError(f"URI {uri} is neither a Milvus Lite file (name it *.db) nor a server "
+                         "(http://HOST:19530)")
     if is_local:
         Path(uri).parent.mkdir(parents=True, exist_ok=True)
         # Milvus Lite's in-process gRPC server logs a traceback for each call it does not implement
@@ -118,7 +118,7 @@ def release(uri: str) -> None:
 def index_parameters(index_type: str, parameters: dict | None) -> dict:
     index_type = index_type.upper()
     if index_type not in INDEX_TYPES:
-        raise ReirError(f"index type {index_type} is not one of {', '.join(INDEX_TYPES)}", 2)
+        raise UsageError(f"index type {index_type} is not one of {', '.join(INDEX_TYPES)}")
     defaults = {"HNSW": {"M": 32, "efConstruction": 200}, "IVF_FLAT": {"nlist": 1024},
                 "IVF_PQ": {"nlist": 1024, "m": 96, "nbits": 8}}.get(index_type, {})
     return {**defaults, **(parameters or {})}
@@ -202,8 +202,8 @@ class MilvusIndex:
             client.create_collection(collection, schema=schema, index_params=index_params,
                                      consistency_level="Strong")
         except Exception as exc:  # noqa: BLE001 - the server's refusal, e.g. an invalid index parameter
-            raise ReirError(f"Milvus refused {index_type} {parameters} ({_message(exc)}); "
-                            "check the index parameters", 2) from None
+            raise UsageError(f"Milvus refused {index_type} {parameters} ({_message(exc)}); "
+                             "check the index parameters") from None
         info = {**(info or {}), "index_type": index_type, "index_parameters": parameters, "dim": dim,
                 "labelled": False}
         created = cls(client, uri, collection, index_type, dim, info)
@@ -307,7 +307,7 @@ class MilvusIndex:
         for name, value in parameters.items():
             milvus_name = SEARCH_PARAMETERS.get(name, name)
             if milvus_name not in ("ef", "nprobe"):
-                raise ReirError(f"milvus {self.index_type} has no search parameter {name}; use efSearch or nprobe", 2)
+                raise UsageError(f"milvus {self.index_type} has no search parameter {name}; use efSearch or nprobe")
             self.search_parameters[milvus_name] = value
 
     def search(self, queries, k: int = 10) -> Results:
@@ -372,7 +372,7 @@ class MilvusIndex:
         client = connect(uri)
         if not client.has_collection(collection):
             raise ReirError(f"Milvus at {uri} has no collection {collection}; build it with "
-                            f"reir index --backend milvus --uri {uri} --collection {collection}")
+                            f"reir index `backend` milvus `uri` {uri} `collection` {collection}")
         described = client.describe_collection(collection)
         try:
             info = json.loads((described.get("properties") or {}).get(INFO_PROPERTY, "null") or "null")

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from reir.data.registry import BENCHMARKS
-from reir.errors import ReirError
+from reir.errors import ReirError, UsageError
 from reir.model.original import converted_name, load_original, original_settings
 from reir.retrieval.database import Database, resolve_database_path
 
@@ -98,8 +98,8 @@ def _check_shape(features: torch.Tensor, settings: dict, path: Path, split: str)
     shape = tuple(features.shape[1:])
     for key, value in zip(("ensemble_size", "meta_class_size"), shape):
         if settings.setdefault(key, value) != value:
-            raise ReirError(f"{path}: {split}_features are {list(shape)} per image but the name or flags say "
-                            f"{key} {settings[key]}; drop the flag or pass --{key} {value}", 2)
+            raise UsageError(f"{path}: {split}_features are {list(shape)} per image but the name or flags say "
+                             f"{key} {settings[key]}; drop the flag or pass `{key}` {value}")
 
 
 def _absolute(image: str, data_path: str | Path) -> str:
@@ -108,7 +108,7 @@ def _absolute(image: str, data_path: str | Path) -> str:
 
 
 def find_or_convert_database(name: str, output_dir: str | Path = ".") -> Path:
-    """A ``--data_base`` argument as a REIR database path: ours when there is one, else the original's
+    """A ``data_base`` setting as a REIR database path: ours when there is one, else the original's
     ``.pth`` converted beside itself on the fly (with a note). Other names resolve as usual."""
     if name.endswith(".pth"):
         given = Path(name)

@@ -15,7 +15,7 @@ from collections.abc import Iterator
 
 import torch
 
-from reir.errors import ReirError
+from reir.errors import ReirError, UsageError
 from reir.retrieval.results import Results
 
 BACKENDS = ("auto", "torch", "faiss")
@@ -43,10 +43,10 @@ def faiss_available() -> bool:
 def choose_backend(backend: str, num_queries: int, num_references: int, device: torch.device) -> str:
     """FAISS for large CPU searches when it is installed, torch otherwise (always on GPU)."""
     if backend not in BACKENDS:
-        raise ReirError(f"search backend {backend!r} is unknown; use one of {', '.join(BACKENDS)}", 2)
+        raise UsageError(f"search backend {backend!r} is unknown; use one of {', '.join(BACKENDS)}")
     if backend == "faiss":
         if not faiss_available():
-            raise ReirError("the faiss backend needs faiss-cpu; pip install faiss-cpu or use backend torch", 2)
+            raise UsageError("the faiss backend needs faiss-cpu; pip install faiss-cpu or use backend torch")
         return "faiss"
     if backend == "torch" or device.type != "cpu" or not faiss_available():
         return "torch"

@@ -253,6 +253,66 @@ def error_bounds(feature_bits, shift):
     return bounds * (1 + 2.0 ** -40)
 
 
+@njit(nogil=True, cache=True, inline="always")
+def _flagged_scores(a, values, flags, row_marks, column_marks, row_side, column_side, largest, state, max_recall,
+                    rounding):
+    """Visit or count the flagged scores ``values[b]`` of tile row ``a``, for its row query and for each column
+    query whose marks hold the score. ``row_marks``: the row query's low and high mark, its count before its
+    best relevant reference and whether that reference is still in its top R (``alive``); ``column_marks``:
+    the same per column, updated in place. The row query's count and ``alive`` after the row."""
+    _, accumulation, output = rounding
+    row_base, row_reference, row_class, row_features, row_bounds, _ = row_side
+    column_base, column_reference, column_class, column_features, column_bounds, _ = column_side
+    threshold, best_score, best_index, before, relevant, query_class = (
+        state.threshold, state.best_score, state.best_index, state.before, state.relevant, state.query_class)
+    row_low, row_high, row_before, row_alive = row_marks
+    column_low, column_high, column_before, column_alive = column_marks
+    largest_column, largest_row = largest
+    query, row_at = row_base + a, row_reference[a]
+    best, best_at, own_class = best_score[query], best_index[query], query_class[query]
+    flag_words = flags.view(np.uint64)
+    for word in range(len(flag_words)):
+        if flag_words[word] == 0:
+            continue
+        for b in range(8 * word, 8 * word + 8):
+            if not flags[b]:
+                continue
+            value, column_at = values[b], column_reference[b]
+            if row_low <= value <= row_high:
+                delta = _pair_error(row_bounds, a, column_bounds, b, accumulation, value, output)
+                fine = _fine_error(row_bounds, a, column_bounds, b, accumulation)
+                if row_alive and value + delta >= threshold[query] and fast_score(
+                        row_features, a, column_features, b) + fine >= threshold[query]:
+                    _visit(query, column_at, column_class[b], exact_score(row_features, a, column_features, b),
+                           state, max_recall)
+                    row_before = before[query]
+                    row_alive = row_before < relevant[query]
+                    row_low = _low_mark(threshold[query], _tile_reach(row_bounds, a, largest_column,
+                                                                      accumulation), output)
+                elif not row_alive and column_class[b] != own_class:
+                    row_before += _ranks_before(value, delta, best, best_at, column_at, row_features, a,
+                                                column_features, b, fine)
+            if column_low[b] <= value <= column_high[b]:
+                column_query = column_base + b
+                delta = _pair_error(column_bounds, b, row_bounds, a, accumulation, value, output)
+                fine = _fine_error(column_bounds, b, row_bounds, a, accumulation)
+                if column_alive[b] and value + delta >= threshold[column_query] and fast_score(
+                        column_features, b, row_features, a) + fine >= threshold[column_query]:
+                    _visit(column_query, row_at, row_class[a], exact_score(column_features, b, row_features, a),
+                           state, max_recall)
+                    column_before[b] = before[column_query]
+                    column_alive[b] = column_before[b] < relevant[column_query]
+                    column_low[b] = _low_mark(threshold[column_query], _tile_reach(
+                        column_bounds, b, largest_row, accumulation), output)
+                elif not column_alive[b] and row_class[a] != query_class[column_query]:
+                    column_before[b] += _ranks_before(value, delta, best_score[column_query],
+                                                      best_index[column_query], row_at, column_features, b,
+                                                      row_features, a, fine)
+        if not row_alive and row_before >= max_recall:
+            row_low = row_high = np.float32(INF)
+    return row_before, row_alive
+
+
 @njit(nogil=True, cache=True)
 def scan_tile(scores, rows, columns, diagonal, row_side, column_side, state, max_recall, rounding):
     """Count and visit the scores of ``scores[:rows, :columns]`` that may reach their query's threshold.
@@ -264,10 +324,9 @@ def scan_tile(scores, rows, columns, diagonal, row_side, column_side, state, max
     row ``a`` must not retrieve column ``a``.
     """
     shift, accumulation, output = rounding
-    row_base, row_reference, row_class, row_features, row_bounds, scan_rows = row_side
-    column_base, column_reference, column_class, column_features, column_bounds, scan_columns = column_side
-    threshold, best_score, best_index, before, relevant, query_class = (
-        state.threshold, state.best_score, state.best_index, state.before, state.relevant, state.query_class)
+    row_base, row_bounds, scan_rows = row_side.base, row_side.bounds, row_side.scan
+    column_base, column_bounds, scan_columns = column_side.base, column_side.bounds, column_side.scan
+    threshold, before, relevant = state.threshold, state.before, state.relevant
     largest_column, largest_row = _largest(column_bounds, columns), _largest(row_bounds, rows)
     inf32 = np.float32(INF)
     # the column queries' marks and counts, local for the tile; "alive" ones go through _visit
@@ -275,6 +334,7 @@ def scan_tile(scores, rows, columns, diagonal, row_side, column_side, state, max
     column_high = np.full(columns, inf32)
     column_before = np.zeros(columns, np.int64)
     column_alive = np.zeros(columns, np.bool_)
+    column_marks = (column_low, column_high, column_before, column_alive)
     if scan_columns:
         for b in range(columns):
             query = column_base + b
@@ -284,11 +344,9 @@ def scan_tile(scores, rows, columns, diagonal, row_side, column_side, state, max
             column_alive[b] = before[query] < relevant[query]
     bits = np.zeros(columns, np.uint32)
     values = bits.view(np.float32)
-    words = (columns + 7) // 8
-    flags = np.zeros(words * 8, np.bool_)
-    flag_words = flags.view(np.uint64)
+    flags = np.zeros((columns + 7) // 8 * 8, np.bool_)
     for a in range(rows):
-        query, row_at = row_base + a, row_reference[a]
+        query = row_base + a
         row_low, row_high, row_before = inf32, inf32, 0
         if scan_rows:
             row_low, row_high = _marks(query, state, row_bounds, a, largest_column, accumulation, output, max_recall)
@@ -305,49 +363,9 @@ def scan_tile(scores, rows, columns, diagonal, row_side, column_side, state, max
         if diagonal:  # the query itself
             ahead -= values[a] > row_high
             flags[a] = False
-        row_before += ahead
-        best, best_at, own_class = best_score[query], best_index[query], query_class[query]
-        for word in range(words):
-            if flag_words[word] == 0:
-                continue
-            for b in range(8 * word, 8 * word + 8):
-                if not flags[b]:
-                    continue
-                value, column_at = values[b], column_reference[b]
-                if row_low <= value <= row_high:
-                    delta = _pair_error(row_bounds, a, column_bounds, b, accumulation, value, output)
-                    fine = _fine_error(row_bounds, a, column_bounds, b, accumulation)
-                    if row_alive:
-                        if value + delta >= threshold[query] and fast_score(
-                                row_features, a, column_features, b) + fine >= threshold[query]:
-                            _visit(query, column_at, column_class[b], exact_score(row_features, a, column_features, b),
-                                   state, max_recall)
-                            row_before = before[query]
-                            row_alive = row_before < relevant[query]
-                            row_low = _low_mark(threshold[query], _tile_reach(row_bounds, a, largest_column,
-                                                                              accumulation), output)
-                    elif column_class[b] != own_class:
-                        row_before += _ranks_before(value, delta, best, best_at, column_at, row_features, a,
-                                                    column_features, b, fine)
-                if column_low[b] <= value <= column_high[b]:
-                    column_query = column_base + b
-                    delta = _pair_error(column_bounds, b, row_bounds, a, accumulation, value, output)
-                    fine = _fine_error(column_bounds, b, row_bounds, a, accumulation)
-                    if column_alive[b]:
-                        if value + delta >= threshold[column_query] and fast_score(
-                                column_features, b, row_features, a) + fine >= threshold[column_query]:
-                            _visit(column_query, row_at, row_class[a],
-                                   exact_score(column_features, b, row_features, a), state, max_recall)
-                            column_before[b] = before[column_query]
-                            column_alive[b] = column_before[b] < relevant[column_query]
-                            column_low[b] = _low_mark(threshold[column_query], _tile_reach(
-                                column_bounds, b, largest_row, accumulation), output)
-                    elif row_class[a] != query_class[column_query]:
-                        column_before[b] += _ranks_before(value, delta, best_score[column_query],
-                                                          best_index[column_query], row_at, column_features, b,
-                                                          row_features, a, fine)
-            if not row_alive and row_before >= max_recall:
-                row_low = row_high = inf32
+        row_before, row_alive = _flagged_scores(
+            a, values, flags, (row_low, row_high, row_before + ahead, row_alive), column_marks, row_side, column_side,
+            (largest_column, largest_row), state, max_recall, rounding)
         if scan_rows and not row_alive:
             before[query] = row_before
             if row_before >= max_recall:

@@ -18,7 +18,7 @@ in flight is capped (beyond it a 503 with ``Retry-After``), so no client can tak
 With a key (``KeyRequired``), every request but the page must carry it.
 Queries that arrive together go through the network together (``QueryBatcher``). Answers name
 database images by id and by path relative to the collection root, never the server's file layout
-unless ``--expose_paths`` asks for it.
+unless ``expose_paths`` asks for it.
 """
 
 from reir.service.app import BATCH_SIZE, BATCH_WINDOW_MS, DEFAULT_K, MAX_K, create_app

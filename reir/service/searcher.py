@@ -47,7 +47,7 @@ class PixelBudget:
 
     A request takes its image's pixels (read from the header) before decoding and gives them back
     when the full-size image is gone; one that cannot get them within ``PIXEL_WAIT_SECONDS`` is
-    answered 503. An image never asks for more than the budget (``--max_pixels`` is at most it).
+    answered 503. An image never asks for more than the budget (``max_pixels`` is at most it).
     """
 
     def __init__(self, total: int, wait_seconds: float = PIXEL_WAIT_SECONDS):

@@ -23,7 +23,7 @@ import torch
 from reir.errors import ReirError, UsageError
 from reir.fileio import load_tensors, save_tensors
 from reir.settings import MUST_MATCH, default_of
-from reir.training.config import TrainConfig, flag_name, resume_rule
+from reir.training.config import TrainConfig, resume_rule
 from reir.training.rng import rng_state, set_rng_state
 
 log = logging.getLogger(__name__)
@@ -138,7 +138,7 @@ class Checkpoint:
     def meta_labels(self, classes: list[str]) -> np.ndarray:
         if self.meta["classes"] != list(classes):
             raise ReirError(f"checkpoint {self.path} was trained on other classes than {len(classes)} of this dataset; "
-                            f"resume with the dataset it was trained on, or start without {flag_name('resume')}")
+                            f"resume with the dataset it was trained on, or start without `resume`")
         return np.asarray(self.meta["meta_labels"], dtype=np.int64)
 
     def restore(self, model, optimizer, scheduler, scaler) -> TrainingState:
@@ -173,7 +173,7 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
             "scheduler", "rng")
     if not isinstance(meta, dict) or meta.get("format") != FORMAT or any(k not in meta for k in keys):
         raise ReirError(f"checkpoint {path} is not a REIR training checkpoint; pass a *{SUFFIX} file "
-                        f"written by train.py, or {flag_name('resume')} auto")
+                        f"written by train.py, or `resume` auto")
     return Checkpoint(Path(path), tensors, meta)
 
 
@@ -215,14 +215,14 @@ def find_checkpoint(resume: str | None, output_dir: str | Path, name: str, confi
     else:
         path = Path(resume)
         if not path.is_file():
-            raise ReirError(f"{flag_name('resume')} {path} does not exist; pass a *{SUFFIX} file or "
-                            f"{flag_name('resume')} auto")
+            raise ReirError(f"`resume` {path} does not exist; pass a *{SUFFIX} file or "
+                            f"`resume` auto")
     checkpoint = load_checkpoint(path)
     conflicts = resume_conflicts(checkpoint.meta["config"], config)
     if conflicts:
-        written = ", ".join(f"{flag_name(setting)} {was!r} (not {now!r})" for setting, was, now in conflicts)
+        written = ", ".join(f"`{setting}` {was!r} (not {now!r})" for setting, was, now in conflicts)
         raise UsageError(f"checkpoint {path} was written with {written}; resume with the same settings "
-                         f"or start without {flag_name('resume')}")
+                         f"or start without `resume`")
     if remove_temporaries:
         remove_stale_temporaries(Path(output_dir), name)
     log.info("Resuming from %s: %d epochs done%s", path, checkpoint.meta["epoch"],

@@ -2,7 +2,7 @@
 
 Each field carries its flag's help, choices, group and the rule a resumed run applies to it
 (:data:`reir.settings.RESUME_RULES`), so the command line is generated from the dataclass
-(:func:`add_flags`), a configuration built in Python is checked by the same rules as one parsed
+(:func:`reir.cli.train.add_flags`), a configuration built in Python is checked by the same rules as one parsed
 from flags, and a checkpoint is compared on exactly the settings that must match. The network's
 settings are :class:`~reir.model.network.ModelConfig`'s fields, inherited, never declared twice.
 The resolved configuration of a run is saved beside its outputs
@@ -14,26 +14,23 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import Field, dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from reir.argtypes import at_least, csv_ints, gpu_id_list
+from reir.argtypes import csv_ints, gpu_id_list
 from reir.data import DATA_NAMES
 from reir.errors import UsageError
 from reir.fileio import read_json
 from reir.model.branches import BATCHING_MODES
 from reir.model.meta_labels import LABEL_TYPES
 from reir.model.network import ModelConfig
-from reir.settings import MAY_CHANGE, MUST_MATCH, OUTPUT_ONLY, check_settings, default_of, setting
+from reir.settings import MAY_CHANGE, MUST_MATCH, OUTPUT_ONLY, check_settings, setting
 from reir.training.losses import PAIR_LOSSES
 from reir.training.precision import AMP_DTYPES
 from reir.training.recipe import RECIPES
 
-GROUPS = {"original": "flags of the original train.py", "extra": "REIR extras",
-          "heads": "branch heads and loss terms (defaults: the original's)",
-          "speed": "speed and scale-out (none changes what is computed in fp32)"}
 NETWORK_SETTINGS = tuple(f.name for f in fields(ModelConfig))
 MODEL_FLAGS = ("model_type", "share_type", "ensemble_size", "meta_class_size")
 # The command-line parser of each kind of list field, and its inverse for the checks.
@@ -50,11 +47,6 @@ def resume_rule(declared: Field) -> str | None:
     """How a resumed run treats a setting: the rule its field declares (the network's settings declare theirs on
     :class:`ModelConfig`), ``None`` for a field that declares none (a test fails on one)."""
     return declared.metadata.get("resume")
-
-
-def flag_name(setting_name: str) -> str:
-    """The command-line flag of a setting: the one place the two names are tied."""
-    return f"--{setting_name}"
 
 
 @dataclass(frozen=True)
@@ -154,23 +146,3 @@ class TrainConfig(ModelConfig):
             raise UsageError(f"configuration {path} has unknown settings {unknown}; pass a *_config.json "
                              "written by train.py")
         return cls(**saved)
-
-
-def add_flags(parser: argparse.ArgumentParser, names: tuple[str, ...] | None = None) -> argparse.ArgumentParser:
-    """One flag per :class:`TrainConfig` field (or per field in ``names``), in groups, from the fields' metadata."""
-    groups: dict[str, argparse._ArgumentGroup] = {}
-    for f in fields(TrainConfig):
-        if names is not None and f.name not in names:
-            continue
-        meta = f.metadata
-        if meta["group"] not in groups:
-            groups[meta["group"]] = parser.add_argument_group(GROUPS[meta["group"]])
-        default = default_of(f)
-        if isinstance(default, bool):
-            groups[meta["group"]].add_argument(flag_name(f.name), action="store_true", help=meta["help"])
-            continue
-        parse: Callable[[str], Any] = LIST_PARSERS.get(f.name) or (
-            float if isinstance(default, float) else str if meta["minimum"] is None else at_least(meta["minimum"]))
-        groups[meta["group"]].add_argument(flag_name(f.name), default=default, type=parse, choices=meta["choices"],
-                                           metavar=meta["metavar"], help=meta["help"])
-    return parser

@@ -11,7 +11,7 @@ from collections.abc import Callable
 
 import torch
 
-from reir.errors import ReirError
+from reir.errors import UsageError
 
 PAIR_LOSSES = ("none", "multisimilarity")
 
@@ -29,12 +29,12 @@ def pair_term(name: str, weight: float) -> PairTerm | None:
     if name == "none" or weight == 0:
         return None
     if name not in PAIR_LOSSES:
-        raise ReirError(f"unknown pair loss {name!r}; choose one of {', '.join(PAIR_LOSSES)}", 2)
+        raise UsageError(f"unknown pair loss {name!r}; choose one of {', '.join(PAIR_LOSSES)}")
     try:
         from pytorch_metric_learning import losses, miners
     except ImportError:
-        raise ReirError("--pair_loss multisimilarity needs pytorch-metric-learning; "
-                        "pip install pytorch-metric-learning", 2) from None
+        raise UsageError("`pair_loss` multisimilarity needs pytorch-metric-learning; "
+                         "pip install pytorch-metric-learning") from None
     loss, miner = losses.MultiSimilarityLoss(), miners.MultiSimilarityMiner()
 
     def term(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

@@ -15,7 +15,7 @@ from dataclasses import dataclass, replace
 import torch
 import torch.nn.functional as F
 
-from reir.errors import ReirError
+from reir.errors import UsageError
 from reir.model.network import SHARE_TYPES, ModelConfig, create_model
 from reir.model.sharding import split_evenly
 from reir.training.recipe import recipe_for
@@ -176,12 +176,12 @@ def check_fits(found: MemoryEstimate, devices: list[torch.device], processes_per
         return
     where = "per device " if len(need) > 1 else ""
     have = f"{', '.join(gib(f) for f in free)} free on {devices[0].type}"
-    raise ReirError(f"this configuration does not fit: {found.describe()}{(', ' + where) if where else ''}"
-                    f" but {have}; settings that fit: {', '.join(fitting(found, free, processes_per_host))}", 2)
+    raise UsageError(f"this configuration does not fit: {found.describe()}{(', ' + where) if where else ''}"
+                     f" but {have}; settings that fit: {', '.join(fitting(found, free, processes_per_host))}")
 
 
 def fitting(found: MemoryEstimate, free: list[int], processes_per_host: int = 1) -> list[str]:
-    """Flags that would make ``found`` fit into ``free`` (the smallest device's free memory), one change each."""
+    """Settings that would make ``found`` fit into ``free`` (the smallest device's free memory), one change each."""
     limit = min(free) // processes_per_host
     config = found.config
     options = []
@@ -191,20 +191,20 @@ def fitting(found: MemoryEstimate, free: list[int], processes_per_host: int = 1)
                           branch_batching="loop")
         shared = replace(shared, optimizer_slots=found.optimizer_slots, devices=found.devices)
         if max(shared.per_device()) <= limit:
-            options.append(f"--share_type {share} ({gib(max(shared.per_device()))})")
+            options.append(f"`share_type` {share} ({gib(max(shared.per_device()))})")
             break
     values = BYTES_PER_VALUE * (2 + found.optimizer_slots)
     stem = found.stem_parameters * values + found.stem_activations * found.batch_size
     per_branch = found.branch_parameters * values + found.branch_activations * found.batch_size
     branches = (limit - stem) // per_branch * found.devices if limit > stem else 0
     if 1 <= branches < config.ensemble_size:
-        options.append(f"--ensemble_size {branches}")
+        options.append(f"`ensemble_size` {branches}")
     batch = (limit - max(found.state_bytes // found.devices, 0)) // max(found.activations_per_image, 1)
     if 1 <= batch < found.batch_size:
-        options.append(f"--batch_size {batch}")
+        options.append(f"`batch_size` {batch}")
     devices = next((n for n in range(found.devices + 1, config.ensemble_size + 1)
                     if max(replace(found, devices=n).per_device()) <= limit), None)
-    options.append(f"{devices} GPUs (--gpu_ids)" if devices else "more devices")
+    options.append(f"{devices} GPUs (`gpu_ids`)" if devices else "more devices")
     return options
 
 

@@ -12,7 +12,7 @@ AMP_DTYPES = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 @dataclass
 class Precision:
-    """Autocast and loss scaling for one ``--amp`` choice on one device type."""
+    """Autocast and loss scaling for one ``amp`` choice on one device type."""
 
     device_type: str
     dtype: torch.dtype | None

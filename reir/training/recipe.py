@@ -2,7 +2,7 @@
 
 Two recipes. ``original`` is the original's, unchanged: Adam at 1e-4, the rate divided by 10 at
 50 % and 70 % of the epochs. It starts from ImageNet weights and stays the default with them.
-``scratch`` applies when the backbone starts from random weights (``--weights none``): at 1e-4 a
+``scratch`` applies when the backbone starts from random weights (``weights='none'``): at 1e-4 a
 random network barely moves in the few epochs a CPU run affords, and ends below its own untrained
 start. ``scratch`` uses AdamW at 1e-3 with weight decay 0.05 and a cosine decay over the epochs.
 Both keep the original's augmentation (resize + random horizontal flip). The measurements behind

@@ -9,7 +9,7 @@ import threading
 from collections.abc import Iterator
 from pathlib import Path
 
-from reir.errors import ReirError
+from reir.errors import StoppedBySignal
 
 log = logging.getLogger(__name__)
 
@@ -61,9 +61,9 @@ class StopRequest:
             for s, handler in previous.items():
                 signal.signal(s, handler)
 
-    def error(self, path: Path, where: str) -> ReirError:
+    def error(self, path: Path, where: str) -> StoppedBySignal:
         if self.signum is None:
             raise ValueError("no signal arrived; error() describes a run a signal stopped")
         name = signal.Signals(self.signum).name
-        return ReirError(f"stopped by {name} {where}; checkpoint saved to {path}; "
-                         "resume with the same command plus --resume auto", 128 + self.signum)
+        return StoppedBySignal(f"stopped by {name} {where}; checkpoint saved to {path}; "
+                               "resume with the same command plus `resume` auto", self.signum)

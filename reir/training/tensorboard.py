@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from reir.errors import ReirError
+from reir.errors import UsageError
 
 
 def scalar_name(column: str) -> str:
@@ -20,8 +20,8 @@ class TensorBoardWriter:
         try:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError:
-            raise ReirError("--tensorboard needs the tensorboard package; pip install tensorboard "
-                            "or train without --tensorboard", 2) from None
+            raise UsageError("`tensorboard` needs the tensorboard package; pip install tensorboard "
+                             "or train without `tensorboard`") from None
         self.log_dir = Path(log_dir)
         self.writer = SummaryWriter(log_dir=str(log_dir))
 

@@ -30,7 +30,7 @@ from reir.data.sampling import RankSampler, ReplayableSampler, SeededItems, clas
 from reir.data.sources import load_dataset
 from reir.data.splits import SplitList
 from reir.devices import training_devices
-from reir.errors import ReirError
+from reir.errors import UsageError
 from reir.fileio import OutputLock, atomic_write, claim_output, ensure_dir, write_json
 from reir.model.branches import resolve_batching
 from reir.model.embedding import embed
@@ -97,7 +97,7 @@ def train_one_epoch(model: torch.nn.Module, loader: DataLoader, optimizer, meta_
                     extra_loss: PairTerm | None = None) -> tuple[float, float]:
     """One pass (or its rest, after ``progress``); returns mean loss and meta-class accuracy over all branches.
 
-    ``extra_loss(logits, targets)`` is added to the cross-entropy (``--pair_loss``)."""
+    ``extra_loss(logits, targets)`` is added to the cross-entropy (``pair_loss``)."""
     precision = precision or precision_for("off", device)
     model.train()
     progress = progress or EpochProgress()
@@ -178,7 +178,7 @@ def _labels(loader: DataLoader) -> list[str]:
 
 
 def meta_labels_for(config: TrainConfig, classes: list[str]) -> np.ndarray:
-    """The meta labels of a new run: loaded with ``--load_ids``, else drawn from the seed and saved."""
+    """The meta labels of a new run: loaded with ``load_ids``, else drawn from the seed and saved."""
     check_sizes(len(classes), config.ensemble_size, config.meta_class_size, config.label_type)
     room = grouping_room(len(classes), config.ensemble_size, config.meta_class_size)
     if room:
@@ -253,8 +253,8 @@ def claim_run_outputs(config: TrainConfig, overwrite: bool = False, setting: str
     if config.seed is None or recorded != config.seed:
         this = f"seed {config.seed}" if config.seed is not None else "a new random seed"
         earlier = f"seed {recorded}" if isinstance(recorded, int) else "no recorded seed"
-        raise ReirError(f"{config.output_dir} already holds the run {config.save_name} ({earlier}; this run has "
-                        f"{this}); resume it, set {setting} to replace it or choose another output folder", 2)
+        raise UsageError(f"{config.output_dir} already holds the run {config.save_name} ({earlier}; this run has "
+                         f"{this}); resume it, set {setting} to replace it or choose another output folder")
 
 
 def train(config: TrainConfig, callbacks: Sequence[Callback] = ()) -> TrainResult:
@@ -326,7 +326,7 @@ def _run(config: TrainConfig, stop: StopRequest, context: distributed.Context, d
     optimizer, scheduler = build_optimizer(config, model)
     extra_loss = pair_term(config.pair_loss, config.pair_weight)
     if extra_loss is not None and not config.samples_per_class:
-        log.warning("--pair_loss %s sees few positive pairs in batches of random images; add --samples_per_class 4",
+        log.warning("`pair_loss` %s sees few positive pairs in batches of random images; add `samples_per_class` 4",
                     config.pair_loss)
 
     for folder in ("statistics", "epochs", "results"):
