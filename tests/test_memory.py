@@ -173,7 +173,7 @@ def test_a_configuration_that_cannot_fit_stops_before_the_model_is_built(tmp_pat
     import re
     from dataclasses import replace
 
-    from reir.cli.common import exit_code
+    from reir.cli.messages import exit_code
     from reir.errors import ReirError
     from reir.model import network
     from reir.training import memory

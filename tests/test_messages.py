@@ -1,7 +1,7 @@
 """Library messages name settings, the command line shows them as flags and decides exit codes.
 
 Outside ``reir/cli/`` a message names a setting as `` `name` `` (the keyword a Python caller passes); only
-``reir.cli.common`` knows that a setting is a flag, and which exit code an error type gives.
+``reir.cli.messages`` knows that a setting is a flag, and which exit code an error type gives.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import torch
 
 from conftest import run_reir
 from reir import errors
-from reir.cli import common
+from reir.cli import common, messages
 
 PACKAGE = Path(__file__).resolve().parents[1] / "reir"
 # A flag in a string: two dashes opening a word, or opening a formatted value (``--{key}``).
@@ -78,28 +78,28 @@ def test_library_code_names_no_flag():
 
 def test_every_setting_a_message_names_is_a_flag_of_some_command():
     marked = {(file, line, name) for file, line, text, docstring in library_strings() if not docstring
-              for name in common.SETTING_MARK.findall(text)}
+              for name in messages.SETTING_MARK.findall(text)}
     assert len(marked) > 40
-    every = common.every_command_flag()
+    every = messages.every_command_flag()
     unknown = sorted(f"{file}:{line}: `{name}`" for file, line, name in marked if name not in every)
     assert not unknown, "these marks name no flag of any command:\n" + "\n".join(unknown)
 
 
 def test_the_running_commands_own_flag_comes_first_and_other_text_stays():
-    common._command_flags.clear()
+    messages.forget_flags()
     try:
-        assert common.as_flags("prepare with `skip_bad`") == "prepare with --skip_bad"  # another command's flag
-        assert common.as_flags("`export_format` 'x'") == "--format 'x'"  # a flag named otherwise than its setting
-        assert common.as_flags("`images` x, `chosen_thing` y") == "--images x, `chosen_thing` y"
+        assert messages.as_flags("prepare with `skip_bad`") == "prepare with --skip_bad"  # another command's flag
+        assert messages.as_flags("`export_format` 'x'") == "--format 'x'"  # a flag named otherwise than its setting
+        assert messages.as_flags("`images` x, `chosen_thing` y") == "--images x, `chosen_thing` y"
         parser = common.ArgumentParser(prog="demo")
         parser.add_argument("--images_from", dest="images")
         parser.add_argument("--pick", dest="chosen_thing")
         parser.parse_args(["--pick", "1"])
-        assert common.as_flags("`images` x, `chosen_thing` y") == "--images_from x, --pick y"
-        assert common.as_flags("no mark, `not a name`, `no_such_setting`") == (
+        assert messages.as_flags("`images` x, `chosen_thing` y") == "--images_from x, --pick y"
+        assert messages.as_flags("no mark, `not a name`, `no_such_setting`") == (
             "no mark, `not a name`, `no_such_setting`")
     finally:
-        common._command_flags.clear()
+        messages.forget_flags()
 
 
 def test_a_setting_reads_as_the_setting_in_python_and_as_the_flag_on_the_command_line(tmp_path):
@@ -119,13 +119,13 @@ def test_a_setting_reads_as_the_setting_in_python_and_as_the_flag_on_the_command
 
 
 def test_every_error_type_has_an_exit_code_and_a_subclass_is_decided_before_its_base():
-    kinds = list(common.EXIT_CODES)
+    kinds = list(messages.EXIT_CODES)
     declared = [kind for _, kind in inspect.getmembers(errors, inspect.isclass) if issubclass(kind, Exception)]
     assert set(declared) <= set(kinds)
     for position, kind in enumerate(kinds):
         assert not any(issubclass(later, kind) for later in kinds[position + 1:] if later is not kind), kind
-    assert common.exit_code(errors.ReirError("x")) == 1
-    assert common.exit_code(errors.UsageError("x")) == 2
-    assert common.exit_code(errors.StoppedBySignal("x", signal.SIGTERM)) == 128 + signal.SIGTERM
-    assert common.exit_code(KeyboardInterrupt()) == 128 + signal.SIGINT == 130
+    assert messages.exit_code(errors.ReirError("x")) == 1
+    assert messages.exit_code(errors.UsageError("x")) == 2
+    assert messages.exit_code(errors.StoppedBySignal("x", signal.SIGTERM)) == 128 + signal.SIGTERM
+    assert messages.exit_code(KeyboardInterrupt()) == 128 + signal.SIGINT == 130
     assert not hasattr(errors.ReirError("x"), "exit_code")

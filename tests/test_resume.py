@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from conftest import run_reir, run_script, tiny_args
-from reir.cli.common import exit_code
+from reir.cli.messages import exit_code
 from reir.fileio import load_tensors
 from reir.training.checkpoint import pack, unpack
 from reir.training.signals import StopRequest, TrainingStopped
@@ -225,7 +225,7 @@ def test_a_resume_with_any_must_match_setting_changed_is_refused_naming_the_sett
         tiny_checkpoint, name):
     """The train entry point refuses before it reads any data or builds the network; the command line shows
     the setting as its flag."""
-    from reir.cli.common import as_flags
+    from reir.cli.messages import as_flags
     from reir.errors import UsageError
     from reir.training.train import train
 

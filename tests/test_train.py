@@ -149,7 +149,7 @@ def test_every_setting_declares_its_help_its_resume_rule_and_its_flag_once():
     """The parser, the checks and resume all read the fields' metadata: a setting missing any of it fails here."""
     import dataclasses
 
-    from reir.cli.common import flag_name
+    from reir.cli.messages import flag_name
     from reir.model.network import ModelConfig
     from reir.settings import RESUME_RULES, default_of
     from reir.training.config import resume_rule

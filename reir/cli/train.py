@@ -11,7 +11,8 @@ from typing import Any
 import torch
 
 from reir.argtypes import at_least, positive_int
-from reir.cli.common import ArgumentParser, flag_name, reports_errors
+from reir.cli.common import ArgumentParser, reports_errors
+from reir.cli.messages import flag_name
 from reir.data.registry import BENCHMARKS
 from reir.model.branches import resolve_batching
 from reir.model.network import MODEL_TYPES, ModelConfig, count_parameters
