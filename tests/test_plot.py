@@ -61,3 +61,26 @@ def test_reir_plot_writes_a_png_and_refuses_bad_input(tmp_path, capsys):
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1 and "oops" in err
     assert not (tmp_path / "bad.png").exists()
+
+
+def test_reir_plot_replaces_only_its_own_png_and_never_its_csv(tmp_path, capsys):
+    """It wrote over any file at --output, its own statistics CSV included."""
+    statistics = tmp_path / "run_results.csv"
+    statistics.write_text(CSV)
+    notes = tmp_path / "notes.png"
+    notes.write_bytes(b"the user's file")
+    for output in (notes, statistics):
+        assert main([str(statistics), "--output", str(output)]) == 2
+        assert len(capsys.readouterr().err.strip().splitlines()) == 1
+    assert notes.read_bytes() == b"the user's file" and statistics.read_text() == CSV
+    assert main([str(statistics), "--output", str(statistics), "--overwrite"]) == 2  # its input, whatever is said
+    assert statistics.read_text() == CSV
+
+    plot = tmp_path / "plot.png"
+    assert main([str(statistics), "--output", str(plot)]) == 0
+    first = plot.read_bytes()
+    statistics.write_text(CSV + "3,0.2,0.875,0.75,1.0,0.875,0.4\n")
+    assert main([str(statistics), "--output", str(plot)]) == 0  # an earlier plot: replaced without asking
+    assert plot.read_bytes() != first
+    assert main([str(statistics), "--output", str(notes), "--overwrite"]) == 0
+    assert Image.open(notes).format == "PNG"

@@ -6,7 +6,10 @@ import csv
 from pathlib import Path
 
 from reir.errors import ReirError
-from reir.fileio import atomic_write_with
+from reir.fileio import FORMAT_CHUNK, atomic_write_with, claim_output
+
+# Recorded in the PNG, so a later plot knows the file is its own to replace (reir/fileio.py).
+PLOT_FORMAT = "reir-plot/1"
 
 
 def read_statistics(path: str | Path) -> dict[str, list[float]]:
@@ -65,14 +68,21 @@ def build_figure(columns: dict[str, list[float]], title: str):
     return figure
 
 
-def plot_statistics(csv_path: str | Path, png_path: str | Path | None = None) -> Path:
-    """Write the figure as a PNG beside the CSV (or at ``png_path``)."""
+def plot_statistics(csv_path: str | Path, png_path: str | Path | None = None, overwrite: bool = False,
+                    setting: str = "`overwrite`") -> Path:
+    """Write the figure as a PNG beside the CSV (or at ``png_path``).
+
+    An existing file there is replaced only when an earlier plot wrote it, or with ``overwrite``; never
+    the CSV itself. ``setting`` is how the caller's user sets ``overwrite``, named in the refusal.
+    """
+    png_path = Path(png_path) if png_path is not None else Path(csv_path).with_suffix(".png")
+    claim_output(png_path, (PLOT_FORMAT,), inputs=[csv_path], overwrite=overwrite, setting=setting)
     figure = build_figure(read_statistics(csv_path), Path(csv_path).stem)
     import matplotlib.pyplot as plt
 
-    png_path = Path(png_path) if png_path is not None else Path(csv_path).with_suffix(".png")
     try:
-        atomic_write_with(png_path, lambda tmp: figure.savefig(tmp, format="png", dpi=100))
+        atomic_write_with(png_path, lambda tmp: figure.savefig(tmp, format="png", dpi=100,
+                                                               metadata={FORMAT_CHUNK: PLOT_FORMAT}))
     finally:
         plt.close(figure)
     return png_path

@@ -418,7 +418,7 @@ def _run(config: TrainConfig, stop: StopRequest, context: distributed.Context, d
     if tensorboard:
         tensorboard.close()
     if context.is_main:
-        plot_statistics(statistics)
+        plot_statistics(statistics, overwrite=True)  # beside the run's statistics, which its claim covers
         log.info("Best R@%d: %.2f%%. Outputs: %s, %s, %s", config.recalls[0], 100 * best_recall, statistics,
                  model_file, database_file)
     return TrainResult(config, best_recall, statistics, model_file, database_file)
