@@ -1,6 +1,7 @@
 """The Milvus backend against FAISS and exact search, each test on Milvus Lite (in-process, a file under
 tmp_path) and on the Milvus standalone server (tests/milvus_server.py, a database of its own)."""
 
+import contextlib
 import re
 import subprocess
 import sys
@@ -190,8 +191,140 @@ def test_a_collection_by_uri_answers_like_faiss_flat_and_reir_serve_serves_every
 def test_reir_serve_refuses_an_empty_collection(served_model, milvus_uri):
     from reir.retrieval.milvus import MilvusIndex
 
-    MilvusIndex.create(milvus_uri, "empty", 12, info={"model_file": str(served_model.model)}).close()
+    empty = MilvusIndex.create(milvus_uri, "empty", 12, info={"model_file": str(served_model.model)})
+    empty.publish()
+    empty.close()
     result = run_script("reir", "serve", "--backend", "milvus", "--uri", milvus_uri, "--collection", "empty",
                         "--port", "0", timeout=60)
     assert result.returncode != 0 and result.stderr.count("\n") == 1, result.stdout + result.stderr
     assert f"collection empty at {milvus_uri} holds no images" in result.stderr and "Serving" not in result.stdout
+
+
+@contextlib.contextmanager
+def milvus_client(uri):
+    """A pymilvus client of ``uri`` (with the session's credentials on the server), stopped after."""
+    from reir.retrieval.milvus import connect, release
+
+    client = connect(uri)
+    try:
+        yield client
+    finally:
+        client.close()
+        release(uri)
+
+
+def foreign_collection(uri, name):
+    """A user's collection, made with pymilvus directly: one row."""
+    with milvus_client(uri) as client:
+        client.create_collection(name, dimension=4, consistency_level="Strong")
+        client.insert(name, [{"id": 7, "vector": [0.5, 0.5, 0.5, 0.5]}])
+        client.flush(name)
+
+
+def collections_and_rows(uri):
+    """``{collection: rows}`` of every collection at ``uri``."""
+    with milvus_client(uri) as client:
+        names = client.list_collections()
+        for name in names:
+            client.load_collection(name)
+        return {name: client.query(name, filter="", output_fields=["count(*)"])[0]["count(*)"] for name in names}
+
+
+def random_database(path, count, seed):
+    features = reir_like(count, seed)
+    Database({"test": features}, {"test": {"paths": [f"/r/{seed}/{i}.png" for i in range(count)],
+                                           "labels": ["x"] * count}}, {}, {}).save(path)
+    return features
+
+
+def assert_serves(uri, collection, features):
+    """The collection holds ``features`` and no more: each of a few finds itself first."""
+    opened = open_index("milvus", uri=uri, collection=collection)
+    try:
+        assert len(opened) == len(features)
+        scores, ids = opened.search(features[[2, 5, len(features) - 1]], 1)
+        assert ids[:, 0].tolist() == [2, 5, len(features) - 1]
+        torch.testing.assert_close(scores[:, 0], torch.ones(3), atol=1e-5, rtol=0)
+    finally:
+        opened.close()
+
+
+def test_reir_index_keeps_a_collection_it_did_not_write_unless_overwrite(milvus_uri, tmp_path):
+    """A user's collection of the name asked for, or of its staging name, is refused in one line and left as it
+    was; with --overwrite it is replaced."""
+    database = tmp_path / "random_data_base.safetensors"
+    features = random_database(database, 300, 4)
+    for name, refused in (("photos", "photos"), ("notes", "notes_reir_staging")):
+        foreign_collection(milvus_uri, refused)
+        result = run_reir("index", "--data_base", str(database), "--backend", "milvus", "--uri", milvus_uri,
+                          "--collection", name)
+        assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
+        assert f"collection {refused} at {milvus_uri} already exists and was not written by reir index; set " \
+               "--overwrite to replace it or choose another --collection" in result.stderr, result.stderr
+    assert collections_and_rows(milvus_uri) == {"photos": 1, "notes_reir_staging": 1}
+    for name in ("photos", "notes"):
+        replaced = run_reir("index", "--data_base", str(database), "--backend", "milvus", "--uri", milvus_uri,
+                            "--collection", name, "--overwrite")
+        assert replaced.returncode == 0, replaced.stderr
+        assert_serves(milvus_uri, name, features)
+    assert collections_and_rows(milvus_uri) == {"photos": 300, "notes": 300}
+
+
+def test_reir_index_replaces_its_own_collection_without_asking(milvus_uri, tmp_path):
+    old = build_index(reir_like(200, 5), backend="milvus", uri=milvus_uri, collection="photos")
+    old.close()
+    database = tmp_path / "random_data_base.safetensors"
+    features = random_database(database, 300, 6)
+    result = run_reir("index", "--data_base", str(database), "--backend", "milvus", "--uri", milvus_uri,
+                      "--collection", "photos", "--efSearch", "20")
+    assert result.returncode == 0, result.stderr
+    assert_serves(milvus_uri, "photos", features)
+    opened = open_index("milvus", uri=milvus_uri, collection="photos")
+    try:  # the info reir index saved is on the collection under its final name
+        assert opened.info["database"] == str(database) and opened.search_parameters == {"ef": 20}
+    finally:
+        opened.close()
+    assert collections_and_rows(milvus_uri) == {"photos": 300}
+
+
+def test_a_build_that_fails_midway_leaves_the_old_collection_serving(milvus_uri, monkeypatch):
+    """A build fails on its second insert: the collection it was to replace still serves its old rows. Its
+    staging collection is dropped; one left by a build killed midway (not dropped) is REIR's, so the next
+    build replaces it without asking."""
+    import pymilvus
+
+    from reir.errors import ReirError
+    from reir.retrieval import milvus
+    from reir.retrieval.milvus import MilvusIndex
+
+    old_features, new_features = reir_like(200, 7), reir_like(500, 8)
+    build_index(old_features, backend="milvus", uri=milvus_uri, collection="photos").close()
+    monkeypatch.setattr(milvus, "INSERT_BATCH", 100)
+    insert = pymilvus.MilvusClient.insert
+    inserts = []
+
+    def fails_after_one_batch(self, *args, **kwargs):
+        inserts.append(1)
+        if len(inserts) % 2 == 0:
+            raise RuntimeError("connection lost")
+        return insert(self, *args, **kwargs)
+
+    monkeypatch.setattr(pymilvus.MilvusClient, "insert", fails_after_one_batch)
+    with pytest.raises(ReirError, match="Milvus refused an insert into photos"):
+        build_index(new_features, backend="milvus", uri=milvus_uri, collection="photos")
+    assert_serves(milvus_uri, "photos", old_features)
+    assert collections_and_rows(milvus_uri) == {"photos": 200}
+    with monkeypatch.context() as killed:  # killed midway: nothing drops its staging collection
+        killed.setattr(MilvusIndex, "discard", MilvusIndex.close)
+        with pytest.raises(ReirError, match="Milvus refused an insert"):
+            build_index(new_features, backend="milvus", uri=milvus_uri, collection="photos")
+    assert_serves(milvus_uri, "photos", old_features)
+    assert collections_and_rows(milvus_uri) == {"photos": 200, "photos_reir_staging": 100}
+    from reir.retrieval.milvus import reir_info
+
+    with milvus_client(milvus_uri) as client:
+        assert reir_info(client, "photos_reir_staging") is not None
+    monkeypatch.setattr(pymilvus.MilvusClient, "insert", insert)
+    build_index(new_features, backend="milvus", uri=milvus_uri, collection="photos").close()
+    assert_serves(milvus_uri, "photos", new_features)
+    assert collections_and_rows(milvus_uri) == {"photos": 500}

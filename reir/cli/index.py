@@ -49,7 +49,8 @@ def get_args_parser() -> ArgumentParser:
     parser.add_argument("--factory", default=EXACT_FACTORY,
                         help="FAISS factory string: Flat (exact), HNSW32, IVF1024,Flat, IVF4096,PQ48, ...")
     parser.add_argument("--uri", default=None, help="milvus: a Milvus Lite file (reir.milvus.db) or http://HOST:19530")
-    parser.add_argument("--collection", default="reir", help="milvus: the collection to (re)create (default reir)")
+    parser.add_argument("--collection", default="reir", help="milvus: the collection to (re)create (default reir), "
+                        "built as <collection>_reir_staging and renamed once complete")
     parser.add_argument("--index_type", default="FLAT", type=str.upper,
                         help="milvus: FLAT (exact), HNSW, IVF_FLAT or IVF_PQ")
     parser.add_argument("--index_params", default=None,
@@ -65,7 +66,8 @@ def get_args_parser() -> ArgumentParser:
     parser.add_argument("--queries", default=1000, type=positive_int,
                         help="database vectors used as queries for Recall@10 and QPS")
     parser.add_argument("--overwrite", action="store_true",
-                        help="replace an existing --output that is not a REIR index")
+                        help="replace an existing --output that is not a REIR index, or a --collection "
+                        "that reir index did not write")
     return parser
 
 
@@ -78,7 +80,8 @@ def build_milvus(args, database_path: Path, splits: list[str] | None):
         raise UsageError("--backend milvus needs --uri: a Milvus Lite file such as reir.milvus.db, "
                          "or http://HOST:19530")
     index = MilvusIndex.from_database(database_path, splits, args.index_type, uri=args.uri,
-                                      collection=args.collection, parameters=parse_index_params(args.index_params))
+                                      collection=args.collection, parameters=parse_index_params(args.index_params),
+                                      overwrite=args.overwrite)
     index.info["database"] = str(database_path.resolve())
     return index
 

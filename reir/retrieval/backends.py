@@ -34,22 +34,25 @@ def milvus_type(factory: str) -> str:
 def build_index(features: torch.Tensor, paths: Sequence[str] | None = None, labels: Sequence[str] | None = None,
                 factory: str = EXACT_FACTORY, info: dict | None = None, train_size: int | None = None, *,
                 backend: str = "faiss", uri: str | None = None, collection: str = "reir",
-                parameters: dict | None = None) -> SearchIndex:
+                parameters: dict | None = None, overwrite: bool = False) -> SearchIndex:
     """An index over ``features``; with ``backend="milvus"`` a collection at ``uri``, ``factory`` then being a
-    Milvus index type (``FLAT``, ``HNSW``, ``IVF_FLAT``, ``IVF_PQ``)."""
+    Milvus index type (``FLAT``, ``HNSW``, ``IVF_FLAT``, ``IVF_PQ``). The collection replaces one of that name
+    REIR wrote; one it did not is refused unless ``overwrite``."""
     if check_backend(backend) == "milvus":
         return MilvusIndex.build(features, paths, labels, milvus_type(factory), info, uri=uri, collection=collection,
-                                 parameters=parameters)
+                                 parameters=parameters, overwrite=overwrite)
     return Index.build(features, paths, labels, factory, info, train_size)
 
 
 def index_from_database(database, splits: Sequence[str] | None = None, factory: str = EXACT_FACTORY,
                         train_size: int | None = None, *, backend: str = "faiss", uri: str | None = None,
-                        collection: str = "reir", parameters: dict | None = None) -> SearchIndex:
-    """An index over a database's splits (default: every split but train, else train), of either backend."""
+                        collection: str = "reir", parameters: dict | None = None,
+                        overwrite: bool = False) -> SearchIndex:
+    """An index over a database's splits (default: every split but train, else train), of either backend; a
+    Milvus collection replaces one of that name REIR wrote, one it did not only with ``overwrite``."""
     if check_backend(backend) == "milvus":
         return MilvusIndex.from_database(database, splits, milvus_type(factory), uri=uri, collection=collection,
-                                         parameters=parameters)
+                                         parameters=parameters, overwrite=overwrite)
     return Index.from_database(database, splits, factory, train_size)
 
 

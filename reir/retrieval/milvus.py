@@ -16,10 +16,16 @@ background; and a loaded collection keeps serving segments as they were when it 
 every write ends with a flush, a wait for the index and a new load (:meth:`MilvusIndex.publish`),
 rows are counted by a ``count(*)`` query, and collections are created with ``Strong`` consistency
 (a search sees every row inserted before it). Milvus Lite does all of this too, in well under a second.
+
+A collection is built whole under a staging name (:func:`staging_name`) and takes its own name only once
+it is published, so a build that fails or is killed midway leaves the collection it was to replace as it
+was. What REIR wrote is recognised by its info property (:func:`reir_info`); a collection of that name
+that is not REIR's is a user's, and refused unless the caller passes ``overwrite``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -48,6 +54,7 @@ SERVER_SCHEMES = ("http://", "https://", "tcp://", "unix:")  # any other URI is 
 CACHED_ROWS = 10_000
 INDEX_WAIT_S = 3600  # the longest a write waits for a server to index its rows
 TOKEN_VARIABLE = "MILVUS_TOKEN"  # "user:password" or an API key, for a deployment that requires one
+STAGING_SUFFIX = "_reir_staging"  # Milvus names allow letters, digits and underscores
 
 
 def _pymilvus():
@@ -115,6 +122,51 @@ def release(uri: str) -> None:
     server_manager_instance.release_server(str(Path(uri).resolve()))
 
 
+def staging_name(collection: str) -> str:
+    """Where a collection named ``collection`` is built before it takes that name."""
+    return collection + STAGING_SUFFIX
+
+
+def reir_info(client, collection: str) -> dict | None:
+    """What REIR recorded on a collection it wrote (its :data:`INFO_PROPERTY`); ``None`` for any other."""
+    described = client.describe_collection(collection)
+    try:
+        info = json.loads((described.get("properties") or {}).get(INFO_PROPERTY, "null") or "null")
+    except ValueError:
+        return None
+    if not isinstance(info, dict) or "index_type" not in info or not isinstance(info.get("dim"), int) \
+            or not isinstance(info.get("search_parameters", {}), dict) \
+            or not isinstance(info.get("labelled", False), bool):
+        return None
+    return info
+
+
+def claim_collection(client, uri: str, collection: str, overwrite: bool = False) -> None:
+    """Refuse, before any work, a build that would replace a collection REIR did not write: the one named
+    ``collection`` or its staging collection. REIR's own (an earlier build, or what a killed one left) are
+    replaced; any other only with ``overwrite``."""
+    for name in (collection, staging_name(collection)):
+        try:
+            foreign = client.has_collection(name) and reir_info(client, name) is None
+        except Exception as exc:  # noqa: BLE001 - the server's refusal
+            raise ReirError(f"Milvus at {uri} cannot describe collection {name} ({_message(exc)})") from None
+        if foreign and not overwrite:
+            raise UsageError(f"collection {name} at {uri} already exists and was not written by reir index; "
+                             "set `overwrite` to replace it or choose another `collection`")
+
+
+def claimed_client(uri: str, collection: str, overwrite: bool = False):
+    """A client for ``uri``, once :func:`claim_collection` allows building ``collection`` there (closed if not)."""
+    client = connect(uri)
+    try:
+        claim_collection(client, uri, collection, overwrite)
+    except BaseException:
+        client.close()
+        release(uri)
+        raise
+    return client
+
+
 def index_parameters(index_type: str, parameters: dict | None) -> dict:
     index_type = index_type.upper()
     if index_type not in INDEX_TYPES:
@@ -138,6 +190,10 @@ class MilvusIndex:
         self.client = client
         self.uri = uri
         self.collection = collection
+        # set while the rows are in a staging collection: the name it takes at its first publish, and whether
+        # it may replace a collection of that name REIR did not write
+        self.publish_as: str | None = None
+        self.overwrite = False
         self.index_type = index_type
         self._dim = dim
         self.info = dict(info or {})
@@ -183,12 +239,25 @@ class MilvusIndex:
 
     @classmethod
     def create(cls, uri: str, collection: str, dim: int, index_type: str = "FLAT", parameters: dict | None = None,
-               info: dict | None = None) -> MilvusIndex:
-        """A new, empty collection (an existing one of that name is replaced)."""
-        pymilvus = _pymilvus()
+               info: dict | None = None, *, overwrite: bool = False) -> MilvusIndex:
+        """A new, empty collection, named ``collection`` once published (:meth:`publish`): it then replaces
+        the collection of that name if REIR wrote it, any with ``overwrite``; another is refused here."""
         index_type = index_type.upper()
         parameters = index_parameters(index_type, parameters)
-        client = connect(uri)
+        client = claimed_client(required_uri(uri), collection, overwrite)
+        try:
+            return cls._create(client, uri, collection, dim, index_type, parameters, info, overwrite)
+        except BaseException:
+            client.close()
+            release(uri)
+            raise
+
+    @classmethod
+    def _create(cls, client, uri: str, collection: str, dim: int, index_type: str, parameters: dict,
+                info: dict | None, overwrite: bool) -> MilvusIndex:
+        """:meth:`create` with a client :func:`claimed_client` opened: the staging collection, its info
+        property set as it is made (so a build killed at any point leaves a collection REIR knows as its own)."""
+        pymilvus = _pymilvus()
         schema = pymilvus.MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False)
         schema.add_field("id", pymilvus.DataType.INT64, is_primary=True)
         schema.add_field("vector", pymilvus.DataType.FLOAT_VECTOR, dim=dim)
@@ -196,46 +265,75 @@ class MilvusIndex:
         schema.add_field("label", pymilvus.DataType.VARCHAR, max_length=MAX_LABEL)
         index_params = client.prepare_index_params()
         index_params.add_index(field_name="vector", index_type=index_type, metric_type="IP", params=parameters)
+        info = {**(info or {}), "index_type": index_type, "index_parameters": parameters, "dim": dim,
+                "labelled": False}
+        created = cls(client, uri, staging_name(collection), index_type, dim, info)
+        created.publish_as, created.overwrite = collection, overwrite
         try:
-            if client.has_collection(collection):
-                client.drop_collection(collection)
-            client.create_collection(collection, schema=schema, index_params=index_params,
-                                     consistency_level="Strong")
+            if client.has_collection(created.collection):  # left by a build that stopped; REIR's (claimed)
+                client.drop_collection(created.collection)
+            client.create_collection(created.collection, schema=schema, index_params=index_params,
+                                     consistency_level="Strong", properties=created.info_properties())
         except Exception as exc:  # noqa: BLE001 - the server's refusal, e.g. an invalid index parameter
             raise UsageError(f"Milvus refused {index_type} {parameters} ({_message(exc)}); "
                              "check the index parameters") from None
-        info = {**(info or {}), "index_type": index_type, "index_parameters": parameters, "dim": dim,
-                "labelled": False}
-        created = cls(client, uri, collection, index_type, dim, info)
-        created.save_info()
         return created
 
     @classmethod
     def build(cls, features, paths: Sequence[str] | None = None, labels: Sequence[str] | None = None,
               index_type: str = "FLAT", info: dict | None = None, *, uri: str | None = None, collection: str = "reir",
-              parameters: dict | None = None) -> MilvusIndex:
-        """A collection over ``features`` (``[N, ensemble, meta]`` or ``[N, D]``), inserted in batches."""
+              parameters: dict | None = None, overwrite: bool = False) -> MilvusIndex:
+        """A collection over ``features`` (``[N, ensemble, meta]`` or ``[N, D]``), inserted in batches; it
+        replaces a collection of that name as :meth:`create` says, once built whole."""
         vectors = as_vectors(features)
-        built = cls.create(required_uri(uri), collection, vectors.shape[1], index_type, parameters, info)
-        built.add(vectors, paths, labels)
+        built = cls.create(required_uri(uri), collection, vectors.shape[1], index_type, parameters, info,
+                           overwrite=overwrite)
+        try:
+            built.add(vectors, paths, labels)
+        except BaseException:
+            built.discard()
+            raise
         return built
 
     @classmethod
     def from_database(cls, database, splits: Sequence[str] | None = None, index_type: str = "FLAT", *,
-                      uri: str | None = None,
-                      collection: str = "reir", parameters: dict | None = None) -> MilvusIndex:
-        """A collection over a database's splits, streamed shard by shard from a sharded database."""
+                      uri: str | None = None, collection: str = "reir", parameters: dict | None = None,
+                      overwrite: bool = False) -> MilvusIndex:
+        """A collection over a database's splits, streamed shard by shard from a sharded database; it
+        replaces a collection of that name as :meth:`create` says (refused before a shard is read), once
+        built whole."""
+        index_type = index_type.upper()
+        parameters = index_parameters(index_type, parameters)
         chosen, info, chunks = database_chunks(database, splits)
+        uri = required_uri(uri)
+        client = claimed_client(uri, collection, overwrite)
         index = None
-        for _, features, paths, labels in chunks:
+        try:
+            for _, features, paths, labels in chunks:
+                if index is None:
+                    index = cls._create(client, uri, collection, math.prod(features.shape[1:]), index_type,
+                                        parameters, info, overwrite)
+                index.insert(features, paths, labels)
             if index is None:
-                index = cls.create(required_uri(uri), collection, math.prod(features.shape[1:]), index_type,
-                                   parameters, info)
-            index.insert(features, paths, labels)
-        if index is None:
-            raise ReirError(f"the splits {', '.join(chosen)} hold no images; embed some first")
-        index.publish()
+                raise ReirError(f"the splits {', '.join(chosen)} hold no images; embed some first")
+            index.publish()
+        except BaseException:
+            if index is None:
+                client.close()
+                release(uri)
+            else:
+                index.discard()
+            raise
         return index
+
+    def discard(self) -> None:
+        """After a failed build: drop the staging collection (the collection it was to replace is untouched)
+        and close; a collection already published is only closed."""
+        if self.publish_as is not None:
+            with contextlib.suppress(Exception):  # the failure that led here is the one to report
+                self.client.drop_collection(self.collection)
+        with contextlib.suppress(Exception):
+            self.close()
 
     def add(self, features, paths: Sequence[str] | None = None, labels: Sequence[str] | None = None) -> None:
         """Rows ``len .. len + N - 1``, then searched through the collection's index (:meth:`publish`)."""
@@ -277,6 +375,8 @@ class MilvusIndex:
         Milvus Lite indexes flushed rows in a background thread and has no call that waits for it (its
         index state always reads finished); a load that meets that thread reads a half-written index file.
         Stopping its embedded server waits for the thread, so a Lite file is reopened instead.
+
+        The first publish of a new collection then gives it its name (:meth:`take_name`).
         """
         try:
             self.client.flush(self.collection)
@@ -297,6 +397,25 @@ class MilvusIndex:
             raise
         except Exception as exc:  # noqa: BLE001 - the server's refusal
             raise ReirError(f"Milvus could not flush and load {self.collection} ({_message(exc)})") from None
+        if self.publish_as is not None:
+            self.take_name()
+
+    def take_name(self) -> None:
+        """Replace the collection this one is to be (claimed again: one may have appeared since the build
+        began) with this staging collection, built and loaded: a drop, then a rename, the nearest Milvus
+        has to one step. A rename keeps the collection's properties (its info)."""
+        name, staging = self.publish_as, self.collection
+        assert name is not None  # called by publish while staged
+        claim_collection(self.client, self.uri, name, self.overwrite)
+        try:
+            if self.client.has_collection(name):
+                self.client.drop_collection(name)
+            self.client.rename_collection(staging, name)
+            self.collection, self.publish_as = name, None
+            self.client.load_collection(name)  # Milvus Lite releases a renamed collection
+        except Exception as exc:  # noqa: BLE001 - the server's refusal
+            raise ReirError(f"Milvus could not rename {staging} to {name} and load it ({_message(exc)}); "
+                            "build again") from None
 
     def _indexed(self) -> bool:
         described = self.client.describe_index(self.collection, "vector")
@@ -364,8 +483,12 @@ class MilvusIndex:
     def save_info(self) -> None:
         """What serving needs besides the rows (model file, splits, index and search parameters, whether any
         image is labelled), as a collection property."""
+        self.client.alter_collection_properties(self.collection, properties=self.info_properties())
+
+    def info_properties(self) -> dict[str, str]:
+        """The collection property :meth:`save_info` sets: the info, with the search parameters as now."""
         self.info["search_parameters"] = dict(self.search_parameters)
-        self.client.alter_collection_properties(self.collection, properties={INFO_PROPERTY: json.dumps(self.info)})
+        return {INFO_PROPERTY: json.dumps(self.info)}
 
     @classmethod
     def load(cls, uri: str, collection: str = "reir") -> MilvusIndex:
@@ -373,14 +496,8 @@ class MilvusIndex:
         if not client.has_collection(collection):
             raise ReirError(f"Milvus at {uri} has no collection {collection}; build it with "
                             f"reir index `backend` milvus `uri` {uri} `collection` {collection}")
-        described = client.describe_collection(collection)
-        try:
-            info = json.loads((described.get("properties") or {}).get(INFO_PROPERTY, "null") or "null")
-        except ValueError:
-            info = None
-        if not isinstance(info, dict) or "index_type" not in info or not isinstance(info.get("dim"), int) \
-                or not isinstance(info.get("search_parameters", {}), dict) \
-                or not isinstance(info.get("labelled", False), bool):
+        info = reir_info(client, collection)
+        if info is None:
             raise ReirError(f"collection {collection} at {uri} was not written by reir index; rebuild it")
         client.load_collection(collection)  # a reopened collection starts released: searchable only once loaded
         if "labelled" not in info:  # written before the flag was kept: one labelled row, found by the server
