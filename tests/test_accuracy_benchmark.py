@@ -50,10 +50,11 @@ def test_every_method_yields_a_complete_row(accuracy, glyphs_root, tmp_path):
     trained = [m for m in accuracy.METHODS if m not in (*accuracy.BASELINES, accuracy.BEST_BRANCH)]
     for method in methods:
         cells = rows[method]
-        assert len(cells) == 8 and 0 <= float(cells[0]) <= 100 and 0 <= float(cells[1]) <= 100
-    for method in trained:  # training's CPU seconds, a part of the run's, and its images per CPU second
-        _, _, last, seeds, _, cpu, training, speed = rows[method]
+        assert len(cells) == 9 and 0 <= float(cells[0]) <= 100 and 0 <= float(cells[1]) <= 100
+    for method in trained:  # training's CPU seconds, a part of the run's, its images per CPU second, the rest
+        _, _, last, seeds, _, cpu, training, speed, other = rows[method]
         assert last and seeds == "1" and 0 < float(training) <= float(cpu) and float(speed) > 0
+        assert float(other) > 0 and abs(float(training) + float(other) - float(cpu)) <= 1  # each rounded
     compute = sections["glyphs: R@1 against training compute (every budget)"]
     assert set(compute) - {"method"} == set(trained)
     costs = [float(cells[1]) for method, cells in compute.items() if method != "method"]
