@@ -31,11 +31,13 @@ Outputs, written together: ``--output`` (a safetensors torchvision state dict wi
 the record in its metadata, and beside it ``<output>.json``, the same record (source, classes, images,
 epochs, accuracy, seconds, the command) with the weights file's SHA-256.
 
-Full size (the defaults): every class (24,195 from fonts-noto-core 20201225), 16 draws a class an epoch
-(387,000 images), 20 epochs: 7.7 million training images. A training step of resnet18 at 32 px with
-24,195 classes took 1.9 ms an image on an idle 2-core CPU (docs/ACCURACY.md), so about 4.5 hours there,
-and 3 to 5 times that while other jobs share the cores; a GPU (``--device cuda``) is limited by the
-augmentation on the CPU instead. A small run for a CPU's minutes (the one docs/ACCURACY.md reports):
+The defaults: every class (24,195 from fonts-noto-core 20201225), 8 draws a class an epoch (193,560
+images), 8 epochs: 1.55 million training images, about 47 minutes on an idle 2-core CPU (a step at
+24,195 classes takes 1.8 ms an image there; docs/ACCURACY.md has the run's record). The large
+classifier learns slowly at first (validation top-1 0.1 % after the first epoch, 3.5 % after the
+second), so fewer epochs than about 6 leave it half trained. Longer runs (``--draws 16 --epochs 20``,
+7.7 million images, about 4.5 hours on that CPU) or a GPU (``--device cuda``, limited by the
+augmentation on the CPU) see each class more often. A small run for a CPU's minutes:
 
     apt-get install -y fonts-noto-core
     python benchmarks/pretrain.py --classes 1000 --draws 16 --epochs 4 --output pretrained/small.safetensors
@@ -284,9 +286,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help=f"a folder of source fonts (repeatable; default {NOTO}, Debian's fonts-noto-core)")
     parser.add_argument("--classes", type=int, default=0, help="a seeded random choice of this many classes "
                                                                "(0 = every class)")
-    parser.add_argument("--draws", type=int, default=16, help="images of every class an epoch")
+    parser.add_argument("--draws", type=int, default=8, help="images of every class an epoch")
     parser.add_argument("--val_draws", type=int, default=2, help="validation images a class")
-    parser.add_argument("--epochs", type=int, default=20)
+    parser.add_argument("--epochs", type=int, default=8)
     parser.add_argument("--lookalike", type=float, default=0.95,
                         help="leave out characters this cosine-similar to a target character's rendering")
     parser.add_argument("--seed", type=int, default=0)

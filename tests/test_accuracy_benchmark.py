@@ -125,6 +125,30 @@ def test_weights_start_every_method_from_that_backbone_beside_its_own_features(a
         accuracy.main([*common, "--methods", "pretrained features"])
 
 
+def test_best_reir_row_is_chosen_among_rows_with_the_peers_recipe_and_batch(accuracy):
+    """Every REIR row is checked against ``reir train``'s own parser: the row's flags after the grid's ones
+    leave the recipe (resolved for the weights) and the batch the peers train with, or the row is left out."""
+    from reir.cli.train import get_args_parser as train_parser
+    from reir.training.recipe import recipe_for
+
+    seen = set()
+    for weights in ("none", "backbone.safetensors"):
+        for recipe in ("auto", "original", "scratch"):
+            args = accuracy.get_args_parser().parse_args(["--weights", weights, "--recipe", recipe])
+            args.train_class_count, args.meta_class_size = 100, 12
+            for method in accuracy.REIR_VARIANTS:
+                parsed = train_parser().parse_args(["--weights", weights, "--recipe", recipe, "--batch_size",
+                                                    str(args.batch_size), *accuracy.reir_options(method, args)])
+                same = (recipe_for(parsed.recipe, weights).name == recipe_for(recipe, weights).name
+                        and parsed.batch_size == args.batch_size)
+                assert accuracy.keeps_grid_budget(method, args) == same, (method, weights, recipe)
+                seen.add((method, same))
+    # the rule could fail both ways: some rows are kept, and the recipe and batch rows are left out somewhere
+    assert {m for m, same in seen if not same} >= {"REIR original recipe batch 10", "REIR scratch recipe",
+                                                   "REIR original recipe"}
+    assert ("REIR", True) in seen and ("REIR", False) not in seen
+
+
 def write_idx(path, array: np.ndarray) -> None:
     header = struct.pack(">BBBB", 0, 0, 8, array.ndim) + b"".join(struct.pack(">I", n) for n in array.shape)
     with gzip.open(path, "wb") as handle:
