@@ -3,7 +3,7 @@ benchmark target uses, rendered from Debian's Noto fonts at the targets' image s
 
 ImageNet weights cannot be downloaded everywhere REIR runs, and the original's regime is fine-tuning
 from a pretrained backbone. The source here is large and diverse and builds from registry packages
-alone: ``fonts-noto-core`` draws about 24,000 characters of some 100 scripts (cuneiform, Egyptian and
+alone: ``fonts-noto-core`` draws about 24,000 characters of 143 scripts and symbol sets (cuneiform, Egyptian and
 Anatolian hieroglyphs, Yi, Tangut, Bamum, Ethiopic, Canadian syllabics, Indic and South-East Asian
 scripts, musical and other symbols) that matplotlib's DejaVu and STIX fonts do not map, and every character
 target's classes are characters these fonts map (reir/data/glyphs.py, fonts.py, typefaces.py). One class is one
@@ -32,12 +32,12 @@ the record in its metadata, and beside it ``<output>.json``, the same record (so
 epochs, accuracy, seconds, the command) with the weights file's SHA-256.
 
 The defaults: every class (24,195 from fonts-noto-core 20201225), 8 draws a class an epoch (193,560
-images), 8 epochs: 1.55 million training images, about 47 minutes on an idle 2-core CPU (a step at
-24,195 classes takes 1.8 ms an image there; peak memory 1.9 GiB; docs/ACCURACY.md has the run's
+images), 8 epochs: 1.55 million training images, about 46 minutes on an idle 2-core CPU (a step at
+24,195 classes takes 1.76 ms an image there; peak memory 1.9 GiB; docs/ACCURACY.md has the run's
 record). The large
 classifier learns slowly at first (validation top-1 0.1 % after the first epoch, 3.5 % after the
-second), so fewer epochs than about 6 leave it half trained. Longer runs (``--draws 16 --epochs 20``,
-7.7 million images, about 4.5 hours on that CPU) or a GPU (``--device cuda``, limited by the
+second, 40.5 % after the third, 95.3 % after the eighth). Longer runs (``--draws 16 --epochs 20``,
+7.7 million images, about 3.8 hours on that CPU) or a GPU (``--device cuda``, limited by the
 augmentation on the CPU) see each class more often. A small run for a CPU's minutes:
 
     apt-get install -y fonts-noto-core
