@@ -502,12 +502,8 @@ def keeps_grid_budget(method: str, args) -> bool:
     budget; read from the row's own flags, so a new variant needs no entry elsewhere."""
     flags = REIR_VARIANTS[method]
     grid = {"--recipe": recipe_for(args.recipe, args.weights).name, "--batch_size": str(args.batch_size)}
-    for flag, value in itertools.pairwise(flags):
-        if flag == "--recipe" and recipe_for(value, args.weights).name != grid[flag]:
-            return False
-        if flag == "--batch_size" and value != grid[flag]:
-            return False
-    return True
+    chosen = {"--recipe": lambda value: recipe_for(value, args.weights).name, "--batch_size": str}
+    return all(chosen[flag](value) == grid[flag] for flag, value in itertools.pairwise(flags) if flag in grid)
 
 
 def summary_tables(records: list[dict], names: list[str], args) -> str:

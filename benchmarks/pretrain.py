@@ -34,11 +34,10 @@ epochs, accuracy, seconds, the command) with the weights file's SHA-256.
 The defaults: every class (24,195 from fonts-noto-core 20201225), 8 draws a class an epoch (193,560
 images), 8 epochs: 1.55 million training images, about 46 minutes on an idle 2-core CPU (a step at
 24,195 classes takes 1.76 ms an image there; peak memory 1.9 GiB; docs/ACCURACY.md has the run's
-record). The large
-classifier learns slowly at first (validation top-1 0.1 % after the first epoch, 3.5 % after the
-second, 40.5 % after the third, 95.3 % after the eighth). Longer runs (``--draws 16 --epochs 20``,
-7.7 million images, about 3.8 hours on that CPU) or a GPU (``--device cuda``, limited by the
-augmentation on the CPU) see each class more often. A small run for a CPU's minutes:
+record). The large classifier learns slowly at first (validation top-1 0.1 % after the first epoch,
+3.5 % after the second, 40.5 % after the third, 95.3 % after the eighth). Longer runs (``--draws 16
+--epochs 20``, 7.7 million images, about 3.8 hours on that CPU) or a GPU (``--device cuda``, limited
+by the augmentation on the CPU) see each class more often. A small run for a CPU's minutes:
 
     apt-get install -y fonts-noto-core
     python benchmarks/pretrain.py --classes 1000 --draws 16 --epochs 4 --output pretrained/small.safetensors
